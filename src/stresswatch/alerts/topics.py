@@ -1,0 +1,38 @@
+"""The MQTT topic tree of SPEC.md ("MQTT topics"), under a configurable prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_FORBIDDEN = set("+#/")
+
+
+def check_id(kind: str, value: str) -> str:
+    """User and worker ids become topic levels: no wildcards, separators or control characters."""
+    if not value or any(c in _FORBIDDEN or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{kind} id {value!r} must be non-empty without '+', '#', '/' or control characters")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = "stresswatch/v1"
+
+    def ingest(self, user: str) -> str:
+        return f"{self.prefix}/ingest/{check_id('user', user)}"
+
+    def consent(self, user: str) -> str:
+        return f"{self.prefix}/consent/{check_id('user', user)}"
+
+    def alerts(self, worker: str) -> str:
+        return f"{self.prefix}/alerts/{check_id('worker', worker)}"
+
+    def acks(self, worker: str) -> str:
+        return f"{self.prefix}/acks/{check_id('worker', worker)}"
+
+    def status(self, user: str) -> str:
+        return f"{self.prefix}/status/{check_id('user', user)}"
+
+    @property
+    def engine_status(self) -> str:
+        return f"{self.prefix}/engine/status"

@@ -1,0 +1,210 @@
+"""Alert transport: a one-method seam (``publish``) with a paho-mqtt implementation and an
+in-memory one for replays and tests of pure logic.
+
+The MQTT client speaks MQTT 5 where the broker does and falls back to 3.1.1 (the embedded
+amqtt broker speaks only 3.1.1; SPEC "Real components").
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ..errors import TransportError
+
+
+class Transport(Protocol):
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: int | None = None
+    ) -> None: ...
+
+    def flush(self, timeout_s: float = 10.0) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    expiry_s: int | None
+
+
+@dataclass
+class MemoryTransport:
+    """Keeps what was published, in order. For replays without a broker and pure tests."""
+
+    messages: list[Message] = field(default_factory=list)
+
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: int | None = None
+    ) -> None:
+        self.messages.append(Message(topic, payload, qos, retain, expiry_s))
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise TransportError("expected mqtt://HOST:PORT or mqtts://HOST:PORT", url=url)
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise TransportError("invalid port", url=url) from None
+        return cls(
+            parts.hostname,
+            port,
+            tls,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:  # never print credentials
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def connect(
+    url: str,
+    client_id: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    protocol: str = "auto",
+    persistent_session: bool = False,
+    session_expiry_s: int = 7 * 24 * 3600,
+    keepalive_s: int = 30,
+    timeout_s: float = 10.0,
+    will: tuple[str, bytes] | None = None,
+    on_message: object | None = None,
+) -> mqtt.Client:
+    """A connected paho client with its network loop running, or :class:`TransportError`.
+
+    ``persistent_session`` keeps subscriptions and queued QoS 1 messages across reconnects
+    (MQTT 5: clean start off with a session expiry; 3.1.1: clean session off).
+    """
+    addr = BrokerAddress.parse(url)
+    username = username or addr.username
+    password = password or addr.password
+    versions = {"auto": [mqtt.MQTTv5, mqtt.MQTTv311], "5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}[protocol]
+    last_error = "no answer"
+    for version in versions:
+        kwargs: dict[str, object] = {}
+        if version == mqtt.MQTTv311:
+            kwargs["clean_session"] = not persistent_session
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, **kwargs)
+        if username:
+            client.username_pw_set(username, password)
+        if addr.tls:
+            client.tls_set()
+        if will:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        if on_message is not None:
+            client.on_message = on_message  # type: ignore[assignment]
+        done = threading.Event()
+        result: list[object] = []
+
+        def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
+            result.append(rc)
+            done.set()
+
+        client.on_connect = on_connect
+        connect_kwargs: dict[str, object] = {"keepalive": keepalive_s}
+        if version == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            if persistent_session:
+                props.SessionExpiryInterval = session_expiry_s
+            connect_kwargs["clean_start"] = not persistent_session
+            connect_kwargs["properties"] = props
+        try:
+            client.connect(addr.host, addr.port, **connect_kwargs)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect: {exc}", url=str(addr)) from None
+        client.loop_start()
+        if not done.wait(timeout_s):
+            client.loop_stop()
+            client.disconnect()
+            raise TransportError(f"no CONNACK within {timeout_s:g} s", url=str(addr))
+        rc = result[0]
+        if not getattr(rc, "is_failure", False):
+            client.on_connect = None
+            return client
+        client.loop_stop()
+        client.disconnect()
+        last_error = str(rc)
+        if "protocol" not in last_error.lower():
+            break  # refused for a reason other than the version: do not retry with another
+    raise TransportError(f"connection refused: {last_error}", url=str(addr))
+
+
+class MqttTransport:
+    """Publishes through a real broker; :meth:`flush` waits until the broker acknowledged."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str = "stresswatch-engine",
+        username: str | None = None,
+        password: str | None = None,
+        protocol: str = "auto",
+        will: tuple[str, bytes] | None = None,
+    ) -> None:
+        self.url = url
+        self._client = connect(url, client_id, username=username, password=password, protocol=protocol, will=will)
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._v5 = self._client.protocol == mqtt.MQTTv5
+
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: int | None = None
+    ) -> None:
+        props = None
+        if self._v5 and expiry_s is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = expiry_s
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+            raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}", url=self.url)
+        self._pending.append(info)
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for info in self._pending:
+            remaining = deadline - time.monotonic()
+            try:
+                info.wait_for_publish(max(remaining, 0.0))
+            except (RuntimeError, ValueError) as exc:
+                raise TransportError(f"publish not acknowledged: {exc}", url=self.url) from None
+            if not info.is_published():
+                raise TransportError(f"broker did not acknowledge within {timeout_s:g} s", url=self.url)
+        self._pending.clear()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()

@@ -1,0 +1,63 @@
+"""The ``stresswatch`` command: one module per command group.
+
+Errors the project raises on purpose (:class:`~stresswatch.errors.StresswatchError`) become
+one line on stderr and a non-zero exit; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+
+import click
+
+from ..errors import StresswatchError
+from ._common import AppContext
+from .alerts import alerts
+from .consent import consent
+from .demo import demo
+from .replay import replay
+
+EXAMPLES = """
+\b
+Examples:
+  stresswatch demo
+  stresswatch replay fixtures/demo_cohort.parquet --out out/
+  stresswatch consent grant --user alice --to sam
+  stresswatch alerts watch --worker sam --broker mqtt://127.0.0.1:1883
+"""
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="STRESSWATCH_CONFIG", help="TOML settings file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one setting, e.g. detector.window_s=120.")
+@click.version_option(package_name="stresswatch")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """stresswatch: consent-gated 'reach out' alerts for peer support.
+
+    Compares each person's heart rate and HRV with their own baseline and, only where
+    they consented, prompts the support worker they chose to reach out. Never a diagnosis.
+    """
+    ctx.obj = AppContext(config_path, overrides)
+
+
+for command in (demo, replay, consent, alerts):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="stresswatch", standalone_mode=False)
+    except StresswatchError as exc:
+        click.echo(f"stresswatch: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("stresswatch: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+

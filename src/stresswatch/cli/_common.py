@@ -1,0 +1,34 @@
+"""Shared CLI plumbing: settings from --config/--set, consoles, the clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import click
+from rich.console import Console
+
+from ..config import Settings, load_settings
+from ..errors import ConfigError
+
+console = Console(highlight=False)
+console_err = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class AppContext:
+    config_path: str | None
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    @cached_property
+    def settings(self) -> Settings:
+        pairs = {}
+        for item in self.overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"expected KEY=VALUE, got {item!r}", source="--set")
+            pairs[key.strip()] = value.strip()
+        return load_settings(self.config_path, overrides=pairs)
+
+
+pass_app = click.make_pass_decorator(AppContext)

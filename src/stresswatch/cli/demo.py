@@ -1,0 +1,151 @@
+"""``stresswatch demo``: the whole pipeline on the bundled cohort, alerts shown as they arrive."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..alerts.topics import Topics
+from ..alerts.transport import MqttTransport
+from ..alerts.worker import WorkerClient
+from ..broker import EmbeddedBroker
+from ..consent.ledger import ConsentLedger
+from ..consent.state import Visibility
+from ..detect import Detector
+from ..engine import AlertOutcome, Pipeline, utc_now
+from ..errors import StresswatchError, TransportError
+from ..model import Alert
+from ..replay import read_samples, time_batches
+from ._common import AppContext, console, pass_app
+
+WORKER = "sam"
+BATCH_S = 3600  # one hour of data per batch, as a companion would send it
+DEMO_CONSENT = {
+    # user: what the worker may see; 'carol' has not consented: her alert must be withheld.
+    "alice": Visibility.LEVEL_AND_REASONS,
+    "bob": Visibility.REACH_OUT,
+    "dan": Visibility.REACH_OUT,
+}
+
+EPILOG = """
+\b
+Examples:
+  stresswatch demo                                  # embedded broker, bundled cohort
+  stresswatch demo --broker mqtt://127.0.0.1:1883   # a Mosquitto you run
+"""
+
+
+def _fixture() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("stresswatch_fixtures").joinpath("demo_cohort.parquet")))
+
+
+def _print_alert(alert: Alert) -> None:
+    detail = ""
+    if alert.level is not None:
+        detail = f"  level [bold]{alert.level.value}[/]"
+    if alert.reasons:
+        detail += "  reasons " + ", ".join(r.value for r in alert.reasons)
+    console.print(
+        f"[bold magenta]worker {WORKER} received[/] {alert.raised_at:%a %H:%M} UTC  "
+        f"[bold]reach out to {alert.user}[/]{detail}  (episode since {alert.episode_start:%H:%M})"
+    )
+
+
+@click.command(epilog=EPILOG)
+@click.option("--broker", metavar="URL", help="Use this broker (mqtt://HOST:PORT) instead of the embedded one.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the demo's SQLite state here (default: a temporary folder).")
+@click.option("--speed", default=20000.0, show_default=True, help="Data seconds per wall-clock second (0: as fast as possible).")
+@click.option("--wait-s", default=15.0, show_default=True, help="How long to wait for the worker to receive the alerts sent.")
+@pass_app
+def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: float, wait_s: float) -> None:
+    """Run the whole pipeline on a bundled two-day cohort of four people.
+
+    Starts an embedded MQTT broker (or uses --broker), records consent for three of the
+    four people, replays their heart data through the detector, and shows the support
+    worker's client receiving each alert. Ends with a summary.
+    """
+    settings = app.settings
+    topics = Topics(settings.mqtt.prefix)
+    with ExitStack() as stack:
+        if broker is None:
+            url, protocol = stack.enter_context(EmbeddedBroker()).url, "3.1.1"
+            console.print(f"[dim]embedded MQTT broker on {url}[/]")
+        else:
+            url, protocol = broker, settings.mqtt.protocol
+        if state_dir is None:
+            state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stresswatch-demo-")))
+        ledger = stack.enter_context(ConsentLedger(state_dir / "stresswatch.sqlite"))
+        now = utc_now()
+        for user, visibility in DEMO_CONSENT.items():
+            st = ledger.grant(user, [WORKER], now=now, visibility=visibility, via="demo")
+            console.print(f"[green]consent[/] {user} -> worker {WORKER}, shown as {st.display_name}, sees {visibility.value}")
+        console.print("[yellow]no consent[/] carol: her alerts must be withheld")
+
+        received = threading.Event()
+        sent_ids: set[str] = set()
+        got: list[Alert] = []
+
+        def on_alert(alert: Alert) -> None:
+            _print_alert(alert)
+            got.append(alert)
+            if sent_ids and sent_ids <= {a.alert_id for a in got}:
+                received.set()
+
+        worker = WorkerClient(url, WORKER, on_alert, topics=topics, protocol=protocol)
+        stack.callback(worker.close)
+        transport = MqttTransport(url, client_id="stresswatch-demo-engine", protocol=protocol)
+        stack.callback(transport.close)
+
+        def on_outcome(o: AlertOutcome) -> None:
+            if o.gate.allowed:
+                sent_ids.add(o.decision.alert_id)
+            else:
+                console.print(
+                    f"[yellow]withheld[/] alert for {o.decision.user} at {o.decision.raised_at:%a %H:%M} UTC: {o.gate.verdict.value}"
+                )
+
+        pipeline = Pipeline(
+            Detector(settings.detector),
+            transport,
+            ledger=ledger,
+            topics=topics,
+            alert_expiry_s=settings.mqtt.alert_expiry_s,
+            on_alert=on_outcome,
+        )
+        samples = read_samples([_fixture()])
+        batches = time_batches(samples, BATCH_S)
+        started = time.monotonic()
+        with Progress(TextColumn("replaying"), BarColumn(), TextColumn("{task.completed}/{task.total} h"), TimeRemainingColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("replay", total=len(batches))
+            for batch in batches:
+                pipeline.process(batch)
+                bar.advance(task)
+                if speed > 0:
+                    time.sleep(BATCH_S / speed)
+        pipeline.finish()
+        report = pipeline.report
+        if sent_ids and not received.wait(wait_s):
+            missing = len(sent_ids - {a.alert_id for a in got})
+            raise TransportError(f"worker did not receive {missing} of {len(sent_ids)} alert(s) within {wait_s:g} s", url=url)
+
+        table = Table(title="stresswatch demo", show_header=False)
+        table.add_row("people", str(len(report.users)))
+        table.add_row("samples", f"{samples.height:,}")
+        table.add_row("windows", f"{report.n_windows:,}")
+        table.add_row("alerts raised", str(len(report.outcomes)))
+        table.add_row("alerts sent", str(len(report.sent)))
+        table.add_row("alerts withheld by consent", str(len(report.withheld)))
+        table.add_row(f"received by worker {WORKER}", str(len(got)))
+        table.add_row("time", f"{time.monotonic() - started:.1f} s")
+        console.print(table)
+        if not report.sent:
+            raise StresswatchError("the demo raised no alert that consent allowed: the detector or fixture is broken")

@@ -1,0 +1,150 @@
+"""Settings: defaults < one TOML file < environment < command-line ``--set``.
+
+Environment variables are ``STRESSWATCH_<SECTION>__<KEY>`` (for example
+``STRESSWATCH_MQTT__URL=mqtt://broker:1883``). Every default suits a first run on one
+machine; see ``docs/CONFIG.md`` for the reasoning behind the detector's thresholds.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+ENV_PREFIX = "STRESSWATCH_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttSettings(_Section):
+    url: str | None = Field(
+        default=None,
+        description="mqtt://host:port or mqtts://host:port; unset means an embedded broker where a command offers one",
+    )
+    prefix: str = "stresswatch/v1"
+    username: str | None = None
+    password: str | None = None
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"  # auto: MQTT 5, falling back to 3.1.1 (amqtt)
+    client_id: str = "stresswatch-engine"
+    keepalive_s: int = Field(default=30, ge=5)
+    alert_expiry_s: int = Field(default=24 * 3600, ge=60)  # MQTT 5 message expiry on alerts
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_has_no_wildcards(cls, v: str) -> str:
+        if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be a topic prefix without wildcards or leading/trailing '/'")
+        return v
+
+
+class DetectorSettings(_Section):
+    """Defaults follow short-term HRV practice (Task Force 1996; Shaffer & Ginsberg 2017)."""
+
+    window_s: int = Field(default=300, ge=30, description="5-min windows: the standard short-term HRV length")
+    rr_min_ms: float = Field(default=300.0, gt=0, description="below: not a physiological beat (200 bpm)")
+    rr_max_ms: float = Field(default=2000.0, gt=0, description="above: a missed beat (30 bpm)")
+    rr_max_change: float = Field(
+        default=0.2, gt=0, lt=1, description="successive-difference rule: drop a beat differing >20 % from the last kept one"
+    )
+    min_coverage: float = Field(default=0.5, ge=0, le=1, description="share of the window covered by clean beats")
+    min_hr_samples: int = Field(default=10, ge=1, description="HR-only windows need at least this many readings")
+    baseline_windows: int = Field(default=432, ge=10, description="trailing clean windows kept per user (36 h)")
+    baseline_min_windows: int = Field(
+        default=288, ge=5, description="calibrating until this many clean windows (24 h: one full day and night)"
+    )
+    score_enter: float = Field(default=2.0, description="window is elevated at or above this score")
+    score_exit: float = Field(default=1.0, description="episode ends below this score (hysteresis)")
+    sustain_windows: int = Field(default=3, ge=1, description="consecutive elevated windows before an alert")
+    exit_windows: int = Field(default=2, ge=1, description="consecutive calm windows that end an episode")
+    cooldown_s: int = Field(default=3600, ge=0, description="no new alert for a user this long after one")
+    motion_steps_per_min: float = Field(default=60.0, ge=0, description="walking cadence: window suppressed")
+    exercise_hr_ratio: float = Field(
+        default=1.4, gt=1, description="without motion data: HR this far above baseline is treated as exercise"
+    )
+    high_score: float = Field(default=4.0, description="alert level 'high' at or above this episode peak score")
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> DetectorSettings:
+        if self.score_exit > self.score_enter:
+            raise ValueError("score_exit must not exceed score_enter")
+        if self.rr_min_ms >= self.rr_max_ms:
+            raise ValueError("rr_min_ms must be below rr_max_ms")
+        if self.baseline_min_windows > self.baseline_windows:
+            raise ValueError("baseline_min_windows must not exceed baseline_windows")
+        return self
+
+
+class StoreSettings(_Section):
+    state_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "stresswatch",
+        description="consent ledger, alert outbox and baselines (SQLite)",
+    )
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "stresswatch.sqlite"
+
+
+class Settings(_Section):
+    mqtt: MqttSettings = MqttSettings()
+    detector: DetectorSettings = DetectorSettings()
+    store: StoreSettings = Field(default_factory=StoreSettings)
+
+
+def _deep_set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError("is not a section", field=p)
+        tree = node
+    tree[leaf] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    """Environment and --set values are TOML scalars when they parse as one, else strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from the layers; any error names the file and the field."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("no such file", source=path) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"not valid TOML: {exc}", source=path) from None
+    env = os.environ if env is None else env
+    for key, raw in env.items():
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _deep_set(tree, dotted, _parse_scalar(raw))
+            source = f"{source} + environment"
+    for dotted, value in (overrides or {}).items():
+        _deep_set(tree, dotted, _parse_scalar(value) if isinstance(value, str) else value)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        raise ConfigError(err["msg"], source=source, field=field) from None
