@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .. import replay as replay_mod
+from ..replay import replay as run_replay
 from ._common import AppContext, console, pass_app
 
 EPILOG = """
@@ -30,7 +30,7 @@ def replay(app: AppContext, paths: tuple[Path, ...], out: Path, consent_db: Path
     raised to OUT/alerts.parquet, with whether consent would have let it through. No one
     is alerted.
     """
-    result = replay_mod.replay(list(paths), out=out, settings=app.settings, consent_db=consent_db)
+    result = run_replay(list(paths), out=out, settings=app.settings, consent_db=consent_db)
     states = result.windows.group_by("state").len().sort("state")
     console.print(
         f"{len(result.report.users)} user(s), {result.windows.height:,} windows "
