@@ -43,6 +43,22 @@ def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...])
 for command in (demo, replay, consent, alerts):
     cli.add_command(command)
 
+COMMANDS_ENTRY_POINT_GROUP = "stresswatch.commands"
+
+
+def _add_adapter_commands() -> None:
+    """Adapters contribute their own commands (e.g. BLE `pair`) through an entry-point group,
+    so the core CLI never imports an adapter by name."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMANDS_ENTRY_POINT_GROUP):
+        command = ep.load()
+        if isinstance(command, click.Command) and ep.name not in cli.commands:
+            cli.add_command(command, ep.name)
+
+
+_add_adapter_commands()
+
 
 def main(argv: list[str] | None = None) -> int:
     try:
