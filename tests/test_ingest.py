@@ -51,3 +51,90 @@ def test_deduplicator_passes_each_seq_exactly_once(seqs):
     d = Deduplicator()
     passed = [s for s in seqs if d.first_time(IngestBatch(user="u", stream_id="x", seq=s, source="", time_ns=[], metric=[], value=[]))]
     assert sorted(passed) == sorted(set(seqs))
+
+
+# --- the engine's receiver, against a real Mosquitto -------------------------------------
+
+import time
+
+
+from stresswatch.alerts.topics import Topics
+from stresswatch.alerts.transport import MqttTransport
+from stresswatch.ingest import IngestReceiver
+
+
+def batch(user: str, seq: int, stream_id: str = "s1") -> IngestBatch:
+    return IngestBatch.from_frame(frame().with_columns(pl.lit(user).alias("user")), user=user, stream_id=stream_id, seq=seq, source="s")
+
+
+def wait_until(cond, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.mark.mosquitto
+def test_receiver_passes_each_batch_once_and_rejects_foreign_or_malformed(mosquitto):
+    got: list[IngestBatch] = []
+    rx = IngestReceiver(mosquitto.url, got.append)
+    tx = MqttTransport(mosquitto.url, client_id="companion-alice")
+    topics = Topics()
+    try:
+        for seq in (0, 1, 1, 0, 2):  # a companion's buffer re-sends after a lost PUBACK
+            tx.publish(topics.ingest("alice"), batch("alice", seq).encode())
+        tx.publish(topics.ingest("mallory"), batch("alice", 3).encode())  # speaks for someone else
+        tx.publish(topics.ingest("alice"), b"{not json")
+        tx.flush()
+        wait_until(lambda: len(rx.rejected) == 2 and rx.accepted + rx.duplicates == 5)
+    finally:
+        tx.close()
+        rx.close()
+    assert [b.seq for b in got] == [0, 1, 2]
+    assert rx.duplicates == 2
+    reasons = sorted(r.reason for r in rx.rejected)
+    assert reasons[0].startswith("malformed payload") and "differs" in reasons[1]
+    assert all("812.5" not in r.reason for r in rx.rejected)
+
+
+@pytest.mark.mosquitto
+def test_batches_sent_while_the_engine_is_away_arrive_when_it_returns(mosquitto):
+    got: list[IngestBatch] = []
+    rx = IngestReceiver(mosquitto.url, got.append)
+    rx.close()  # the persistent session stays on the broker
+    tx = MqttTransport(mosquitto.url, client_id="companion-bob")
+    for seq in range(5):
+        tx.publish(Topics().ingest("bob"), batch("bob", seq).encode())
+    tx.close()
+    rx = IngestReceiver(mosquitto.url, got.append)
+    try:
+        wait_until(lambda: len(got) == 5)
+    finally:
+        rx.close()
+    assert [b.seq for b in got] == list(range(5))
+
+
+@pytest.mark.mosquitto
+def test_a_failing_callback_does_not_mark_the_batch_seen(mosquitto):
+    calls: list[int] = []
+
+    def flaky(b: IngestBatch) -> None:
+        calls.append(b.seq)
+        if len(calls) == 1:
+            raise RuntimeError("engine hiccup")
+
+    rx = IngestReceiver(mosquitto.url, flaky)
+    tx = MqttTransport(mosquitto.url, client_id="companion-carol")
+    try:
+        tx.publish(Topics().ingest("carol"), batch("carol", 0).encode())
+        tx.flush()
+        wait_until(lambda: rx.failed == 1)
+        tx.publish(Topics().ingest("carol"), batch("carol", 0).encode())  # the companion retries
+        tx.flush()
+        wait_until(lambda: rx.accepted == 1)
+    finally:
+        tx.close()
+        rx.close()
+    assert calls == [0, 0]

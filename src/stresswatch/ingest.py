@@ -2,7 +2,8 @@
 
 A batch carries ``stream_id`` (one per companion stream session) and ``seq`` (0, 1, 2, ...
 within it). QoS 1 and the companion's durable buffer may deliver a batch more than once;
-:class:`Deduplicator` makes the engine see each (stream_id, seq) exactly once.
+:class:`Deduplicator` makes the engine see each (stream_id, seq) exactly once, and
+:class:`IngestReceiver` is the engine's subscriber that applies it.
 
 Wire format (``schema_version`` 1): a JSON object (pydantic :class:`IngestBatch`), columnar::
 
@@ -12,13 +13,21 @@ Wire format (``schema_version`` 1): a JSON object (pydantic :class:`IngestBatch`
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import paho.mqtt.client as mqtt
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ParseError
+from .alerts.topics import Topics
+from .alerts.transport import connect
+from .errors import ParseError, TransportError
 from .model import SAMPLES_SCHEMA, Metric
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH_SAMPLES = 100_000
 
@@ -92,7 +101,13 @@ class Deduplicator:
     _floor: dict[tuple[str, str], int] = field(default_factory=dict)  # all seq < floor seen
     _above: dict[tuple[str, str], set[int]] = field(default_factory=dict)
 
+    def seen(self, batch: IngestBatch) -> bool:
+        """Whether this (user, stream_id, seq) was already passed (does not record it)."""
+        key = (batch.user, batch.stream_id)
+        return batch.seq < self._floor.get(key, 0) or batch.seq in self._above.get(key, ())
+
     def first_time(self, batch: IngestBatch) -> bool:
+        """True exactly once per (user, stream_id, seq); records it."""
         key = (batch.user, batch.stream_id)
         floor = self._floor.get(key, 0)
         above = self._above.setdefault(key, set())
@@ -109,3 +124,119 @@ class Deduplicator:
                 floor += 1
         self._floor[key] = floor
         return True
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A payload the receiver refused: the topic it came on and why (no sample values)."""
+
+    topic: str
+    reason: str
+
+
+class IngestReceiver:
+    """The engine's side of ingest: subscribes ``{prefix}/ingest/+`` and hands each batch,
+    exactly once per (user, stream_id, seq), to ``on_batch``.
+
+    * A persistent MQTT session (MQTT 5 session expiry / 3.1.1 clean session off), so
+      batches a companion publishes while the engine is away are queued by the broker.
+    * The subscription is renewed on every (re)connect: paho reconnects on its own and
+      a broker that lost its session state must not silently stop delivering.
+    * A payload that does not decode, or whose ``user`` differs from the topic's user (a
+      companion may only speak for its own user), is counted in :attr:`rejected` and passed
+      to ``on_invalid``; it never reaches ``on_batch``.
+    * A batch is recorded as seen only after ``on_batch`` returned, so a callback that
+      raised can be delivered again by a redelivery; the exception is logged and counted.
+
+    ``on_batch`` runs on paho's network thread, one message at a time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        on_batch: Callable[[IngestBatch], None],
+        *,
+        topics: Topics = Topics(),
+        username: str | None = None,
+        password: str | None = None,
+        protocol: str = "auto",
+        client_id: str = "stresswatch-engine-ingest",
+        on_invalid: Callable[[Rejection], None] | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.topics = topics
+        self.subscription = f"{topics.prefix}/ingest/+"
+        self._topic_head = f"{topics.prefix}/ingest/"
+        self._on_batch = on_batch
+        self._on_invalid = on_invalid
+        self._dedup = Deduplicator()
+        self._lock = threading.Lock()
+        self.accepted = 0
+        self.duplicates = 0
+        self.rejected: list[Rejection] = []
+        self.failed = 0
+        self._subscribed = threading.Event()
+        self._client = connect(
+            url,
+            client_id,
+            username=username,
+            password=password,
+            protocol=protocol,
+            persistent_session=True,
+            on_message=self._message,
+            timeout_s=timeout_s,
+        )
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_connect = self._on_reconnect
+        self._client.subscribe(self.subscription, qos=1)
+        if not self._subscribed.wait(timeout_s):
+            self.close()
+            raise TransportError(f"no SUBACK for {self.subscription!r}", url=url)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reason_codes: object, props: object = None) -> None:
+        self._subscribed.set()
+
+    def _on_reconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
+        if not getattr(rc, "is_failure", False):
+            client.subscribe(self.subscription, qos=1)
+
+    def _reject(self, topic: str, reason: str) -> None:
+        rejection = Rejection(topic, reason)
+        with self._lock:
+            self.rejected.append(rejection)
+        log.warning("ingest: rejected a batch: %s", reason)  # reason names a field, never a value
+        if self._on_invalid:
+            self._on_invalid(rejection)
+
+    def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic
+        topic_user = topic[len(self._topic_head):] if topic.startswith(self._topic_head) else ""
+        try:
+            batch = IngestBatch.decode(msg.payload, topic=topic)
+        except ParseError as exc:
+            self._reject(topic, f"malformed payload: {exc.field or ''} {exc.message}".strip())
+            return
+        if batch.user != topic_user:
+            self._reject(topic, "payload user differs from the topic's user")
+            return
+        with self._lock:
+            if self._dedup.seen(batch):
+                self.duplicates += 1
+                return
+        try:
+            self._on_batch(batch)
+        except Exception:  # noqa: BLE001 - the engine must keep receiving; the batch stays unseen
+            with self._lock:
+                self.failed += 1
+            log.exception("ingest: on_batch failed for stream %s seq %d", batch.stream_id, batch.seq)
+            return
+        with self._lock:
+            self._dedup.first_time(batch)
+            self.accepted += 1
+
+    def close(self) -> None:
+        """Disconnect (the broker keeps the session and queues batches until the next start)."""
+        self._client.on_connect = None
+        self._client.disconnect()
+        self._client.loop_stop()
