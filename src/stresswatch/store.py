@@ -1,0 +1,305 @@
+"""The samples store: each user's samples as Parquet files on local disk.
+
+Layout (``root`` defaults to ``Settings().store.state_dir``)::
+
+    root/samples/<user>/<YYYY-MM>.parquet   one file per user per UTC calendar month
+    root/samples/.staging/<id>/...          an import being written (never read)
+    root/samples/.journal-<id>.json         renames of a commit in progress (rolled forward)
+    root/samples/.lock                      advisory lock serialising writers
+
+``<user>`` is the user id percent-encoded (``urllib.parse.quote(user, safe="")``, and a
+leading ``.`` as ``%2E``), so any id maps to one directory name and never to a path outside
+``root`` or to the store's own hidden files.
+
+Contracts:
+
+* **Idempotent.** A sample is identified by the whole row ``(user, time, metric, value,
+  source)``: adding a row that is already stored adds nothing. The whole row, not
+  ``(user, time, metric, source)``, so two different readings a source reported for the
+  same instant are both kept (nothing a device said is silently dropped); exact repeats of
+  a file, or of a batch re-sent over MQTT, collapse to one.
+* **Atomic.** New data is first written in full to temporary files next to their targets;
+  only then are they renamed over the old files (``os.replace``, atomic on POSIX). A failure
+  before that point (bad input, full disk, a crash) leaves the previous files untouched.
+  The list of renames is written to a journal before the first rename and every later
+  store operation finishes an interrupted journal, so a crash between two renames is
+  completed, not left half-done.
+* **Bounded memory.** Incoming data is staged in chunks (:meth:`SampleStore.stage`) and
+  merged one (user, month) partition at a time, so peak memory is set by the largest
+  partition, not by the size of an import. Files are sorted by ``time``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from .errors import StorageError
+from .model import SAMPLES_SCHEMA, empty_samples, validate_samples
+
+KEY_COLUMNS: tuple[str, ...] = ("user", "time", "metric", "value", "source")
+"""The columns that identify a sample (the whole row; see the module docstring)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """What an add did: rows offered, rows newly stored, and rows already stored (or repeated)."""
+
+    read: int
+    added: int
+    duplicates: int
+
+
+def _user_dir_name(user: str) -> str:
+    if not user:
+        raise StorageError("empty user id")
+    name = quote(user, safe="")
+    # quote() keeps ".", so "." and ".." would name the store's own folders: encode a leading dot.
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def _month_key(frame: pl.DataFrame) -> pl.Expr:
+    return pl.col("time").dt.strftime("%Y-%m").alias("_month")
+
+
+def _write_parquet_atomic_tmp(frame: pl.DataFrame, target: Path) -> Path:
+    """Write ``frame`` to a temporary file next to ``target`` and fsync it; return the temp path."""
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    frame.write_parquet(tmp, compression="zstd", statistics=True)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class SampleStore:
+    """Per-user Parquet samples under ``root/samples/``. Safe for several processes (file lock)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.dir = self.root / "samples"
+
+    @classmethod
+    def from_settings(cls, settings: object | None = None) -> SampleStore:
+        """The store in the configured state directory (``store.state_dir``)."""
+        from .config import Settings
+
+        s = settings if settings is not None else Settings()
+        return cls(s.store.state_dir)  # type: ignore[attr-defined]
+
+    # -- locking and the journal ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.dir / ".lock", "a+b")  # noqa: SIM115 - held for the block
+        except OSError as exc:
+            raise StorageError(f"cannot open the store: {exc.strerror}", path=self.dir) from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            self._roll_forward()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def _roll_forward(self) -> None:
+        """Finish the renames of a commit that was interrupted after its journal was written."""
+        for journal in sorted(self.dir.glob(".journal-*.json")):
+            try:
+                moves = json.loads(journal.read_text())
+            except (OSError, ValueError):
+                journal.unlink(missing_ok=True)  # torn journal: written before any rename
+                continue
+            for tmp, final in moves:
+                if Path(tmp).exists():
+                    Path(final).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, final)
+            journal.unlink(missing_ok=True)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def stage(self) -> StagedAdd:
+        """Start an add that may arrive in many chunks; nothing is visible until ``commit()``."""
+        return StagedAdd(self)
+
+    def add(self, frame: pl.DataFrame) -> AddResult:
+        """Store the rows of ``frame`` (samples schema) that are not stored yet. Atomic."""
+        with self.stage() as staged:
+            staged.add(frame)
+            return staged.commit()
+
+    def erase(self, user: str) -> int:
+        """Remove every stored sample of ``user`` and their files; return how many rows went."""
+        with self._locked():
+            udir = self.dir / _user_dir_name(user)
+            if not udir.exists():
+                return 0
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in udir.glob("*.parquet"))
+            # Rename first so a crash mid-delete never leaves a readable partial history.
+            trash = self.dir / f".erase-{uuid.uuid4().hex}"
+            os.replace(udir, trash)
+            _fsync_dir(self.dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            return rows
+
+    # -- reading --------------------------------------------------------------------------
+
+    def users(self) -> list[str]:
+        """User ids with stored samples, sorted."""
+        if not self.dir.exists():
+            return []
+        return sorted(
+            unquote(p.name) for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith(".") and any(p.glob("*.parquet"))
+        )
+
+    def files(self, user: str) -> list[Path]:
+        udir = self.dir / _user_dir_name(user)
+        return sorted(udir.glob("[0-9]*.parquet")) if udir.exists() else []
+
+    def scan(self, user: str) -> pl.LazyFrame:
+        """A lazy view of ``user``'s samples in time order (empty if none)."""
+        files = self.files(user)
+        if not files:
+            return empty_samples().lazy()
+        return pl.scan_parquet(files).select(list(SAMPLES_SCHEMA))
+
+    def read(self, user: str) -> pl.DataFrame:
+        """All samples of ``user``, sorted by time, in the samples schema."""
+        try:
+            return self.scan(user).collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise StorageError(f"cannot read samples of this user: {str(exc).splitlines()[0]}", path=self.dir) from None
+
+    def count(self, user: str) -> int:
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.files(user))
+
+
+@dataclass
+class StagedAdd:
+    """Chunks of one add, spooled to ``.staging/`` per (user, month); merged on :meth:`commit`.
+
+    Use as a context manager: leaving the block without ``commit()`` (e.g. on a parse error)
+    discards everything staged, so a failed import stores nothing.
+    """
+
+    store: SampleStore
+    read: int = 0
+    _dir: Path | None = None
+    _n: int = 0
+    _done: bool = False
+    _parts: dict[tuple[str, str], list[Path]] = field(default_factory=dict)
+
+    def __enter__(self) -> StagedAdd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+    def _staging(self) -> Path:
+        if self._dir is None:
+            self._dir = self.store.dir / ".staging" / uuid.uuid4().hex
+            try:
+                self._dir.mkdir(parents=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create a staging folder: {exc.strerror}", path=self._dir) from None
+        return self._dir
+
+    def add(self, frame: pl.DataFrame) -> None:
+        """Stage ``frame`` (validated against the samples schema)."""
+        if self._done:
+            raise StorageError("this staged add is already committed or aborted")
+        if frame.height == 0:
+            return
+        frame = validate_samples(frame, source="samples to store")
+        self.read += frame.height
+        staging = self._staging()
+        for (user, month), part in frame.with_columns(_month_key(frame)).group_by("user", "_month"):
+            path = staging / f"{self._n:06d}.parquet"
+            self._n += 1
+            try:
+                part.drop("_month").write_parquet(path, compression="lz4")
+            except OSError as exc:
+                raise StorageError(f"cannot stage samples: {exc.strerror}", path=path) from None
+            self._parts.setdefault((str(user), str(month)), []).append(path)
+
+    def commit(self) -> AddResult:
+        """Merge the staged rows into the store; nothing changes unless every partition merged."""
+        if self._done:
+            raise StorageError("this staged add is already committed or aborted")
+        store = self.store
+        added = 0
+        moves: list[tuple[str, str]] = []
+        try:
+            with store._locked():
+                for (user, month), parts in sorted(self._parts.items()):
+                    final = store.dir / _user_dir_name(user) / f"{month}.parquet"
+                    old_rows = 0
+                    sources = [pl.read_parquet(p) for p in parts]
+                    if final.exists():
+                        old = pl.read_parquet(final)
+                        old_rows = old.height
+                        sources.insert(0, old)
+                    merged = (
+                        pl.concat(sources, how="vertical")
+                        .unique(subset=list(KEY_COLUMNS), keep="first", maintain_order=True)
+                        .sort("time", "metric", maintain_order=True)
+                    )
+                    del sources
+                    if merged.height == old_rows:
+                        continue  # nothing new: leave the file (and its mtime) alone
+                    added += merged.height - old_rows
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    moves.append((str(_write_parquet_atomic_tmp(merged, final)), str(final)))
+                    del merged
+                if moves:
+                    journal = store.dir / f".journal-{uuid.uuid4().hex}.json"
+                    jtmp = journal.with_suffix(".tmp")
+                    jtmp.write_text(json.dumps(moves))
+                    os.replace(jtmp, journal)
+                    for tmp, final_s in moves:
+                        os.replace(tmp, final_s)
+                    for d in {Path(f).parent for _, f in moves}:
+                        _fsync_dir(d)
+                    journal.unlink()
+                    moves = []
+        except OSError as exc:
+            raise StorageError(f"cannot write samples: {exc.strerror or exc}", path=store.dir) from None
+        except pl.exceptions.PolarsError as exc:
+            raise StorageError(f"cannot merge samples: {str(exc).splitlines()[0]}", path=store.dir) from None
+        finally:
+            for tmp, _ in moves:  # written but never renamed: the old files stay as they were
+                Path(tmp).unlink(missing_ok=True)
+            self.abort()
+        return AddResult(read=self.read, added=added, duplicates=self.read - added)
+
+    def abort(self) -> None:
+        """Discard whatever was staged (idempotent)."""
+        self._done = True
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self._parts.clear()
