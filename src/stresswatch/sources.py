@@ -10,7 +10,7 @@ name.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -43,14 +43,22 @@ class SourceRegistry:
     """Adapters by kind. Build one with :meth:`discover`; tests may build their own."""
 
     factories: dict[str, SourceFactory]
+    broken: dict[str, str] = field(default_factory=dict)  # kind -> why it could not be loaded
 
     @classmethod
     def discover(cls) -> SourceRegistry:
+        """Every installed adapter. One that fails to import is reported when asked for, so a
+        broken optional adapter does not take the others down."""
         found: dict[str, SourceFactory] = {}
+        broken: dict[str, str] = {}
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            factory = ep.load()
+            try:
+                factory = ep.load()
+            except Exception as exc:  # noqa: BLE001 - any import failure of a plug-in
+                broken[ep.name] = f"{type(exc).__name__}: {exc}"
+                continue
             found[getattr(factory, "kind", ep.name)] = factory
-        return cls(found)
+        return cls(found, broken)
 
     @property
     def kinds(self) -> list[str]:
@@ -60,6 +68,8 @@ class SourceRegistry:
         """A source for ``path``: by ``kind`` if given, else by the first adapter claiming its suffix."""
         path = Path(path)
         if kind is not None:
+            if kind in self.broken:
+                raise ParseError(f"the {kind!r} adapter cannot be loaded: {self.broken[kind]}", source=path)
             if kind not in self.factories:
                 raise ParseError(f"unknown kind {kind!r} (known: {', '.join(self.kinds)})", source=path)
             return self.factories[kind](path, **options)

@@ -52,7 +52,11 @@ def _add_adapter_commands() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=COMMANDS_ENTRY_POINT_GROUP):
-        command = ep.load()
+        try:
+            command = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not take the CLI down
+            click.echo(f"stresswatch: warning: command {ep.name!r} unavailable: {type(exc).__name__}: {exc}", err=True)
+            continue
         if isinstance(command, click.Command) and ep.name not in cli.commands:
             cli.add_command(command, ep.name)
 

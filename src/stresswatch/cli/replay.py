@@ -2,39 +2,163 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import click
+import polars as pl
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
+from ..config import load_settings
+from ..errors import ConfigError
+from ..replay import load_inputs, parse_grid, read_labels, sweep
 from ..replay import replay as run_replay
-from ._common import AppContext, console, pass_app
+from ._common import AppContext, console, console_err, pass_app
 
 EPILOG = """
 \b
 Examples:
   stresswatch replay fixtures/demo_cohort.parquet --out out/
+  stresswatch replay fixtures/demo_cohort.parquet --out out/ --labels fixtures/demo_cohort_labels.csv --plot
   stresswatch replay a.parquet b.csv --out out/ --consent-db ~/.local/share/stresswatch/stresswatch.sqlite
-  stresswatch --set detector.window_s=120 replay data.parquet --out out/
+  stresswatch replay data.parquet --out out/ --set detector.window_s=120
+  stresswatch replay data.parquet --out sweep/ --labels labels.csv --set detector.score_enter=1.5,2,2.5
+  STRESSWATCH_PSEUDONYM_KEY=secret stresswatch replay data.parquet --out share/ --pseudonymise
 """
 
 
-@click.command(epilog=EPILOG)
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for windows.parquet and alerts.parquet.")
-@click.option("--consent-db", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Consent ledger to mark which alerts would have been sent (default: none consented).")
-@pass_app
-def replay(app: AppContext, paths: tuple[Path, ...], out: Path, consent_db: Path | None) -> None:
-    """Replay sample files (Parquet/CSV in the samples schema) through the detector.
-
-    Writes one row per user and window to OUT/windows.parquet and every alert the detector
-    raised to OUT/alerts.parquet, with whether consent would have let it through. No one
-    is alerted.
-    """
-    result = run_replay(list(paths), out=out, settings=app.settings, consent_db=consent_db)
-    states = result.windows.group_by("state").len().sort("state")
-    console.print(
-        f"{len(result.report.users)} user(s), {result.windows.height:,} windows "
-        f"({', '.join(f'{s} {n}' for s, n in states.iter_rows())}), {result.alerts.height} alert(s) raised, "
-        f"{int(result.alerts.get_column('sent').sum())} consented"
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console_err, transient=True
     )
-    console.print(f"wrote {out / 'windows.parquet'} and {out / 'alerts.parquet'}")
+
+
+def _pseudonym_key(enabled: bool, key_file: Path | None) -> bytes | None:
+    if not enabled:
+        return None
+    if key_file is not None:
+        return key_file.read_bytes().strip()
+    env = os.environ.get("STRESSWATCH_PSEUDONYM_KEY")
+    if env:
+        return env.encode()
+    console_err.print(
+        "no pseudonym key given (--pseudonym-key-file or STRESSWATCH_PSEUDONYM_KEY): using a random one, "
+        "not saved; pseudonyms will differ between runs"
+    )
+    return secrets.token_bytes(32)
+
+
+@click.command(epilog=EPILOG)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the output tables.")
+@click.option("--kind", help="Adapter kind for all PATHs (default: by file suffix).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TOML settings for this replay.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=V[,V...]", help="Override a setting; several values run a sweep.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labelled episodes (user,start,end) to evaluate against.")
+@click.option("--plot", is_flag=True, help="Write OUT/plots/USER.png per user.")
+@click.option("--speed", type=float, default=0.0, show_default=True, help="0: as fast as possible; X: X times real time.")
+@click.option("--consent-db", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Consent ledger marking which alerts would have been sent (default: none consented).")
+@click.option("--pseudonymise", is_flag=True, help="Replace user ids by keyed hashes in every output.")
+@click.option("--pseudonym-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Key for --pseudonymise (else STRESSWATCH_PSEUDONYM_KEY).")
+@pass_app
+def replay(
+    app: AppContext,
+    paths: tuple[Path, ...],
+    out: Path,
+    kind: str | None,
+    config_path: str | None,
+    sets: tuple[str, ...],
+    labels: Path | None,
+    plot: bool,
+    speed: float,
+    consent_db: Path | None,
+    pseudonymise: bool,
+    pseudonym_key_file: Path | None,
+) -> None:
+    """Replay recorded samples through the same pipeline as the live engine.
+
+    PATHs are sample files (Parquet/CSV in the samples schema) or anything an adapter
+    reads. Writes OUT/windows.parquet (one row per user and window), OUT/alerts.parquet
+    (every alert raised, with whether consent would have let it through) and
+    OUT/summary.json. No one is alerted.
+    """
+    grid = parse_grid(sets)
+    single = {k: v[0] for k, v in grid.items() if len(v) == 1}
+    multi = {k: v for k, v in grid.items() if len(v) > 1}
+    if config_path or single:
+        base_overrides = dict(pair.split("=", 1) for pair in app.overrides if "=" in pair)
+        settings = load_settings(config_path or app.config_path, overrides={**base_overrides, **single})
+    else:
+        settings = app.settings
+    key = _pseudonym_key(pseudonymise, pseudonym_key_file)
+    label_frame = read_labels(labels) if labels else None
+
+    if multi:
+        if key is not None or plot:
+            raise ConfigError("a sweep writes one table: --plot and --pseudonymise apply to single runs", source="--set")
+        samples, report = load_inputs(list(paths), kind=kind)
+        with _progress() as bar:
+            task = bar.add_task("sweep", total=None)
+            table = sweep(samples, settings, multi, labels=label_frame, on_run=lambda i, n: bar.update(task, completed=i, total=n))
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".sweep.parquet.tmp"
+        table.write_parquet(tmp)
+        tmp.replace(out / "sweep.parquet")
+        table.write_csv(out / "sweep.csv")
+        _print_table(table, "sweep")
+        console.print(f"wrote {out / 'sweep.parquet'} and {out / 'sweep.csv'}")
+        return
+
+    with _progress() as bar:
+        task = bar.add_task("replaying (hours of data)", total=None)
+        result = run_replay(
+            list(paths),
+            out=out,
+            settings=settings,
+            consent_db=consent_db,
+            labels=label_frame,
+            pseudonym_key=key,
+            speed=speed,
+            kind=kind,
+            on_batch=lambda i, n: bar.update(task, completed=i, total=n),
+        )
+    s = result.summary
+    dropped = s["inputs"]["dropped"]
+    if dropped or s["inputs"]["notes"]:
+        console_err.print(
+            "input: "
+            + "; ".join([*(f"dropped {n} row(s): {why}" for why, n in dropped.items()), *s["inputs"]["notes"]]),
+            markup=False,
+        )
+    console.print(
+        f"{s['users']} user(s), {s['user_days']:.1f} user-days, {s['windows']:,} windows "
+        f"({', '.join(f'{k} {v}' for k, v in s['windows_by_state'].items())}), "
+        f"{s['alerts_raised']} alert(s) raised, {s['alerts_consented']} consented"
+    )
+    if result.evaluation is not None:
+        _print_table(result.evaluation, "evaluation against labels")
+    if plot:
+        from ..plot import plot_all
+
+        written = plot_all(result.windows, result.alerts, _maybe_pseudonymised_labels(label_frame, result, key), out / "plots")
+        console.print(f"wrote {len(written)} plot(s) to {out / 'plots'}")
+    console.print(f"wrote {out / 'windows.parquet'}, {out / 'alerts.parquet'} and {out / 'summary.json'}")
+
+
+def _maybe_pseudonymised_labels(labels: pl.DataFrame | None, result, key: bytes | None) -> pl.DataFrame | None:  # noqa: ANN001
+    if labels is None or key is None:
+        return labels
+    from ..replay import _pseudonymise, pseudonymiser
+
+    return _pseudonymise(labels, pseudonymiser(key))
+
+
+def _print_table(frame: pl.DataFrame, title: str) -> None:
+    table = Table(title=title)
+    for col in frame.columns:
+        table.add_column(col, justify="right" if frame.schema[col].is_numeric() else "left")
+    for row in frame.iter_rows():
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
