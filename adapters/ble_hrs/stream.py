@@ -1,0 +1,236 @@
+"""``stresswatch stream``: live samples to the engine as :class:`~stresswatch.ingest.IngestBatch`
+on ``{prefix}/ingest/{user}``, through the durable :class:`~.outbox.Outbox`.
+
+Exactly once, end to end:
+
+1. Each batch gets ``(stream_id, seq)`` and is committed to SQLite before anything is sent.
+2. :class:`DurablePublisher` hands at most ``window`` buffered batches to paho at a time
+   (QoS 1). paho keeps unacknowledged messages across reconnects and re-sends them itself,
+   so each row is handed over once per process; the row is deleted in ``on_publish``, which
+   paho calls on the broker's PUBACK.
+3. After a crash, every row still buffered is sent again with its original id; the engine's
+   deduplicator drops copies the broker had already delivered.
+
+The broker may be down when streaming starts: paho keeps trying (``reconnect_delay_set``)
+while samples accumulate on disk. The companion speaks MQTT 3.1.1 when ``protocol="auto"``:
+it needs no MQTT 5 feature and 3.1.1 works with every broker (also the embedded amqtt).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+
+from stresswatch.alerts.topics import Topics
+from stresswatch.alerts.transport import BrokerAddress
+from stresswatch.errors import TransportError
+from stresswatch.ingest import MAX_BATCH_SAMPLES, IngestBatch
+
+from .outbox import Outbox
+from .session import Gap, Reading, Rejected, SessionItem, readings_to_samples
+
+log = logging.getLogger(__name__)
+
+
+class DurablePublisher:
+    """Sends outbox rows over MQTT and deletes each on its PUBACK."""
+
+    def __init__(
+        self,
+        url: str,
+        outbox: Outbox,
+        *,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        protocol: str = "auto",
+        window: int = 200,
+        reconnect_max_s: float = 5.0,
+    ) -> None:
+        self.outbox = outbox
+        self.window = window
+        addr = BrokerAddress.parse(url)
+        self.url = str(addr)
+        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        kwargs: dict[str, object] = {} if version == mqtt.MQTTv5 else {"clean_session": True}
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"stresswatch-companion-{uuid.uuid4().hex[:12]}",
+            protocol=version,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        user, pw = username or addr.username, password or addr.password
+        if user:
+            self._client.username_pw_set(user, pw)
+        if addr.tls:
+            self._client.tls_set()
+        self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(reconnect_max_s)))
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._lock = threading.Lock()
+        self._inflight: dict[int, tuple[str, int]] = {}  # mid -> key
+        self._handed: set[tuple[str, int]] = set()
+        self._early: set[int] = set()
+        self.refused = 0
+        self.connected = threading.Event()
+        self.acked = 0
+        self.connects = 0
+        try:
+            self._client.connect_async(addr.host, addr.port, keepalive=15)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect: {exc}", url=self.url) from None
+        self._client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
+        if getattr(rc, "is_failure", False):
+            log.warning("stream: broker refused the connection: %s", rc)
+            return
+        self.connects += 1
+        self.connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, *args: object) -> None:
+        self.connected.clear()
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object = None, props: object = None) -> None:
+        # Called by paho with its own message lock held: never block on anything that
+        # publish() might hold (that is why pump() does not hold our lock while publishing).
+        if getattr(reason, "is_failure", False):
+            log.warning("stream: the broker refused a batch (%s); it stays buffered", reason)
+            with self._lock:
+                self._inflight.pop(mid, None)
+                self.refused += 1
+            return
+        with self._lock:
+            key = self._inflight.pop(mid, None)
+            if key is None:
+                self._early.add(mid)  # PUBACK before pump() recorded the mid
+                return
+        self._acked(key)
+
+    def _acked(self, key: tuple[str, int]) -> None:
+        self.outbox.remove(*key)  # only now: the broker has it
+        with self._lock:
+            self._handed.discard(key)
+            self.acked += 1
+
+    def pump(self) -> int:
+        """Hand buffered rows to paho up to the window; returns how many were handed over."""
+        with self._lock:
+            room = self.window - len(self._handed)
+            exclude = set(self._handed)
+        if room <= 0:
+            return 0
+        rows = self.outbox.pending(room, exclude=exclude)
+        for row in rows:
+            key = (row.stream_id, row.seq)
+            with self._lock:
+                self._handed.add(key)
+            info = self._client.publish(row.topic, row.payload, qos=1)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}", url=self.url)
+            with self._lock:
+                early = info.mid in self._early
+                if early:
+                    self._early.discard(info.mid)
+                else:
+                    self._inflight[info.mid] = key
+            if early:
+                self._acked(key)
+        return len(rows)
+
+    def drain(self, timeout_s: float, *, poll_s: float = 0.05) -> bool:
+        """Keep pumping until the outbox is empty; False if ``timeout_s`` passed first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.pump()
+            if self.outbox.count() == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@dataclass
+class StreamStats:
+    batches: int = 0
+    samples: int = 0
+    notifications: int = 0
+    rejected: int = 0
+    gaps: list[Gap] = field(default_factory=list)
+
+
+class IngestStreamer:
+    """Groups session items into batches of ``batch_s`` seconds (arrival time) and buffers them."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        user: str,
+        topics: Topics = Topics(),
+        source: str = "ble_hrs",
+        batch_s: float = 10.0,
+        stream_id: str | None = None,
+        on_buffered: Callable[[], None] | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.user = user
+        self.topic = topics.ingest(user)
+        self.source = source
+        self.batch_ns = int(batch_s * 1e9)
+        self.stream_id = stream_id or uuid.uuid4().hex
+        self.seq = 0
+        self.stats = StreamStats()
+        self._chunk: list[SessionItem] = []
+        self._chunk_start: int | None = None
+        self._on_buffered = on_buffered
+
+    def add(self, item: SessionItem) -> None:
+        if isinstance(item, Gap):
+            self.stats.gaps.append(item)
+            self.outbox.add_gap(item.start_ns, item.end_ns, item.reason)
+            return
+        if isinstance(item, Rejected):
+            self.stats.rejected += 1
+            return
+        assert isinstance(item, Reading)
+        self.stats.notifications += 1
+        if self._chunk_start is None:
+            self._chunk_start = item.arrival_ns
+        self._chunk.append(item)
+        if item.arrival_ns - self._chunk_start >= self.batch_ns:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._chunk:
+            return
+        frame = readings_to_samples(self._chunk, user=self.user, source=self.source)
+        self._chunk, self._chunk_start = [], None
+        for start in range(0, max(frame.height, 1), MAX_BATCH_SAMPLES):
+            part = frame.slice(start, MAX_BATCH_SAMPLES)
+            if part.height == 0:
+                return  # only missing data in this chunk: nothing to send
+            batch = IngestBatch.from_frame(part, user=self.user, stream_id=self.stream_id, seq=self.seq, source=self.source)
+            self.outbox.add(self.stream_id, self.seq, self.topic, batch.encode(), part.height)
+            self.seq += 1
+            self.stats.batches += 1
+            self.stats.samples += part.height
+        if self._on_buffered:
+            self._on_buffered()
+
+    async def consume(self, items: AsyncIterator[SessionItem]) -> StreamStats:
+        async for item in items:
+            self.add(item)
+        self.flush()
+        return self.stats
