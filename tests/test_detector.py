@@ -13,7 +13,7 @@ from stresswatch.detect import Detector
 from stresswatch.model import SAMPLES_SCHEMA, Reason
 from stresswatch.replay import read_samples, time_batches
 
-SMALL = DetectorSettings(window_s=60, baseline_windows=60, baseline_min_windows=30, sustain_windows=3, exit_windows=2, cooldown_s=600)
+SMALL = DetectorSettings(window_s=60, baseline_windows=60, baseline_min_windows=30, baseline_refresh_s=600, sustain_windows=3, exit_windows=2, cooldown_s=600)
 T0 = int(datetime(2026, 3, 2, tzinfo=timezone.utc).timestamp() * 1e9)
 
 

@@ -56,19 +56,39 @@ class DetectorSettings(_Section):
     )
     min_coverage: float = Field(default=0.5, ge=0, le=1, description="share of the window covered by clean beats")
     min_hr_samples: int = Field(default=10, ge=1, description="HR-only windows need at least this many readings")
-    baseline_windows: int = Field(default=432, ge=10, description="trailing clean windows kept per user (36 h)")
-    baseline_min_windows: int = Field(
-        default=288, ge=5, description="calibrating until this many clean windows (24 h: one full day and night)"
+    baseline_slots: int = Field(
+        default=4, ge=1, le=24, description="time-of-day baselines per user: 4 = 6-hour slots (UTC), 1 = one all-day baseline"
     )
+    baseline_windows: int = Field(
+        default=216, ge=10, description="trailing clean windows kept per user and slot (216 = 3 days of a 6-h slot)"
+    )
+    baseline_min_windows: int = Field(
+        default=36, ge=5, description="a slot is calibrating until it has this many clean windows (3 h)"
+    )
+    baseline_refresh_s: int = Field(
+        default=3600, ge=1, description="median/MAD of a slot recomputed once per this period (staggered per user)"
+    )
+    hr_scale_floor_bpm: float = Field(default=2.0, gt=0, description="least HR scale: 1 bpm must not be a large z")
+    ln_rmssd_scale_floor: float = Field(default=0.08, gt=0, description="least ln RMSSD scale (~8 % RMSSD)")
     score_enter: float = Field(default=2.0, description="window is elevated at or above this score")
     score_exit: float = Field(default=1.0, description="episode ends below this score (hysteresis)")
     sustain_windows: int = Field(default=3, ge=1, description="consecutive elevated windows before an alert")
     exit_windows: int = Field(default=2, ge=1, description="consecutive calm windows that end an episode")
     cooldown_s: int = Field(default=3600, ge=0, description="no new alert for a user this long after one")
     motion_steps_per_min: float = Field(default=60.0, ge=0, description="walking cadence: window suppressed")
+    motion_min: float = Field(
+        default=1.0, ge=0, description="mean `motion` sample (dynamic acceleration, m/s^2) at or above which a window is movement"
+    )
     exercise_hr_ratio: float = Field(
         default=1.4, gt=1, description="without motion data: HR this far above baseline is treated as exercise"
     )
+    exercise_hr_bpm: float = Field(
+        default=120.0, gt=0, description="while a slot has no baseline yet: HR at or above this is treated as exercise"
+    )
+    motion_recovery_s: int = Field(
+        default=1800, ge=0, description="windows starting this soon after movement are suppressed (post-exercise recovery)"
+    )
+    reason_z: float = Field(default=1.0, ge=0, description="a feature is named as a reason at this robust z or beyond")
     high_score: float = Field(default=4.0, description="alert level 'high' at or above this episode peak score")
 
     @model_validator(mode="after")
@@ -79,6 +99,10 @@ class DetectorSettings(_Section):
             raise ValueError("rr_min_ms must be below rr_max_ms")
         if self.baseline_min_windows > self.baseline_windows:
             raise ValueError("baseline_min_windows must not exceed baseline_windows")
+        if 86400 % (self.baseline_slots * self.window_s):
+            raise ValueError("a day must split into whole windows per baseline slot (baseline_slots * window_s divides 86400)")
+        if self.baseline_refresh_s % self.window_s or self.baseline_refresh_s > self.baseline_windows * self.window_s:
+            raise ValueError("baseline_refresh_s must be a multiple of window_s and at most baseline_windows windows")
         return self
 
 

@@ -69,6 +69,11 @@ WINDOW_SCHEMA: dict[str, pl.DataType] = {
     "ln_rmssd_z": pl.Float64(),
     "score": pl.Float64(),
     "state": pl.String(),
+    # additive (detector issue): mean `motion` sample, signal kind (rr / hr_only / none),
+    # and the time-of-day baseline slot the window was compared with
+    "motion": pl.Float64(),
+    "signal": pl.String(),
+    "baseline_slot": pl.Int64(),
 }
 
 
@@ -166,3 +171,5 @@ class Alert(BaseModel):
     level: AlertLevel | None = Field(default=None, description="present only if the user allows it")
     reasons: list[Reason] = Field(default_factory=list, description="present only if the user allows it")
     message: str = "Someone you support may welcome a check-in."
+    score: float | None = Field(default=None, description="present only if the user explicitly allows it")
+    notice: int = Field(default=0, ge=0, description="0: first notice; n: n-th reminder or escalation, same alert_id")

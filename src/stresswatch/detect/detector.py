@@ -3,27 +3,35 @@
 A window ``[start, start + window_s)`` is finished for a user once a sample of that user at
 or after its end has arrived (or on :meth:`Detector.flush` / :meth:`Detector.advance`).
 So feeding the same samples in any chunking, with each user's batches in time order, yields
-the same windows and alerts as one batch pass. Samples that arrive for an already finished
-window are dropped and counted in :attr:`Detector.late_samples`.
+the same windows and alerts as one batch pass (bit for bit: see ``features``). Samples that
+arrive for an already finished window are dropped and counted in :attr:`Detector.late_samples`.
+
+Per arriving batch the beats are cleaned and differenced once (``features.prepare_beats``)
+and buffered as arrays in arrival chunks; when windows finish they are reduced per window,
+then scored against the user's baseline for that time of day and fed to the episode state
+machine. The sequential part (baseline, episodes) loops over "the k-th finished window of
+each user", vectorised over users, so its cost is per window rank, not per window.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
 
 from ..config import DetectorSettings
-from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowState, alert_id_for, empty_samples
+from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowState, alert_id_for
 from . import episodes
-from .baseline import Baselines
+from .baseline import Baselines, user_phase
 from .episodes import EpisodeState
-from .features import NS, window_features
+from .features import NS, BeatCarry, Beats, Others, aggregate, encode_users, features_frame, split_rows, to_columns
 
-REASON_Z = 1.0  # a feature names itself as a reason once it is a robust SD from baseline
+STATES = np.array([s.value for s in (WindowState.INSUFFICIENT_DATA, WindowState.CALIBRATING, WindowState.SUPPRESSED_MOTION, WindowState.OK, WindowState.ELEVATED)])
+INSUFFICIENT, CALIBRATING, SUPPRESSED, OK, ELEVATED = range(5)
+NEVER = np.iinfo(np.int64).min
 
 
 @dataclass(frozen=True)
@@ -36,143 +44,208 @@ def _empty_windows() -> pl.DataFrame:
     return pl.DataFrame(schema=WINDOW_SCHEMA)
 
 
+@dataclass
+class _Chunk:
+    beats: Beats
+    others: Others
+    min_w: int  # smallest window index in the chunk (skip it cheaply while nothing can finish)
+
+
 class Detector:
     """Per-user streaming state over many users; arrays, not objects per user."""
 
     def __init__(self, settings: DetectorSettings | None = None) -> None:
-        self.settings = settings or DetectorSettings()
+        self.settings = s = settings or DetectorSettings()
         self._users: dict[str, int] = {}
-        self._buffer = empty_samples()
+        self._names = pl.Series("user", [], pl.String)
+        self._chunks: list[_Chunk] = []
         self._watermark_ns = np.zeros(0, np.int64)
-        self._closed_until_ns = np.zeros(0, np.int64)  # windows starting before this are finished
-        self.baselines = Baselines.empty(self.settings.baseline_windows)
+        self._closed_w = np.zeros(0, np.int64)  # windows with index below this are finished
+        self._motion_until_ns = np.zeros(0, np.int64)
+        self.carry = BeatCarry.empty()
+        self.baselines = Baselines.empty(s.baseline_slots, s.baseline_windows)
         self.episodes = EpisodeState.empty()
         self.late_samples = 0
 
     # -- users -------------------------------------------------------------------------
-    def _index(self, users: list[str]) -> np.ndarray:
-        for u in users:
-            if u not in self._users:
-                self._users[u] = len(self._users)
-        n = len(self._users)
-        if len(self._watermark_ns) < n:
-            extra = n - len(self._watermark_ns)
-            self._watermark_ns = np.concatenate([self._watermark_ns, np.full(extra, np.iinfo(np.int64).min)])
-            self._closed_until_ns = np.concatenate([self._closed_until_ns, np.full(extra, np.iinfo(np.int64).min)])
-            self.baselines.grow(n)
-            self.episodes.grow(n)
-        return np.array([self._users[u] for u in users], np.int64)
+    def _grow(self) -> None:
+        n, old = len(self._users), len(self._watermark_ns)
+        if n == old:
+            return
+        extra = n - old
+        self._watermark_ns = np.concatenate([self._watermark_ns, np.full(extra, NEVER)])
+        self._closed_w = np.concatenate([self._closed_w, np.full(extra, NEVER)])
+        self._motion_until_ns = np.concatenate([self._motion_until_ns, np.full(extra, NEVER)])
+        new = list(self._users)[old:]
+        self._names = pl.Series("user", list(self._users), pl.String)
+        self.carry.grow(n)
+        periods = self.settings.baseline_refresh_s // self.settings.window_s
+        self.baselines.grow(n, [user_phase(x, periods) for x in new])
+        self.episodes.grow(n)
 
     @property
     def users(self) -> list[str]:
         return list(self._users)
 
     def baseline_ready(self, user: str) -> bool:
+        """True once every time-of-day slot of ``user`` has a baseline."""
         i = self._users.get(user)
-        return i is not None and int(self.baselines.count[i]) >= self.settings.baseline_min_windows
+        return i is not None and bool(np.all(self.baselines.pushed[i] >= self.settings.baseline_min_windows))
+
+    def state_bytes_per_user(self) -> int:
+        """Bytes of detector state per user, excluding the open-window sample buffer."""
+        per = self.baselines.bytes_per_user()
+        per += sum(getattr(self.carry, f.name)[:1].nbytes for f in fields(self.carry))
+        per += sum(getattr(self.episodes, f.name)[:1].nbytes for f in fields(self.episodes))
+        return per + 3 * 8
 
     # -- streaming API -------------------------------------------------------------------
     def update(self, batch: pl.DataFrame) -> DetectorOutput:
         """Add a validated samples batch; return the windows it finished."""
         if batch.height == 0:
             return DetectorOutput(_empty_windows())
-        w_ns = self.settings.window_s * NS
-        per_user = batch.group_by("user").agg(pl.col("time").dt.epoch("ns").max().alias("t_max"))
-        idx = self._index(per_user.get_column("user").to_list())
-        np.maximum.at(self._watermark_ns, idx, per_user.get_column("t_max").to_numpy())
-
-        frame = self._tag(pl.concat([self._buffer, batch], how="vertical"))
-        late = frame.filter(pl.col("_w") < pl.col("_closed"))
-        self.late_samples += late.height
-        frame = frame.filter(pl.col("_w") >= pl.col("_closed"))
-        done = (pl.col("_w") + w_ns) <= pl.col("_wm")
-        return self._finish(frame.filter(done), frame.filter(~done))
+        s = self.settings
+        u = encode_users(batch.get_column("user"), self._users)
+        self._grow()
+        cols = to_columns(batch, u, s)
+        uk = cols.key >> 32
+        # each user's newest sample is the last of its run (rows sorted by user, time)
+        ends = np.append(np.flatnonzero(uk[1:] != uk[:-1]), len(uk) - 1)
+        np.maximum.at(self._watermark_ns, uk[ends], cols.t[ends])
+        late = (cols.key & 0xFFFFFFFF) < self._closed_w[uk]
+        if late.any():
+            self.late_samples += int(late.sum())
+            keep = ~late
+            cols = type(cols)(cols.key[keep], cols.t[keep], cols.code[keep], cols.value[keep])
+        if len(cols.key):
+            beats, others = split_rows(cols, self.carry, s)
+            self._chunks.append(_Chunk(beats, others, int((cols.key & 0xFFFFFFFF).min())))
+        # finished: window end <= the user's newest sample
+        limit_w = self._watermark_ns // (s.window_s * NS)
+        return self._finish(limit_w)
 
     def flush(self) -> DetectorOutput:
         """Finish every open window (end of a replay)."""
-        frame = self._tag(self._buffer)
-        return self._finish(frame, frame.clear())
+        return self._finish(np.full(len(self._users), np.iinfo(np.int64).max // 2))
 
     def advance(self, now_ns: int, grace_s: int = 60) -> DetectorOutput:
         """Finish windows that ended more than ``grace_s`` before ``now_ns`` (live engine tick)."""
-        frame = self._tag(self._buffer)
-        done = (pl.col("_w") + (self.settings.window_s + grace_s) * NS) <= now_ns
-        return self._finish(frame.filter(done), frame.filter(~done))
+        w_ns = self.settings.window_s * NS
+        limit = (int(now_ns) - grace_s * NS) // w_ns  # windows with index < limit have ended grace_s ago
+        return self._finish(np.full(len(self._users), limit, np.int64))
 
     # -- internals -----------------------------------------------------------------------
-    def _tag(self, frame: pl.DataFrame) -> pl.DataFrame:
-        w_ns = self.settings.window_s * NS
-        users = pl.DataFrame(
-            {
-                "user": list(self._users),
-                "_wm": self._watermark_ns[: len(self._users)],
-                "_closed": self._closed_until_ns[: len(self._users)],
-            },
-            schema={"user": pl.String, "_wm": pl.Int64, "_closed": pl.Int64},
-        )
-        t = pl.col("time").dt.epoch("ns")
-        return frame.with_columns(((t // w_ns) * w_ns).alias("_w")).join(users, on="user", how="left")
-
-    def _finish(self, done: pl.DataFrame, keep: pl.DataFrame) -> DetectorOutput:
-        self._buffer = keep.select(empty_samples().columns)
-        if done.height == 0:
+    def _finish(self, limit_w: np.ndarray) -> DetectorOutput:
+        """Finish every buffered window with index < ``limit_w[user]``."""
+        if not self._chunks:
             return DetectorOutput(_empty_windows())
-        w_ns = self.settings.window_s * NS
-        last = done.group_by("user").agg(pl.col("_w").max())
-        li = self._index(last.get_column("user").to_list())
-        self._closed_until_ns[li] = np.maximum(self._closed_until_ns[li], last.get_column("_w").to_numpy() + w_ns)
-        feats = window_features(done.select(empty_samples().columns), self.settings)
-        return self._decide(feats)
+        top = int(limit_w.max()) if len(limit_w) else NEVER
+        done_b: list[Beats] = []
+        done_o: list[Others] = []
+        keep: list[_Chunk] = []
+        for c in self._chunks:
+            if c.min_w >= top:
+                keep.append(c)
+                continue
+            fb = (c.beats.key & 0xFFFFFFFF) < limit_w[c.beats.key >> 32]
+            fo = (c.others.key & 0xFFFFFFFF) < limit_w[c.others.key >> 32]
+            if fb.all() and fo.all():
+                done_b.append(c.beats)
+                done_o.append(c.others)
+                continue
+            done_b.append(c.beats.take(fb))
+            done_o.append(c.others.take(fo))
+            rest_b, rest_o = c.beats.take(~fb), c.others.take(~fo)
+            if len(rest_b.key) or len(rest_o.key):
+                mins = [int((k & 0xFFFFFFFF).min()) for k in (rest_b.key, rest_o.key) if len(k)]
+                keep.append(_Chunk(rest_b, rest_o, min(mins)))
+        self._chunks = keep
+        if not done_b:
+            return DetectorOutput(_empty_windows())
+        beats = Beats.concat(done_b)
+        others = Others.concat(done_o)
+        if len(done_b) > 1:  # chunks interleave users: stable sort keeps time order in a window
+            beats = beats.take(np.argsort(beats.key, kind="stable"))
+            others = others.take(np.argsort(others.key, kind="stable"))
+        if len(beats.key) == 0 and len(others.key) == 0:
+            return DetectorOutput(_empty_windows())
+        f = aggregate(beats, others, self.settings)
+        np.maximum.at(self._closed_w, f["u"], f["w"] + 1)
+        return self._decide(f)
 
-    def _decide(self, feats: pl.DataFrame) -> DetectorOutput:
+    def _decide(self, f: dict[str, np.ndarray]) -> DetectorOutput:
         s = self.settings
-        n = feats.height
-        users = feats.get_column("user").to_list()
-        u = np.array([self._users[x] for x in users], np.int64)
-        start_ns = feats.get_column("window_start").dt.epoch("ns").to_numpy()
-        end_ns = feats.get_column("window_end").dt.epoch("ns").to_numpy()
-        hr = feats.get_column("hr_mean").fill_null(np.nan).to_numpy().astype(np.float64)
-        lnr = feats.get_column("ln_rmssd").fill_null(np.nan).to_numpy().astype(np.float64)
-        cov = feats.get_column("coverage").to_numpy().astype(np.float64)
-        steps_pm = feats.get_column("steps").to_numpy() / (s.window_s / 60.0)
-        rank = feats.select(pl.int_range(pl.len()).over("user")).to_series().to_numpy()
+        w_ns = s.window_s * NS
+        u, w = f["u"], f["w"]  # sorted by user, window
+        n = len(u)
+        start_ns = w * w_ns
+        end_ns = start_ns + w_ns
+        hr, lnr, cov = f["hr_mean"], f["ln_rmssd"], f["coverage"]
+        slot = (start_ns // NS % 86400) // (86400 // s.baseline_slots)
+        steps_pm = f["steps"] / (s.window_s / 60.0)
+        moving = (steps_pm >= s.motion_steps_per_min) | (f["motion"] >= s.motion_min)
+        insufficient = (cov < s.min_coverage) | np.isnan(hr)
+        bl = self.baselines
+        # Refresh periods, offset per user; the baseline is constant within one, so each
+        # user's k-th period in this call is handled by pass k, vectorised over users.
+        period = (w + bl.phase[u]) // (s.baseline_refresh_s // s.window_s)
+        new_p = np.ones(n, bool)
+        new_p[1:] = (u[1:] != u[:-1]) | (period[1:] != period[:-1])
+        first_u = np.ones(n, bool)
+        first_u[1:] = u[1:] != u[:-1]
+        c = np.cumsum(new_p)
+        prank = c - np.repeat(c[first_u], np.diff(np.append(np.flatnonzero(first_u), n)))
+        order = np.argsort(prank, kind="stable")  # stays sorted by user, window inside a pass
+        bounds = np.searchsorted(prank[order], np.arange(int(prank.max()) + 2))
 
-        cols = {k: np.full(n, np.nan) for k in ("hr_baseline", "hr_z", "ln_rmssd_baseline", "ln_rmssd_z", "score")}
-        state = np.empty(n, object)
-        alerts: list[AlertDecision] = []
-        for r in range(int(rank.max()) + 1 if n else 0):
-            rows = np.flatnonzero(rank == r)
-            ui = u[rows]
-            hr_med, hr_sd, ln_med, ln_sd = self.baselines.stats(ui)
-            ready = self.baselines.count[ui] >= s.baseline_min_windows
+        out = {k: np.full(n, np.nan) for k in ("hr_baseline", "hr_z", "ln_rmssd_baseline", "ln_rmssd_z", "score")}
+        state = np.empty(n, np.int8)
+        alert_all = np.zeros(n, bool)
+        ep_start_all = np.zeros(n, np.int64)
+        rec_ns = s.motion_recovery_s * NS
+        for r in range(len(bounds) - 1):
+            rows = order[bounds[r] : bounds[r + 1]]
+            ui, si = u[rows], slot[rows]
+            bl.refresh(ui, si, period[rows], min_windows=s.baseline_min_windows, hr_floor=s.hr_scale_floor_bpm, ln_floor=s.ln_rmssd_scale_floor)
+            st4 = bl.stats[ui, si].astype(np.float64)
+            hr_med, hr_sd, ln_med, ln_sd = st4[:, 0], st4[:, 1], st4[:, 2], st4[:, 3]
+            ready = ~np.isnan(hr_med)
             h, ln = hr[rows], lnr[rows]
-            insufficient = (cov[rows] < s.min_coverage) | np.isnan(h)
-            motion = (steps_pm[rows] >= s.motion_steps_per_min) | (ready & (h > s.exercise_hr_ratio * hr_med))
+            t0, t1 = start_ns[rows], end_ns[rows]
+            exercise = np.where(ready, h >= s.exercise_hr_ratio * hr_med, h >= s.exercise_hr_bpm)
+            move = moving[rows] | exercise
+            # recovery: a window starting before (end of the user's last movement window + recovery)
+            m = len(rows)
+            idx = np.arange(m)
+            gfirst = np.ones(m, bool)
+            gfirst[1:] = ui[1:] != ui[:-1]
+            gstarts = np.flatnonzero(gfirst)
+            glen = np.diff(np.append(gstarts, m))
+            gs = np.repeat(gstarts, glen)
+            lm = np.maximum.accumulate(np.where(move, idx, -1))
+            prev_lm = np.empty(m, np.int64)
+            prev_lm[0] = -1
+            prev_lm[1:] = lm[:-1]
+            until = np.where(prev_lm >= gs, t1[np.maximum(prev_lm, 0)] + rec_ns, self._motion_until_ns[ui])
+            recovering = t0 < until
+            gend = gstarts + glen - 1
+            self._motion_until_ns[ui[gstarts]] = np.where(lm[gend] >= gstarts, t1[np.maximum(lm[gend], 0)] + rec_ns, self._motion_until_ns[ui[gstarts]])
+            suppressed = move | recovering
             z_hr = (h - hr_med) / hr_sd
             z_ln = (ln - ln_med) / ln_sd
             # Mean of the available evidence: HR up and ln RMSSD down (HR-only: HR alone).
             score = np.where(np.isnan(z_ln), z_hr, 0.5 * (z_hr - z_ln))
+            ins = insufficient[rows]
             st = np.where(
-                insufficient,
-                WindowState.INSUFFICIENT_DATA.value,
-                np.where(
-                    ~ready,
-                    WindowState.CALIBRATING.value,
-                    np.where(
-                        motion,
-                        WindowState.SUPPRESSED_MOTION.value,
-                        np.where(score >= s.score_enter, WindowState.ELEVATED.value, WindowState.OK.value),
-                    ),
-                ),
+                ins, INSUFFICIENT, np.where(~ready, CALIBRATING, np.where(suppressed, SUPPRESSED, np.where(score >= s.score_enter, ELEVATED, OK)))
             )
-            scored = (st == WindowState.OK.value) | (st == WindowState.ELEVATED.value)
-            evidence = np.where(scored, score, np.nan)
-            alert, ep_start = episodes.step(
+            evidence = np.where(st >= OK, score, np.nan)
+            in_ep, alert, ep_start = episodes.scan(
                 self.episodes,
                 ui,
                 evidence,
-                start_ns[rows],
-                end_ns[rows],
+                t0,
+                t1,
                 score_enter=s.score_enter,
                 score_exit=s.score_exit,
                 sustain_windows=s.sustain_windows,
@@ -180,59 +253,67 @@ class Detector:
                 cooldown_s=s.cooldown_s,
             )
             # Baseline learns only from clean, calm windows outside episodes (SPEC: detection).
-            learn = ~insufficient & ~motion & ~self.episodes.in_episode[ui] & ~(scored & (score >= s.score_enter))
+            learn = ~ins & ~suppressed & ~in_ep & (st != ELEVATED)
             if learn.any():
-                self.baselines.push(ui[learn], h[learn], ln[learn])
-
+                bl.push(ui[learn], si[learn], h[learn], ln[learn])
             state[rows] = st
-            cols["hr_baseline"][rows] = hr_med
-            cols["ln_rmssd_baseline"][rows] = ln_med
-            cols["hr_z"][rows] = np.where(ready, z_hr, np.nan)
-            cols["ln_rmssd_z"][rows] = np.where(ready, z_ln, np.nan)
-            cols["score"][rows] = np.where(ready, score, np.nan)
-            for j in np.flatnonzero(alert):
-                row = rows[j]
-                reasons = []
-                if z_ln[j] <= -REASON_Z:
-                    reasons.append(Reason.HRV_BELOW_BASELINE)
-                if z_hr[j] >= REASON_Z:
-                    reasons.append(Reason.HR_ABOVE_BASELINE)
-                ep = _dt(int(ep_start[j]))
-                user = users[row]
-                alerts.append(
-                    AlertDecision(
-                        alert_id=alert_id_for(user, ep),
-                        user=user,
-                        raised_at=_dt(int(end_ns[row])),
-                        episode_start=ep,
-                        level=AlertLevel.HIGH if score[j] >= s.high_score else AlertLevel.ELEVATED,
-                        reasons=tuple(reasons),
-                        score=float(score[j]),
-                    )
-                )
+            out["hr_baseline"][rows] = hr_med
+            out["ln_rmssd_baseline"][rows] = ln_med
+            out["hr_z"][rows] = z_hr
+            out["ln_rmssd_z"][rows] = z_ln
+            out["score"][rows] = score
+            alert_all[rows] = alert
+            ep_start_all[rows] = ep_start
+
+        feats = features_frame(f, self._names, s)
         windows = feats.with_columns(
-            *(pl.Series(k, v, pl.Float64).fill_nan(None) for k, v in cols.items()),
-            pl.Series("state", state.astype(str), pl.String),
+            *(pl.Series(k, v, pl.Float64).fill_nan(None) for k, v in out.items()),
+            pl.Series("baseline_slot", slot, pl.Int64),
+            pl.Series("state", STATES[state], pl.String),
         ).select(list(WINDOW_SCHEMA))
+        alerts = []
+        for row in np.flatnonzero(alert_all):
+            reasons = []
+            if out["ln_rmssd_z"][row] <= -s.reason_z:
+                reasons.append(Reason.HRV_BELOW_BASELINE)
+            if out["hr_z"][row] >= s.reason_z:
+                reasons.append(Reason.HR_ABOVE_BASELINE)
+            user = self._names[int(u[row])]
+            ep = _dt(int(ep_start_all[row]))
+            sc = float(out["score"][row])
+            alerts.append(
+                AlertDecision(
+                    alert_id=alert_id_for(user, ep),
+                    user=user,
+                    raised_at=_dt(int(end_ns[row])),
+                    episode_start=ep,
+                    level=AlertLevel.HIGH if sc >= s.high_score else AlertLevel.ELEVATED,
+                    reasons=tuple(reasons),
+                    score=sc,
+                )
+            )
         alerts.sort(key=lambda a: (a.raised_at, a.user))
-        return DetectorOutput(windows.cast(WINDOW_SCHEMA), alerts)
+        return DetectorOutput(windows.cast(WINDOW_SCHEMA).sort("user", "window_start"), alerts)
 
     # -- save / restore ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """Serialise all state (engine restart): arrays in .npz, open-window samples as Arrow IPC."""
-        buf = io.BytesIO()
-        self._buffer.write_ipc(buf)
+        """Serialise all state (engine restart) as one .npz: per-user arrays and the buffered rows."""
+        beats = Beats.concat([c.beats for c in self._chunks]) if self._chunks else Beats.empty()
+        others = Others.concat([c.others for c in self._chunks]) if self._chunks else Others.empty()
         arrays = {
-            "users": np.array(list(self._users), dtype=object).astype(str),
+            "users": np.array(list(self._users), dtype=str),
             "watermark": self._watermark_ns,
-            "closed": self._closed_until_ns,
-            "bl_hr": self.baselines.hr,
-            "bl_ln": self.baselines.ln_rmssd,
-            "bl_head": self.baselines.head,
-            "bl_count": self.baselines.count,
+            "closed": self._closed_w,
+            "motion_until": self._motion_until_ns,
             "late": np.array([self.late_samples]),
-            "buffer": np.frombuffer(buf.getvalue(), np.uint8),
-            **{f"ep_{k}": getattr(self.episodes, k) for k in self.episodes.__dataclass_fields__},
+            "chunk_min_w": np.array([c.min_w for c in self._chunks], np.int64),
+            "chunk_len_b": np.array([len(c.beats.key) for c in self._chunks], np.int64),
+            "chunk_len_o": np.array([len(c.others.key) for c in self._chunks], np.int64),
+            **{f"carry_{f.name}": getattr(self.carry, f.name) for f in fields(self.carry)},
+            **{f"bl_{f.name}": getattr(self.baselines, f.name) for f in fields(self.baselines)},
+            **{f"ep_{f.name}": getattr(self.episodes, f.name) for f in fields(self.episodes)},
+            **{f"b_{f.name}": getattr(beats, f.name) for f in fields(beats)},
+            **{f"o_{f.name}": getattr(others, f.name) for f in fields(others)},
         }
         out = io.BytesIO()
         np.savez(out, **arrays)
@@ -242,13 +323,23 @@ class Detector:
     def from_bytes(cls, data: bytes, settings: DetectorSettings | None = None) -> Detector:
         d = cls(settings)
         z = np.load(io.BytesIO(data), allow_pickle=False)
-        d._users = {u: i for i, u in enumerate(z["users"].tolist())}
+        d._users = {str(x): i for i, x in enumerate(z["users"].tolist())}
+        d._names = pl.Series("user", list(d._users), pl.String)
         d._watermark_ns = z["watermark"].copy()
-        d._closed_until_ns = z["closed"].copy()
-        d.baselines = Baselines(d.settings.baseline_windows, z["bl_hr"].copy(), z["bl_ln"].copy(), z["bl_head"].copy(), z["bl_count"].copy())
-        d.episodes = EpisodeState(**{k: z[f"ep_{k}"].copy() for k in EpisodeState.__dataclass_fields__})
+        d._closed_w = z["closed"].copy()
+        d._motion_until_ns = z["motion_until"].copy()
         d.late_samples = int(z["late"][0])
-        d._buffer = pl.read_ipc(io.BytesIO(z["buffer"].tobytes()))
+        d.carry = BeatCarry(*(z[f"carry_{f.name}"].copy() for f in fields(BeatCarry)))
+        d.baselines = Baselines(*(z[f"bl_{f.name}"].copy() for f in fields(Baselines)))
+        d.episodes = EpisodeState(*(z[f"ep_{f.name}"].copy() for f in fields(EpisodeState)))
+        beats = Beats(*(z[f"b_{f.name}"].copy() for f in fields(Beats)))
+        others = Others(*(z[f"o_{f.name}"].copy() for f in fields(Others)))
+        cb = np.concatenate([[0], np.cumsum(z["chunk_len_b"])])
+        co = np.concatenate([[0], np.cumsum(z["chunk_len_o"])])
+        d._chunks = [
+            _Chunk(beats.take(slice(cb[i], cb[i + 1])), others.take(slice(co[i], co[i + 1])), int(m))
+            for i, m in enumerate(z["chunk_min_w"])
+        ]
         return d
 
 

@@ -1,16 +1,21 @@
 """Episode logic: sustained evidence, hysteresis, cooldown. Pure array-in, array-out.
 
-Per user: an episode starts after ``sustain_windows`` consecutive windows with
-``score >= score_enter``; it ends after ``exit_windows`` consecutive windows with
-``score < score_exit``; between the two thresholds it neither grows nor ends (hysteresis).
-An alert is raised when an episode starts, unless the user's previous alert was raised
-less than ``cooldown_s`` ago. Windows without a score (calibrating, gaps, motion) break a
-run of elevated windows but do not end an episode.
+Per user: an episode starts at the window completing ``sustain_windows`` consecutive windows
+with ``score >= score_enter``; it ends at the window completing ``exit_windows`` consecutive
+windows with ``score < score_exit``; between the two thresholds it neither grows nor ends
+(hysteresis). An alert is raised when an episode starts, unless the user's previous alert
+was raised less than ``cooldown_s`` ago. Windows without a score (calibrating, gaps,
+movement) break a run of elevated or calm windows but neither start nor end an episode.
+
+:func:`scan` evaluates this state machine for many windows of many users at once: runs are
+distances to the last breaking window (``np.maximum.accumulate`` over row indices), and a
+user is in an episode when its last start candidate is later than its last end candidate.
+Only alert cooldowns, a handful of rows, are walked one by one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -21,7 +26,7 @@ NO_TIME = np.iinfo(np.int64).min
 class EpisodeState:
     run: np.ndarray  # consecutive elevated windows
     run_start_ns: np.ndarray  # start of the first of them
-    calm: np.ndarray  # consecutive calm windows while in an episode
+    calm: np.ndarray  # consecutive calm windows
     in_episode: np.ndarray  # bool
     episode_start_ns: np.ndarray
     last_alert_ns: np.ndarray
@@ -36,13 +41,20 @@ class EpisodeState:
         if extra <= 0:
             return
         fresh = EpisodeState.empty(extra)
-        for name in self.__dataclass_fields__:
-            setattr(self, name, np.concatenate([getattr(self, name), getattr(fresh, name)]))
+        for f in fields(self):
+            setattr(self, f.name, np.concatenate([getattr(self, f.name), getattr(fresh, f.name)]))
 
 
-def step(
+def _last_flag(flag: np.ndarray, idx: np.ndarray, group_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row index of the last row at or before each row with ``flag`` in the same group, and
+    whether there is one (rows of one group are contiguous)."""
+    last = np.maximum.accumulate(np.where(flag, idx, -1))
+    return last, last >= group_start
+
+
+def scan(
     state: EpisodeState,
-    idx: np.ndarray,
+    u: np.ndarray,
     score: np.ndarray,
     window_start_ns: np.ndarray,
     window_end_ns: np.ndarray,
@@ -52,36 +64,66 @@ def step(
     sustain_windows: int,
     exit_windows: int,
     cooldown_s: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Advance users ``idx`` (unique) by one window each; NaN score = no evidence.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Advance users over their windows; rows sorted by user then time, NaN score = no evidence.
 
-    Returns (alert mask, episode start ns) aligned with ``idx``.
+    Returns (in episode after each window, alert mask, episode start ns), aligned with rows,
+    and updates ``state`` to the end of each user's rows.
     """
+    n = len(u)
+    if n == 0:
+        z = np.zeros(0, bool)
+        return z, z, np.zeros(0, np.int64)
+    idx = np.arange(n)
+    first = np.ones(n, bool)
+    first[1:] = u[1:] != u[:-1]
+    gstarts = np.flatnonzero(first)
+    lengths = np.diff(np.append(gstarts, n))
+    gs = np.repeat(gstarts, lengths)
+    gu = u[gstarts]
+    ends = gstarts + lengths - 1
+
     has = ~np.isnan(score)
     hot = has & (score >= score_enter)
     cool = has & (score < score_exit)
 
-    run = np.where(hot, state.run[idx] + 1, 0)
-    run_start = np.where(hot & (state.run[idx] == 0), window_start_ns, state.run_start_ns[idx])
-    in_ep = state.in_episode[idx].copy()
-    calm = np.where(in_ep & cool, state.calm[idx] + 1, 0)
+    # consecutive hot / cool windows ending at each row, continuing the carried runs
+    hb, h_in = _last_flag(~hot, idx, gs)
+    hot_run = idx - np.where(h_in, hb, gs - 1 - state.run[u])
+    cb, c_in = _last_flag(~cool, idx, gs)
+    cool_run = idx - np.where(c_in, cb, gs - 1 - state.calm[u])
+    run_start = np.where(
+        h_in,
+        window_start_ns[np.minimum(hb + 1, n - 1)],
+        np.where(state.run[u] > 0, state.run_start_ns[u], window_start_ns[gs]),
+    )
 
-    ending = in_ep & (calm >= exit_windows)
-    in_ep &= ~ending
-    calm[ending] = 0
+    carry_in = state.in_episode[u]
+    ls, s_in = _last_flag(hot_run >= sustain_windows, idx, gs)
+    le, e_in = _last_flag(cool_run >= exit_windows, idx, gs)
+    s_pos = np.where(s_in, ls, np.where(carry_in, gs - 1, -2))
+    e_pos = np.where(e_in, le, np.where(carry_in, -2, gs - 1))
+    in_ep = s_pos > e_pos
+    prev_in = np.empty(n, bool)
+    prev_in[1:] = in_ep[:-1]
+    prev_in[gstarts] = state.in_episode[gu]
+    flip = in_ep & ~prev_in
 
-    starting = ~in_ep & (run >= sustain_windows)
-    ep_start = np.where(starting, run_start, state.episode_start_ns[idx])
-    in_ep |= starting
-    last = state.last_alert_ns[idx]
-    cooled = (last == NO_TIME) | (window_end_ns - last >= cooldown_s * 1_000_000_000)
-    alert = starting & cooled
-    last = np.where(alert, window_end_ns, last)
+    lf, f_in = _last_flag(flip, idx, gs)
+    ep_start = np.where(f_in, run_start[np.maximum(lf, 0)], state.episode_start_ns[u])
 
-    state.run[idx] = run
-    state.run_start_ns[idx] = run_start
-    state.calm[idx] = calm
-    state.in_episode[idx] = in_ep
-    state.episode_start_ns[idx] = ep_start
-    state.last_alert_ns[idx] = last
-    return alert, ep_start
+    alert = np.zeros(n, bool)
+    cooldown_ns = cooldown_s * 1_000_000_000
+    for r in np.flatnonzero(flip):
+        uu = u[r]
+        last = state.last_alert_ns[uu]
+        if last == NO_TIME or window_end_ns[r] - last >= cooldown_ns:
+            alert[r] = True
+            state.last_alert_ns[uu] = window_end_ns[r]
+
+    state.run[gu] = hot_run[ends]
+    state.run_start_ns[gu] = np.where(hot_run[ends] > 0, run_start[ends], state.run_start_ns[gu])
+    state.calm[gu] = cool_run[ends]
+    state.in_episode[gu] = in_ep[ends]
+    state.episode_start_ns[gu] = ep_start[ends]
+    return in_ep, alert, ep_start

@@ -1,22 +1,39 @@
 """Vectorised window features for many users and windows at once (no loop per window).
 
-Input is a samples frame; output one row per (user, window) with the HRV features of
-SPEC "windows". Conventions (stated because libraries differ):
+Two steps, both pure array code:
+
+1. :func:`prepare_beats` runs when samples *arrive* (rows sorted by user, then time): it
+   cleans RR and computes each kept beat's successive difference, carrying each user's last
+   beat across batches in :class:`BeatCarry`. Per-beat work is therefore done once.
+2. :func:`aggregate` runs when windows *finish*: rows sorted by (user, window) are reduced
+   per segment with ``np.add.reduceat`` in cache-sized blocks.
+
+Because every window's rows reach step 2 in the same (time) order whatever the chunking,
+the floating-point sums are bit-identical between streaming and one batch pass.
+
+Conventions (stated because libraries differ):
 
 * RR cleaning, per window: beats outside ``[rr_min_ms, rr_max_ms]`` are removed, then a beat
-  whose RR differs from the previous in-range beat by more than ``rr_max_change`` (relative)
-  is removed (successive-difference rule). ``n_rr_removed`` counts both.
-* ``rmssd_ms``: root mean square of successive differences of the kept beats.
+  whose RR differs from the previous in-range beat of the same window by more than
+  ``rr_max_change`` (relative to that previous beat) is removed (successive-difference rule;
+  an ectopic beat and its compensatory pause both go). ``n_rr_removed`` counts both.
+* ``rmssd_ms``: root mean square of the successive differences between consecutive *kept*
+  beats of the window (a removed beat leaves a gap; the difference across it is used, as
+  NeuroKit2 and hrv-analysis do after artefact removal without interpolation).
 * ``sdnn_ms``: standard deviation of the kept RR, ddof = 1 (as NeuroKit2 ``hrv_time``).
-* ``pnn50``: share of the n-1 successive differences above 50 ms (hrv-analysis, pyhrv;
-  NeuroKit2 divides by n instead).
+* ``pnn50``: share of the n-1 successive differences whose absolute value exceeds 50 ms
+  (hrv-analysis, pyhrv; NeuroKit2 divides by n instead).
 * ``hr_mean``: mean of 60000 / RR over kept beats; from ``hr_bpm`` samples when a window has
-  no RR (HR-only sources).
+  no kept beat (HR-only sources; readings outside the RR range's bpm equivalent are dropped).
 * ``coverage``: sum of kept RR divided by the window length (0..1); for HR-only windows the
-  share of minutes holding at least one HR reading.
+  share of minutes holding at least one valid HR reading.
+* ``signal``: ``rr`` (beat-to-beat features), ``hr_only`` (HR from readings, no HRV) or
+  ``none``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import numpy as np
 import polars as pl
@@ -25,36 +42,384 @@ from ..config import DetectorSettings
 from ..model import Metric
 
 NS = 1_000_000_000
+NO_WINDOW = np.iinfo(np.int64).min
+BLOCK_ROWS = 1 << 16  # reduceat over ~64k-row blocks keeps the working set in L2 cache
 
-FEATURE_COLUMNS = ("n_beats", "n_rr_removed", "coverage", "hr_mean", "rmssd_ms", "ln_rmssd", "sdnn_ms", "pnn50", "steps")
+CODE = {Metric.RR_MS.value: 0, Metric.HR_BPM.value: 1, Metric.STEPS.value: 2, Metric.MOTION.value: 3}
+
+FEATURE_COLUMNS = (
+    "n_beats",
+    "n_rr_removed",
+    "coverage",
+    "hr_mean",
+    "rmssd_ms",
+    "ln_rmssd",
+    "sdnn_ms",
+    "pnn50",
+    "steps",
+    "motion",
+)
 
 
-def _segment_ids(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For rows sorted by ``keys``: segment id of each row, and the first row of each segment."""
-    n = len(keys[0])
+@dataclass
+class BeatCarry:
+    """Per user: the last in-range beat and the last kept beat (RR ms, window key)."""
+
+    ir_rr: np.ndarray
+    ir_key: np.ndarray
+    kept_rr: np.ndarray
+    kept_key: np.ndarray
+
+    @classmethod
+    def empty(cls, users: int = 0) -> BeatCarry:
+        return cls(np.zeros(users), np.full(users, NO_WINDOW), np.zeros(users), np.full(users, NO_WINDOW))
+
+    def grow(self, users: int) -> None:
+        extra = users - len(self.ir_rr)
+        if extra > 0:
+            fresh = BeatCarry.empty(extra)
+            for f in fields(self):
+                setattr(self, f.name, np.concatenate([getattr(self, f.name), getattr(fresh, f.name)]))
+
+
+@dataclass
+class Beats:
+    """Prepared RR rows: window key (user, window), RR, kept?, successive difference (0 if none), has diff?"""
+
+    key: np.ndarray
+    rr: np.ndarray
+    kept: np.ndarray
+    d: np.ndarray
+    has_d: np.ndarray
+
+    def take(self, idx: np.ndarray | slice) -> Beats:
+        return Beats(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    @staticmethod
+    def concat(parts: list[Beats]) -> Beats:
+        if len(parts) == 1:
+            return parts[0]
+        return Beats(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Beats)))
+
+    @staticmethod
+    def empty() -> Beats:
+        return Beats(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool), np.zeros(0), np.zeros(0, bool))
+
+
+@dataclass
+class Others:
+    """Non-RR rows: window key, minute within the window, metric code, value."""
+
+    key: np.ndarray
+    minute: np.ndarray
+    code: np.ndarray
+    value: np.ndarray
+
+    def take(self, idx: np.ndarray | slice) -> Others:
+        return Others(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    @staticmethod
+    def concat(parts: list[Others]) -> Others:
+        if len(parts) == 1:
+            return parts[0]
+        return Others(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Others)))
+
+    @staticmethod
+    def empty() -> Others:
+        return Others(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0))
+
+
+def _prev_in_window(key: np.ndarray, r: np.ndarray, carry_r: np.ndarray, carry_k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by key: does the previous row (or the user's carried row) share the
+    window, and its value. Updates the carry with each user's last row."""
+    n = len(key)
+    same = np.empty(n, bool)
+    prev = np.empty(n)
+    same[0] = False
+    np.equal(key[1:], key[:-1], out=same[1:])
+    prev[0] = 0.0
+    prev[1:] = r[:-1]
+    seg = np.flatnonzero(~same)  # first row of each window
+    users = key[seg] >> 32
+    ustart = seg[np.concatenate(([True], users[1:] != users[:-1]))]
+    uid = key[ustart] >> 32
+    same[ustart] = carry_k[uid] == key[ustart]
+    prev[ustart] = carry_r[uid]
+    uend = np.append(ustart[1:] - 1, n - 1)
+    carry_k[uid] = key[uend]
+    carry_r[uid] = r[uend]
+    return same, prev
+
+
+def clean_rr(seg: np.ndarray, rr_ms: np.ndarray, settings: DetectorSettings) -> np.ndarray:
+    """Boolean mask of beats kept, for RR sorted by time within segments ``seg`` (one window each)."""
+    return prepare_beats(np.asarray(seg, np.int64), np.asarray(rr_ms, np.float64), BeatCarry.empty(1), settings).kept
+
+
+def prepare_beats(key: np.ndarray, rr: np.ndarray, carry: BeatCarry, s: DetectorSettings) -> Beats:
+    """Clean RR and compute successive differences; rows sorted by window key, then time.
+
+    ``carry`` (indexed by user) holds each user's beats from earlier batches and is updated.
+    """
+    n = len(rr)
     if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    change = np.zeros(n, bool)
+        return Beats.empty()
+    in_range = (rr >= s.rr_min_ms) & (rr <= s.rr_max_ms)
+    all_in = bool(in_range.all())
+    if all_in:
+        ki_, ri = key, rr
+    else:
+        ir = np.flatnonzero(in_range)
+        ki_, ri = key[ir], rr[ir]
+    if len(ri):
+        same, prev = _prev_in_window(ki_, ri, carry.ir_rr, carry.ir_key)
+        jump = same & (np.abs(ri - prev) > s.rr_max_change * prev)
+        if all_in:
+            kept = ~jump
+        else:
+            kept = in_range
+            kept[ir[jump]] = False
+    else:
+        kept = in_range
+    if kept.all():
+        same, prev = _prev_in_window(key, rr, carry.kept_rr, carry.kept_key)
+        d = np.where(same, rr - prev, 0.0)
+        return Beats(key, rr, kept, d, same)
+    d = np.zeros(n)
+    has_d = np.zeros(n, bool)
+    ki = np.flatnonzero(kept)
+    if len(ki):
+        kk, rk = key[ki], rr[ki]
+        same, prev = _prev_in_window(kk, rk, carry.kept_rr, carry.kept_key)
+        d[ki] = np.where(same, rk - prev, 0.0)
+        has_d[ki] = same
+    return Beats(key, rr, kept, d, has_d)
+
+
+def _segments(key: np.ndarray) -> np.ndarray:
+    """Start row of each run of equal keys (``key`` sorted)."""
+    if len(key) == 0:
+        return np.zeros(0, np.int64)
+    change = np.empty(len(key), bool)
     change[0] = True
-    for k in keys:
-        change[1:] |= k[1:] != k[:-1]
-    starts = np.flatnonzero(change)
-    return np.cumsum(change) - 1, starts
+    np.not_equal(key[1:], key[:-1], out=change[1:])
+    return np.flatnonzero(change)
 
 
-def clean_rr(
-    seg: np.ndarray, rr_ms: np.ndarray, settings: DetectorSettings
-) -> np.ndarray:
-    """Boolean mask of beats kept, for RR sorted by time within segments ``seg``."""
-    in_range = (rr_ms >= settings.rr_min_ms) & (rr_ms <= settings.rr_max_ms)
-    keep = in_range.copy()
-    idx = np.flatnonzero(in_range)
-    if len(idx) > 1:
-        prev, cur = idx[:-1], idx[1:]
-        same = seg[prev] == seg[cur]
-        jump = np.abs(rr_ms[cur] - rr_ms[prev]) > settings.rr_max_change * rr_ms[prev]
-        keep[cur[same & jump]] = False
-    return keep
+def _blocks(starts: np.ndarray, n: int) -> list[tuple[int, int, int, int]]:
+    """Split segments into runs of about BLOCK_ROWS rows: (first seg, end seg, first row, end row)."""
+    out = []
+    nseg = len(starts)
+    s0 = 0
+    while s0 < nseg:
+        target = starts[s0] + BLOCK_ROWS
+        s1 = int(np.searchsorted(starts, target, side="right"))
+        s1 = max(s1, s0 + 1)
+        r1 = int(starts[s1]) if s1 < nseg else n
+        out.append((s0, s1, int(starts[s0]), r1))
+        s0 = s1
+    return out
+
+
+def rr_stats(b: Beats, starts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per segment (rows ``starts[i]`` up to the next start): counts and HRV features."""
+    n = len(b.rr)
+    nseg = len(starts)
+    n_raw = np.diff(np.append(starts, n)).astype(np.int64)
+    n_kept = np.empty(nseg, np.int64)
+    sum_rr = np.empty(nseg)
+    sum_inv = np.empty(nseg)
+    ss_dev = np.empty(nseg)
+    n_d = np.empty(nseg, np.int64)
+    ss_d = np.empty(nseg)
+    n_big = np.empty(nseg, np.int64)
+    for s0, s1, r0, r1 in _blocks(starts, n):
+        st = starts[s0:s1] - r0
+        rr = b.rr[r0:r1]
+        kept = b.kept[r0:r1]
+        d = b.d[r0:r1]
+        k8 = kept.view(np.int8)
+        nk = np.add.reduceat(k8, st, dtype=np.int64)
+        rk = np.where(kept, rr, 0.0)
+        srr = np.add.reduceat(rk, st)
+        inv = np.divide(60000.0, rr, out=np.zeros(len(rr)), where=kept)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = srr / nk
+        dev = (rr - np.repeat(mean, np.diff(np.append(st, r1 - r0)))) * kept
+        dev = np.nan_to_num(dev, copy=False)
+        n_kept[s0:s1] = nk
+        sum_rr[s0:s1] = srr
+        sum_inv[s0:s1] = np.add.reduceat(inv, st)
+        ss_dev[s0:s1] = np.add.reduceat(dev * dev, st)
+        n_d[s0:s1] = np.add.reduceat(b.has_d[r0:r1].view(np.int8), st, dtype=np.int64)
+        ss_d[s0:s1] = np.add.reduceat(d * d, st)
+        n_big[s0:s1] = np.add.reduceat((np.abs(d) > 50.0).view(np.int8), st, dtype=np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hr = sum_inv / n_kept
+        sdnn = np.sqrt(ss_dev / (n_kept - 1))
+        rmssd = np.sqrt(ss_d / n_d)
+        pnn50 = n_big / n_d
+        ln_rmssd = np.log(rmssd)
+    hr[n_kept < 1] = np.nan
+    sdnn[n_kept < 2] = np.nan
+    rmssd[n_d < 1] = np.nan
+    pnn50[n_d < 1] = np.nan
+    ln_rmssd[~np.isfinite(ln_rmssd)] = np.nan
+    return {
+        "n_raw": n_raw,
+        "n_beats": n_kept,
+        "sum_rr": sum_rr,
+        "hr_rr": hr,
+        "rmssd_ms": rmssd,
+        "ln_rmssd": ln_rmssd,
+        "sdnn_ms": sdnn,
+        "pnn50": pnn50,
+    }
+
+
+def other_stats(o: Others, starts: np.ndarray, s: DetectorSettings) -> dict[str, np.ndarray]:
+    """Per segment of non-RR rows: valid HR readings (count, mean, minutes covered), steps, motion."""
+    n = len(o.value)
+    hr_lo, hr_hi = 60000.0 / s.rr_max_ms, 60000.0 / s.rr_min_ms
+    is_hr = (o.code == 1) & (o.value >= hr_lo) & (o.value <= hr_hi)
+    is_steps = o.code == 2
+    is_motion = o.code == 3
+    v = o.value
+    n_hr = np.add.reduceat(is_hr.view(np.int8), starts, dtype=np.int64) if n else np.zeros(0, np.int64)
+    if not n:
+        z = np.zeros(0)
+        return {"n_hr": n_hr, "hr_samples": z, "hr_minutes": n_hr.copy(), "steps": z, "motion": z}
+    sum_hr = np.add.reduceat(np.where(is_hr, v, 0.0), starts)
+    # distinct minutes holding a valid HR reading: rows are time-ordered within a segment
+    hm = np.flatnonzero(is_hr)
+    seg_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n)))
+    hseg, hmin = seg_of[hm], o.minute[hm]
+    newmin = np.ones(len(hm), bool)
+    if len(hm) > 1:
+        newmin[1:] = (hseg[1:] != hseg[:-1]) | (hmin[1:] != hmin[:-1])
+    hr_minutes = np.bincount(hseg[newmin], minlength=len(starts)).astype(np.int64)
+    steps = np.add.reduceat(np.where(is_steps, v, 0.0), starts)
+    n_motion = np.add.reduceat(is_motion.view(np.int8), starts, dtype=np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hr_samples = sum_hr / n_hr
+        motion = np.add.reduceat(np.where(is_motion, v, 0.0), starts) / n_motion
+    return {"n_hr": n_hr, "hr_samples": hr_samples, "hr_minutes": hr_minutes, "steps": steps, "motion": motion}
+
+
+def window_key(u: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """One int64 per (user, window index), ordered as (user, window)."""
+    return (u.astype(np.int64) << 32) | (w.astype(np.int64) & 0xFFFFFFFF)
+
+
+def aggregate(beats: Beats, others: Others, s: DetectorSettings) -> dict[str, np.ndarray]:
+    """Window features for finished rows; each row set must be sorted by (user, window) with
+    time order kept inside each window. Returns arrays aligned on windows sorted by key."""
+    kb = beats.key
+    ko = others.key
+    sb, so = _segments(kb), _segments(ko)
+    rs = rr_stats(beats, sb)
+    os_ = other_stats(others, so, s)
+    keys = np.union1d(kb[sb], ko[so])
+    nwin = len(keys)
+    ib = np.searchsorted(keys, kb[sb])
+    io = np.searchsorted(keys, ko[so])
+
+    def place(vals: np.ndarray, at: np.ndarray, fill: float | int) -> np.ndarray:
+        out = np.full(nwin, fill, dtype=vals.dtype if vals.dtype != bool else np.int64)
+        out[at] = vals
+        return out
+
+    n_beats = place(rs["n_beats"], ib, 0)
+    n_raw = place(rs["n_raw"], ib, 0)
+    sum_rr = place(rs["sum_rr"], ib, 0.0)
+    n_hr = place(os_["n_hr"], io, 0)
+    hr_minutes = place(os_["hr_minutes"], io, 0)
+    hr_samples = place(os_["hr_samples"], io, np.nan)
+    has_rr = n_beats > 0
+    hr_ok = ~has_rr & (n_hr >= s.min_hr_samples)
+    minutes = s.window_s / 60.0
+    hr = np.where(has_rr, place(rs["hr_rr"], ib, np.nan), np.where(hr_ok, hr_samples, np.nan))
+    coverage = np.where(has_rr, np.minimum(sum_rr / (s.window_s * 1000.0), 1.0), np.clip(hr_minutes / minutes, 0.0, 1.0))
+    signal = np.where(has_rr, 0, np.where(hr_ok, 1, 2)).astype(np.int8)
+    return {
+        "key": keys,
+        "u": (keys >> 32).astype(np.int64),
+        "w": keys & 0xFFFFFFFF,
+        "n_beats": n_beats,
+        "n_rr_removed": n_raw - n_beats,
+        "coverage": coverage,
+        "hr_mean": hr,
+        "rmssd_ms": place(rs["rmssd_ms"], ib, np.nan),
+        "ln_rmssd": place(rs["ln_rmssd"], ib, np.nan),
+        "sdnn_ms": place(rs["sdnn_ms"], ib, np.nan),
+        "pnn50": place(rs["pnn50"], ib, np.nan),
+        "steps": place(os_["steps"], io, 0.0),
+        "motion": place(os_["motion"], io, np.nan),
+        "signal": signal,
+    }
+
+
+SIGNALS = np.array(["rr", "hr_only", "none"])
+
+
+def encode_users(col: pl.Series, known: dict[str, int], *, grow: bool = True) -> np.ndarray:
+    """Integer code of each row's string in ``known``; new strings are appended to it
+    (``grow``) or raise ``KeyError``. Runs of one value (per-user files, live batches) are
+    coded once per run, so sorted input costs little more than a scan."""
+    if col.len() >= 16:
+        runs = col.rle()
+        if runs.len() * 4 <= col.len():
+            lens = runs.struct.field("len").to_numpy()
+            return np.repeat(encode_users(runs.struct.field("value"), known, grow=grow), lens)
+    for name in col.unique().to_list():
+        if name not in known:
+            if not grow:
+                raise KeyError(name)
+            known[name] = len(known)
+    return col.cast(pl.Enum(list(known))).to_physical().to_numpy().astype(np.int64)
+
+
+@dataclass
+class Columns:
+    """A samples batch as arrays sorted by (user, time): window key, time ns, metric code, value."""
+
+    key: np.ndarray
+    t: np.ndarray
+    code: np.ndarray
+    value: np.ndarray
+
+
+def to_columns(samples: pl.DataFrame, u: np.ndarray, s: DetectorSettings) -> Columns:
+    """Arrays of ``samples`` sorted by (user code ``u``, time)."""
+    t = samples.get_column("time").to_physical().to_numpy()
+    code = encode_users(samples.get_column("metric"), dict(CODE), grow=False).astype(np.int8)
+    value = samples.get_column("value").to_numpy()
+    n = len(t)
+    if n > 1 and not bool(np.all(u[1:] >= u[:-1])):
+        # Stable sort by user keeps each user's time order; radix sort for up to 65,536 users.
+        order = np.argsort(u.astype(np.uint16) if u.max() < 65536 else u, kind="stable")
+        u, t, code, value = u[order], t[order], code[order], value[order]
+    if n > 1:
+        back = t[1:] < t[:-1]
+        if back.any() and bool(np.any(back & (u[1:] == u[:-1]))):
+            order = np.lexsort((t, u))
+            u, t, code, value = u[order], t[order], code[order], value[order]
+    w = t // (s.window_s * NS)
+    return Columns(window_key(u, w), t, code, value)
+
+
+def split_rows(c: Columns, carry: BeatCarry, s: DetectorSettings) -> tuple[Beats, Others]:
+    """Prepared RR rows and other rows of sorted columns."""
+    is_rr = c.code == 0
+    if is_rr.all():
+        return prepare_beats(c.key, c.value, carry, s), Others.empty()
+    ri = np.flatnonzero(is_rr)
+    oi = np.flatnonzero(~is_rr)
+    beats = prepare_beats(c.key[ri], c.value[ri], carry, s)
+    ok = c.key[oi]
+    w_ns = s.window_s * NS
+    minute = (c.t[oi] - (ok & 0xFFFFFFFF) * w_ns) // (60 * NS)
+    return beats, Others(ok, minute, c.code[oi], c.value[oi])
 
 
 def window_features(samples: pl.DataFrame, settings: DetectorSettings) -> pl.DataFrame:
@@ -63,86 +428,24 @@ def window_features(samples: pl.DataFrame, settings: DetectorSettings) -> pl.Dat
     Windows are aligned to multiples of ``window_s`` since the Unix epoch (UTC), so any
     chunking of the input lands beats in the same windows.
     """
-    w_ns = settings.window_s * NS
-    frame = samples.select(
-        "user",
-        pl.col("time").dt.epoch("ns").alias("t"),
-        "metric",
-        "value",
-    ).with_columns(((pl.col("t") // w_ns) * w_ns).alias("w"))
+    known: dict[str, int] = {}
+    u = encode_users(samples.get_column("user"), known)
+    cols = to_columns(samples, u, settings)
+    beats, others = split_rows(cols, BeatCarry.empty(len(known)), settings)
+    f = aggregate(beats, others, settings)
+    frame = features_frame(f, pl.Series("user", list(known), pl.String), settings)
+    return frame.sort("user", "window_start")
 
-    keys = frame.select("user", "w").unique().sort("user", "w")
-    out = keys.with_row_index("wid")
 
-    # --- RR features -------------------------------------------------------------------
-    rr = frame.filter(pl.col("metric") == Metric.RR_MS.value).sort("user", "w", "t")
-    rr = rr.join(out, on=["user", "w"], how="left")
-    wid = rr.get_column("wid").to_numpy().astype(np.int64)
-    rr_ms = rr.get_column("value").to_numpy().astype(np.float64)
-    n_win = out.height
-    keep = clean_rr(wid, rr_ms, settings)
-    n_raw = np.bincount(wid, minlength=n_win)
-    k_wid = wid[keep]
-    k_rr = rr_ms[keep]
-    n_beats = np.bincount(k_wid, minlength=n_win)
-    sum_rr = np.bincount(k_wid, weights=k_rr, minlength=n_win)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_rr = sum_rr / n_beats
-        hr_rr = np.bincount(k_wid, weights=60000.0 / k_rr, minlength=n_win) / n_beats
-        dev = k_rr - mean_rr[k_wid]
-        sdnn = np.sqrt(np.bincount(k_wid, weights=dev * dev, minlength=n_win) / (n_beats - 1))
-        same = k_wid[1:] == k_wid[:-1]
-        d = np.diff(k_rr)[same]
-        d_wid = k_wid[1:][same]
-        n_diff = np.bincount(d_wid, minlength=n_win)
-        rmssd = np.sqrt(np.bincount(d_wid, weights=d * d, minlength=n_win) / n_diff)
-        pnn50 = np.bincount(d_wid, weights=(np.abs(d) > 50.0).astype(np.float64), minlength=n_win) / n_diff
-        ln_rmssd = np.log(rmssd)
-    sdnn[n_beats < 2] = np.nan
-    rmssd[n_diff < 1] = np.nan
-    pnn50[n_diff < 1] = np.nan
-    ln_rmssd[~np.isfinite(ln_rmssd)] = np.nan
-    coverage = np.minimum(sum_rr / (settings.window_s * 1000.0), 1.0)
-
-    # --- HR-only and steps ---------------------------------------------------------------
-    other = (
-        frame.filter(pl.col("metric").is_in([Metric.HR_BPM.value, Metric.STEPS.value]))
-        .join(out, on=["user", "w"], how="left")
-        .group_by("wid")
-        .agg(
-            pl.col("value").filter(pl.col("metric") == Metric.HR_BPM.value).mean().alias("hr_samples_mean"),
-            pl.col("t").filter(pl.col("metric") == Metric.HR_BPM.value).len().alias("n_hr"),
-            ((pl.col("t") - pl.col("w")) // (60 * NS))
-            .filter(pl.col("metric") == Metric.HR_BPM.value)
-            .n_unique()
-            .alias("hr_minutes"),
-            pl.col("value").filter(pl.col("metric") == Metric.STEPS.value).sum().alias("steps"),
-        )
-    )
-    out = out.with_columns(
-        pl.Series("n_beats", n_beats, pl.Int64),
-        pl.Series("n_rr_removed", n_raw - n_beats, pl.Int64),
-        pl.Series("coverage", coverage, pl.Float64),
-        pl.Series("hr_rr", hr_rr, pl.Float64),
-        pl.Series("rmssd_ms", rmssd, pl.Float64),
-        pl.Series("ln_rmssd", ln_rmssd, pl.Float64),
-        pl.Series("sdnn_ms", sdnn, pl.Float64),
-        pl.Series("pnn50", pnn50, pl.Float64),
-    ).join(other, on="wid", how="left")
-    minutes = settings.window_s / 60.0
-    has_rr = pl.col("n_beats") > 0
-    hr_ok = pl.col("n_hr").fill_null(0) >= settings.min_hr_samples
-    out = out.with_columns(
-        pl.when(has_rr).then(pl.col("hr_rr")).when(hr_ok).then(pl.col("hr_samples_mean")).otherwise(None).fill_nan(None).alias("hr_mean"),
-        pl.when(has_rr)
-        .then(pl.col("coverage"))
-        .otherwise((pl.col("hr_minutes").fill_null(0) / minutes).clip(0.0, 1.0))
-        .alias("coverage"),
-        pl.col("steps").fill_null(0.0),
-    )
-    return out.select(
-        "user",
-        pl.col("w").cast(pl.Datetime("ns")).dt.replace_time_zone("UTC").alias("window_start"),
-        (pl.col("w") + w_ns).cast(pl.Datetime("ns")).dt.replace_time_zone("UTC").alias("window_end"),
-        *(pl.col(c).fill_nan(None) if c not in ("n_beats", "n_rr_removed") else pl.col(c) for c in FEATURE_COLUMNS),
+def features_frame(f: dict[str, np.ndarray], names: pl.Series, s: DetectorSettings) -> pl.DataFrame:
+    w_ns = s.window_s * NS
+    return pl.DataFrame(
+        [
+            names.gather(f["u"]).alias("user"),
+            pl.Series("window_start", f["w"] * w_ns).cast(pl.Datetime("ns", "UTC")),
+            pl.Series("window_end", (f["w"] + 1) * w_ns).cast(pl.Datetime("ns", "UTC")),
+            *(pl.Series(c, f[c]) for c in ("n_beats", "n_rr_removed")),
+            *(pl.Series(c, f[c], pl.Float64).fill_nan(None) for c in FEATURE_COLUMNS[2:]),
+            pl.Series("signal", SIGNALS[f["signal"]]),
+        ]
     )
