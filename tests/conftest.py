@@ -50,6 +50,12 @@ class MosquittoProcess:
             self.proc.terminate()
             self.proc.wait(10)
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to save anything (persistence must already be on disk)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
@@ -71,3 +77,52 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 @pytest.fixture(scope="session")
 def demo_cohort() -> Path:
     return FIXTURES / "demo_cohort.parquet"
+
+
+# -- a fast synthetic stream for engine tests (alerts within minutes of data) ---------------
+FAST_DETECTOR = {
+    "window_s": 30,
+    "baseline_slots": 1,
+    "baseline_refresh_s": 30,
+    "baseline_windows": 10,
+    "baseline_min_windows": 5,
+    "sustain_windows": 1,
+    "exit_windows": 1,
+    "cooldown_s": 0,
+}
+
+
+def synthetic_rr(user: str, start_s: int, cycles: int, *, seed: int = 0, window_s: int = 30):
+    """RR samples: 6 calm windows (60 bpm, high HRV), then per cycle 2 'stressed' windows
+    (75 bpm, almost no HRV) and 6 calm ones. With FAST_DETECTOR each cycle raises one alert."""
+    import numpy as np
+    import polars as pl
+
+    from stresswatch.model import SAMPLES_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    plan = [0] * 6 * window_s
+    for _ in range(cycles):
+        plan += [1] * 2 * window_s + [0] * 6 * window_s
+    t, end, times, vals = float(start_s), start_s + len(plan), [], []
+    while t < end:
+        rr = 800 + rng.normal(0, 4) if plan[int(t - start_s)] else 1000 + rng.normal(0, 60)
+        t += rr / 1000
+        times.append(int(t * 1e9))
+        vals.append(rr)
+    n = len(times)
+    return pl.DataFrame(
+        {
+            "user": [user] * n,
+            "time": pl.Series(times).cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"),
+            "metric": ["rr_ms"] * n,
+            "value": vals,
+            "source": ["synthetic"] * n,
+        },
+        schema=SAMPLES_SCHEMA,
+    )
+
+
+@pytest.fixture(scope="session")
+def rr_stream():
+    return synthetic_rr

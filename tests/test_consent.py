@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from stresswatch.consent import ConsentLedger, Status, Verdict, Visibility, decide
+from stresswatch.consent.gate import alert_wire
 from stresswatch.errors import ConsentError
 from stresswatch.model import AlertDecision, AlertLevel, Reason, alert_id_for
 
@@ -76,5 +77,6 @@ def test_gate_shows_only_what_consent_allows(tmp_path):
         detailed = decide(ledger.grant("alice", ["sam"], now=T, visibility=Visibility.LEVEL_AND_REASONS), decision(), T)
         assert detailed.payload.level is AlertLevel.HIGH
         assert detailed.payload.reasons == [Reason.HRV_BELOW_BASELINE]
-        # never raw physiology in the payload
-        assert "score" not in detailed.payload.model_dump_json()
+        # never raw physiology on the wire unless explicitly granted
+        assert "score" not in alert_wire(detailed.payload).decode()
+        assert "level" not in alert_wire(plain.payload).decode()

@@ -117,10 +117,43 @@ class StoreSettings(_Section):
         return self.state_dir / "stresswatch.sqlite"
 
 
+class AlertSettings(_Section):
+    """Alert lifecycle (docs/ALERTS.md): escalation within the user's chosen recipients."""
+
+    escalate_after_s: int = Field(default=900, ge=1, description="not acknowledged this long: notify the next recipient")
+    renotify_after_s: int = Field(default=900, ge=1, description="after the last recipient: remind, this often")
+    max_reminders: int = Field(default=2, ge=0)
+    cooldown_s: int = Field(default=1800, ge=0, description="wall-clock gap between two alerts sent about one user")
+    resend_after_s: float = Field(default=10.0, gt=0, description="no PUBACK this long: publish again (same alert_id)")
+
+
+class EngineSettings(_Section):
+    tick_s: float = Field(default=5.0, gt=0, description="detector advance() and scheduler cadence")
+    grace_s: int = Field(default=60, ge=0, description="a window closes this long after its end without new data")
+    persist_s: float = Field(default=60.0, gt=0, description="save detector state and buffered samples this often")
+    keep_samples: bool = Field(default=True, description="store consenting users' samples (export, research)")
+
+
+def _check_groups(groups: dict[str, list[str]]) -> dict[str, list[str]]:
+    for name, members in groups.items():
+        if not members:
+            raise ValueError(f"group {name!r} has no members")
+    return groups
+
+
 class Settings(_Section):
     mqtt: MqttSettings = MqttSettings()
     detector: DetectorSettings = DetectorSettings()
     store: StoreSettings = Field(default_factory=StoreSettings)
+    alerts: AlertSettings = AlertSettings()
+    engine: EngineSettings = EngineSettings()
+    # Named groups of workers a user may choose as recipients, e.g. team-north = ["sam", "kim"].
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups_not_empty(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return _check_groups(v)
 
 
 def _deep_set(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -6,19 +6,35 @@ edges differ (the source it is fed, the transport it sends through, the clock).
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import queue
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
+import numpy as np
 import polars as pl
 
+from .alerts.dispatch import Dispatcher
+from .alerts.lifecycle import EscalationPolicy, LifecycleError
+from .alerts.outbox import Outbox
 from .alerts.topics import Topics
-from .alerts.transport import Transport
-from .consent.gate import GateDecision, Verdict, decide
+from .alerts.transport import MqttTransport, Transport
+from .config import Settings
+from .consent.gate import GateDecision, Verdict, alert_wire, decide
 from .consent.ledger import ConsentLedger
+from .consent.state import Status
+from .consent.wire import decode_consent
 from .detect import Detector, DetectorOutput
+from .errors import ParseError, StresswatchError
+from .ingest import IngestBatch, IngestReceiver
 from .model import WINDOW_SCHEMA, AlertDecision
 from .sources import Source
+from .store import SampleStore
 
 Clock = Callable[[], datetime]
 
@@ -102,7 +118,10 @@ class Pipeline:
         alert_expiry_s: int = 24 * 3600,
         keep_windows: bool = False,
         on_alert: Callable[[AlertOutcome], None] | None = None,
+        sink: Callable[[AlertDecision], None] | None = None,
     ) -> None:
+        """``sink``: hand each raised alert to it (the engine's durable dispatcher, which gates
+        and publishes later, at send time) instead of gating and publishing here."""
         self.detector = detector
         self.transport = transport
         self.ledger = ledger
@@ -112,6 +131,7 @@ class Pipeline:
         self.on_alert = on_alert
         self.report = PipelineReport()
         self._keep_windows = keep_windows
+        self._sink = sink
 
     def process(self, batch: pl.DataFrame) -> DetectorOutput:
         """Feed one batch; send what it decided."""
@@ -124,6 +144,10 @@ class Pipeline:
         out = self._handle(self.detector.flush())
         self.transport.flush()
         return out
+
+    def advance(self, now: datetime, grace_s: int = 60) -> DetectorOutput:
+        """Live tick: finish windows that ended ``grace_s`` before ``now`` without more data."""
+        return self._handle(self.detector.advance(int(now.timestamp() * 1e9), grace_s))
 
     async def run(self, sources: Iterable[Source]) -> PipelineReport:
         for source in sources:
@@ -141,12 +165,15 @@ class Pipeline:
         return out
 
     def _send(self, decision: AlertDecision) -> None:
+        if self._sink is not None:
+            self._sink(decision)
+            return
         # SPEC: consent is checked at send time, reading the ledger now, not when raised.
         now = self.clock()
         state = self.ledger.state(decision.user) if self.ledger is not None else None
         gate = decide(state, decision, now)
         if gate.allowed and gate.payload is not None:
-            payload = gate.payload.model_dump_json().encode()
+            payload = alert_wire(gate.payload)
             for worker in gate.recipients:
                 self.transport.publish(self.topics.alerts(worker), payload, qos=1, expiry_s=self.alert_expiry_s)
         outcome = AlertOutcome(decision, gate, now)
@@ -155,4 +182,310 @@ class Pipeline:
             self.on_alert(outcome)
 
 
-__all__ = ["ALERT_OUTCOME_SCHEMA", "AlertOutcome", "Pipeline", "PipelineReport", "Verdict", "utc_now"]
+__all__ = ["ALERT_OUTCOME_SCHEMA", "AlertOutcome", "Engine", "Pipeline", "PipelineReport", "Verdict", "forget_user", "utc_now"]
+
+
+# -- the long-running service -------------------------------------------------------------
+log = logging.getLogger("stresswatch.engine")
+
+ENGINE_ONLINE = b'{"schema_version":1,"status":"online"}'
+ENGINE_OFFLINE = b'{"schema_version":1,"status":"offline"}'
+
+
+def forget_user(detector: Detector, user: str) -> Detector:
+    """A detector without ``user``'s state (baseline, episode, open-window samples).
+
+    Works on the serialised form (:meth:`Detector.to_bytes`), whose per-user arrays are
+    indexed by the order of ``users``; the detector has no per-user removal of its own.
+    """
+    if user not in detector.users:
+        return detector
+    z = dict(np.load(io.BytesIO(detector.to_bytes()), allow_pickle=False))
+    users = z["users"].tolist()
+    i = users.index(user)
+    n = len(users)
+    out: dict[str, np.ndarray] = {}
+    for key, arr in z.items():
+        if key == "buffer":
+            buf = pl.read_ipc(io.BytesIO(arr.tobytes())).filter(pl.col("user") != user)
+            b = io.BytesIO()
+            buf.write_ipc(b)
+            out[key] = np.frombuffer(b.getvalue(), np.uint8)
+        elif arr.ndim >= 1 and arr.shape[0] == n and key != "late":
+            out[key] = np.delete(arr, i, axis=0)
+        else:
+            out[key] = arr
+    b = io.BytesIO()
+    np.savez(b, **out)
+    return Detector.from_bytes(b.getvalue(), detector.settings)
+
+
+class Engine:
+    """``stresswatch engine``: ingest -> detector -> durable outbox -> consent gate -> MQTT.
+
+    All state changes happen on the thread that calls :meth:`run` (paho callbacks and the
+    apscheduler jobs only enqueue work), so SQLite connections and the detector are used
+    from one thread and a consent change is always recorded before the next publish.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        url: str,
+        protocol: str | None = None,
+        clock: Clock = utc_now,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = url
+        self.protocol = protocol or settings.mqtt.protocol
+        self.clock = clock
+        self.topics = Topics(settings.mqtt.prefix)
+        self.state_dir = Path(state_dir or settings.store.state_dir)
+        self.db_path = self.state_dir / "stresswatch.sqlite"
+        self.store = SampleStore(self.state_dir) if settings.engine.keep_samples else None
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._status: dict[str, str] = {}
+        self._samples: list[pl.DataFrame] = []
+        self.dropped_batches = 0  # from users whose consent does not allow processing
+        self.transport: MqttTransport | None = None
+        self.receiver: IngestReceiver | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._scheduler: object | None = None
+        self.ready = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Open the stores, restore the detector, connect and subscribe. Call :meth:`run` from
+        the same thread: the SQLite connections belong to it."""
+        self.ledger = ConsentLedger(self.db_path)
+        self.outbox = Outbox(self.db_path)
+        blob = self.outbox.load_detector()
+        detector = Detector.from_bytes(blob, self.settings.detector) if blob else Detector(self.settings.detector)
+        self.pipeline = Pipeline(detector, _NoTransport(), ledger=self.ledger, topics=self.topics, clock=self.clock)
+        m = self.settings.mqtt
+        self.transport = MqttTransport(
+            self.url,
+            client_id=m.client_id,
+            username=m.username,
+            password=m.password,
+            protocol=self.protocol,
+            will=(self.topics.engine_status, ENGINE_OFFLINE),
+            persistent_session=True,
+            on_message=self._on_message,
+            on_reconnect=lambda: self._queue.put(self._announce),
+        )
+        a = self.settings.alerts
+        self.dispatcher = Dispatcher(
+            self.outbox,
+            self.ledger,
+            self.transport,
+            clock=self.clock,
+            topics=self.topics,
+            groups=self.settings.groups,
+            policy=EscalationPolicy(a.escalate_after_s, a.renotify_after_s, a.max_reminders, a.cooldown_s),
+            alert_expiry_s=m.alert_expiry_s,
+            resend_after_s=a.resend_after_s,
+        )
+        self.pipeline._sink = self.dispatcher.raise_alert
+        self.transport.subscribe([f"{self.topics.prefix}/consent/+", f"{self.topics.prefix}/acks/+"])
+        self.receiver = IngestReceiver(
+            self.url,
+            lambda batch: self._queue.put(lambda: self._on_batch(batch)),
+            topics=self.topics,
+            username=m.username,
+            password=m.password,
+            protocol=self.protocol,
+            client_id=f"{m.client_id}-ingest",
+        )
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        e = self.settings.engine
+        sched = BackgroundScheduler(timezone="UTC")
+        sched.add_job(lambda: self._queue.put(self.tick), "interval", seconds=e.tick_s, id="tick", max_instances=1, coalesce=True)
+        sched.add_job(lambda: self._queue.put(self.persist), "interval", seconds=e.persist_s, id="persist", max_instances=1, coalesce=True)
+        sched.start()
+        self._scheduler = sched
+        self._queue.put(self._announce)
+        self._queue.put(self.dispatcher.pump)  # undelivered alerts from before a restart, same ids
+        return self
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler or another thread."""
+        self._stopping.set()
+        self._queue.put(None)
+
+    def run(self) -> None:
+        """Process work until :meth:`request_stop`; then shut down gracefully (starts first if
+        :meth:`start` was not called)."""
+        if self.dispatcher is None:
+            self.start()
+        assert self.dispatcher is not None
+        self.ready.set()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    job = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    job = None
+                if job is not None:
+                    self._run_job(job)
+                    while not self._stopping.is_set():  # drain what is queued, then publish once
+                        try:
+                            nxt = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt is not None:
+                            self._run_job(nxt)
+                self.dispatcher.pump()
+        finally:
+            self.shutdown()
+
+    def _run_job(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except StresswatchError as exc:
+            log.warning("%s", exc)
+
+    def shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
+            self._scheduler = None
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+        while True:  # batches already received are processed, not lost
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._run_job(job)
+        self.persist()
+        if self.dispatcher is not None and self.transport is not None:
+            self.dispatcher.pump()
+            self.dispatcher.drain(5.0)
+            self.transport.publish(self.topics.engine_status, ENGINE_OFFLINE, qos=1, retain=True)
+            try:
+                self.transport.close()
+            except StresswatchError as exc:
+                log.warning("closing: %s", exc)
+            self.transport = None
+        self.outbox.close()
+        self.ledger.close()
+
+    # -- jobs (engine thread) ------------------------------------------------------------
+    def tick(self) -> None:
+        now = self.clock()
+        self.pipeline.advance(now, self.settings.engine.grace_s)
+        assert self.dispatcher is not None
+        self.dispatcher.run_due()
+        for user in list(self._status):
+            self._publish_status(user, now)
+
+    def persist(self) -> None:
+        now = self.clock()
+        self.outbox.save_detector(self.pipeline.detector.to_bytes(), now)
+        if self.store is not None and self._samples:
+            frames, self._samples = self._samples, []
+            self.store.add(pl.concat(frames, how="vertical"))
+
+    def _announce(self) -> None:
+        assert self.transport is not None
+        self.transport.publish(self.topics.engine_status, ENGINE_ONLINE, qos=1, retain=True)
+        now = self.clock()
+        for user in self.ledger.users():
+            self._publish_status(user, now, force=True)
+
+    def _on_batch(self, batch: IngestBatch) -> None:
+        now = self.clock()
+        state = self.ledger.state(batch.user)
+        if not state.allows_processing(now):  # SPEC: consent gates the whole engine
+            self.dropped_batches += 1
+            return
+        frame = batch.to_frame()
+        self.pipeline.process(frame)
+        if self.store is not None:
+            self._samples.append(frame)
+        self._publish_status(batch.user, now)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        """paho's thread: only enqueue."""
+        head, _, who = topic.rpartition("/")
+        if head == f"{self.topics.prefix}/consent":
+            self._queue.put(lambda: self._on_consent(who, payload, topic))
+        elif head == f"{self.topics.prefix}/acks":
+            self._queue.put(lambda: self._on_ack(who, payload, topic))
+
+    def _on_consent(self, user: str, payload: bytes, topic: str) -> None:
+        if not payload:  # an empty retained message: the user erased their data
+            self.erase_user(user)
+            return
+        try:
+            events = decode_consent(payload, topic_user=user, topic=topic)
+        except ParseError as exc:
+            log.warning("ignored consent message: %s", exc)
+            return
+        if self.ledger.extend(events):
+            now = self.clock()
+            if not self.ledger.state(user).allows_processing(now):
+                self._forget(user)
+            self._publish_status(user, now)
+
+    def _on_ack(self, worker: str, payload: bytes, topic: str) -> None:
+        assert self.dispatcher is not None
+        try:
+            self.dispatcher.on_ack(worker, payload, topic=topic)
+        except (ParseError, LifecycleError) as exc:
+            log.warning("ignored ack from %s: %s", worker, exc)
+
+    def _forget(self, user: str) -> None:
+        self.pipeline.detector = forget_user(self.pipeline.detector, user)
+        self._samples = [f.filter(pl.col("user") != user) for f in self._samples]
+
+    def erase_user(self, user: str) -> dict[str, int]:
+        """Remove the user from every store this engine keeps (see :func:`consent.rights.erase_user`)."""
+        from .consent.rights import erase_stores
+
+        now = self.clock()
+        self._forget(user)
+        self._status.pop(user, None)
+        removed = erase_stores(
+            user, ledger=self.ledger, outbox=self.outbox, store=self.store, now=now, detector_settings=self.settings.detector
+        )
+        self.outbox.save_detector(self.pipeline.detector.to_bytes(), now)
+        if self.transport is not None:
+            self.transport.publish(self.topics.status(user), b"", qos=1, retain=True)
+        return removed
+
+    def user_status(self, user: str, now: datetime) -> str:
+        st = self.ledger.state(user)
+        if not st.allows_processing(now):
+            return "off"
+        if st.status is Status.PAUSED:
+            return "paused"
+        return "active" if self.pipeline.detector.baseline_ready(user) else "calibrating"
+
+    def _publish_status(self, user: str, now: datetime, *, force: bool = False) -> None:
+        status = self.user_status(user, now)
+        if not force and self._status.get(user) == status:
+            return
+        self._status[user] = status
+        if self.transport is not None:
+            body = json.dumps({"schema_version": 1, "status": status, "since": now.isoformat()}).encode()
+            self.transport.publish(self.topics.status(user), body, qos=1, retain=True)
+
+
+class _NoTransport:
+    """The engine's pipeline never publishes itself: its sink is the dispatcher."""
+
+    def publish(self, *a: object, **k: object) -> None:
+        raise AssertionError("the engine publishes through its dispatcher")
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

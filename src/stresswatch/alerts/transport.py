@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
@@ -20,10 +21,24 @@ from paho.mqtt.properties import Properties
 from ..errors import TransportError
 
 
+class Receipt(Protocol):
+    """What publish returns: whether the broker has acknowledged the message (PUBACK)."""
+
+    def is_published(self) -> bool: ...
+
+
+class _Acked:
+    def is_published(self) -> bool:
+        return True
+
+
+ACKED: Receipt = _Acked()
+
+
 class Transport(Protocol):
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: int | None = None
-    ) -> None: ...
+    ) -> Receipt: ...
 
     def flush(self, timeout_s: float = 10.0) -> None: ...
 
@@ -47,8 +62,9 @@ class MemoryTransport:
 
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: int | None = None
-    ) -> None:
+    ) -> Receipt:
         self.messages.append(Message(topic, payload, qos, retain, expiry_s))
+        return ACKED
 
     def flush(self, timeout_s: float = 10.0) -> None:
         return None
@@ -100,11 +116,14 @@ def connect(
     timeout_s: float = 10.0,
     will: tuple[str, bytes] | None = None,
     on_message: object | None = None,
+    on_reconnect: Callable[[mqtt.Client, bool], None] | None = None,
 ) -> mqtt.Client:
     """A connected paho client with its network loop running, or :class:`TransportError`.
 
     ``persistent_session`` keeps subscriptions and queued QoS 1 messages across reconnects
-    (MQTT 5: clean start off with a session expiry; 3.1.1: clean session off).
+    (MQTT 5: clean start off with a session expiry; 3.1.1: clean session off). After a lost
+    connection paho reconnects by itself (backing off up to 5 s) and then calls
+    ``on_reconnect(client, session_present)``.
     """
     addr = BrokerAddress.parse(url)
     username = username or addr.username
@@ -132,6 +151,7 @@ def connect(
             done.set()
 
         client.on_connect = on_connect
+        client.reconnect_delay_set(min_delay=1, max_delay=5)
         connect_kwargs: dict[str, object] = {"keepalive": keepalive_s}
         if version == mqtt.MQTTv5:
             props = Properties(PacketTypes.CONNECT)
@@ -150,7 +170,7 @@ def connect(
             raise TransportError(f"no CONNACK within {timeout_s:g} s", url=str(addr))
         rc = result[0]
         if not getattr(rc, "is_failure", False):
-            client.on_connect = None
+            client.on_connect = _reconnected(on_reconnect)
             return client
         client.loop_stop()
         client.disconnect()
@@ -158,6 +178,17 @@ def connect(
         if "protocol" not in last_error.lower():
             break  # refused for a reason other than the version: do not retry with another
     raise TransportError(f"connection refused: {last_error}", url=str(addr))
+
+
+def _reconnected(hook: Callable[[mqtt.Client, bool], None] | None) -> Callable[..., None] | None:
+    if hook is None:
+        return None
+
+    def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
+        if not getattr(rc, "is_failure", False):
+            hook(c, bool(getattr(flags, "session_present", False)))
+
+    return on_connect
 
 
 class MqttTransport:
@@ -172,15 +203,52 @@ class MqttTransport:
         password: str | None = None,
         protocol: str = "auto",
         will: tuple[str, bytes] | None = None,
+        persistent_session: bool = False,
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
+        """``on_message(topic, payload)`` runs on paho's network thread for subscribed topics;
+        :meth:`subscribe` subscriptions are renewed after a reconnect, then ``on_reconnect()``."""
         self.url = url
-        self._client = connect(url, client_id, username=username, password=password, protocol=protocol, will=will)
+        self._subscriptions: list[str] = []
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self._client = connect(
+            url,
+            client_id,
+            username=username,
+            password=password,
+            protocol=protocol,
+            will=will,
+            persistent_session=persistent_session,
+            on_message=(lambda c, u, m: on_message(m.topic, m.payload)) if on_message else None,
+            on_reconnect=self._reconnected,
+        )
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._v5 = self._client.protocol == mqtt.MQTTv5
 
+    @property
+    def connected(self) -> bool:
+        return self._client.is_connected()
+
+    def _reconnected(self, client: mqtt.Client, session_present: bool) -> None:
+        if self._subscriptions and not session_present:
+            client.subscribe([(t, 1) for t in self._subscriptions])
+        if self._on_reconnect:
+            self._on_reconnect()
+
+    def subscribe(self, topics: list[str], timeout_s: float = 10.0) -> None:
+        """Subscribe at QoS 1 and wait for the SUBACK."""
+        done = threading.Event()
+        self._client.on_subscribe = lambda *a: done.set()
+        result, _ = self._client.subscribe([(t, 1) for t in topics])
+        if result != mqtt.MQTT_ERR_SUCCESS or not done.wait(timeout_s):
+            raise TransportError(f"no SUBACK for {topics}", url=self.url)
+        self._subscriptions.extend(topics)
+
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: int | None = None
-    ) -> None:
+    ) -> Receipt:
         props = None
         if self._v5 and expiry_s is not None:
             props = Properties(PacketTypes.PUBLISH)
@@ -188,7 +256,10 @@ class MqttTransport:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
             raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}", url=self.url)
+        if len(self._pending) >= 10_000:  # a long-running engine: forget what was acknowledged
+            self._pending = [i for i in self._pending if not i.is_published()]
         self._pending.append(info)
+        return info
 
     def flush(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s

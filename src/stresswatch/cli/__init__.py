@@ -14,6 +14,9 @@ from ._common import AppContext
 from .alerts import alerts
 from .consent import consent
 from .demo import demo
+from .engine import engine
+from .erase import erase
+from .export import export
 from .replay import replay
 
 EXAMPLES = """
@@ -40,7 +43,7 @@ def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...])
     ctx.obj = AppContext(config_path, overrides)
 
 
-for command in (demo, replay, consent, alerts):
+for command in (demo, replay, consent, alerts, engine, export, erase):
     cli.add_command(command)
 
 COMMANDS_ENTRY_POINT_GROUP = "stresswatch.commands"

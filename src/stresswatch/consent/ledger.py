@@ -1,7 +1,13 @@
 """The consent ledger: an append-only SQLite table, the source of truth for consent.
 
-Rows are never updated (a trigger refuses it); the current state is derived by
-:func:`stresswatch.consent.state.fold`. Each append is one transaction.
+Rows are never updated or deleted (triggers refuse both); the current state is derived by
+:func:`stresswatch.consent.state.fold`. Each append is one transaction and idempotent on
+the event's ``event_id``, so the same event arriving twice (the retained consent topic is
+re-delivered on every engine start) is stored once.
+
+The one exception to "never deleted" is the right to erasure (GDPR art. 17), which overrides
+the ledger's append-only rule: :meth:`ConsentLedger.erase` removes every row of the user and
+leaves an identity-free tombstone (when, how many rows). See docs/CONSENT.md.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import ConsentError, StorageError
-from .state import Action, ConsentEvent, ConsentState, Visibility, fold
+from .state import Action, ConsentEvent, ConsentState, QuietHours, Visibility, fold
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS consent_events (
@@ -30,11 +36,31 @@ CREATE TABLE IF NOT EXISTS consent_events (
 CREATE INDEX IF NOT EXISTS consent_events_user ON consent_events(user, seq);
 CREATE TRIGGER IF NOT EXISTS consent_events_append_only
 BEFORE UPDATE ON consent_events BEGIN SELECT RAISE(ABORT, 'consent ledger is append-only'); END;
+CREATE TABLE IF NOT EXISTS erasure_permit (user TEXT PRIMARY KEY);
+CREATE TRIGGER IF NOT EXISTS consent_events_no_delete
+BEFORE DELETE ON consent_events WHEN NOT EXISTS (SELECT 1 FROM erasure_permit WHERE user = OLD.user)
+BEGIN SELECT RAISE(ABORT, 'consent ledger is append-only (only erasure removes rows)'); END;
+CREATE TABLE IF NOT EXISTS erasure_tombstones (
+    at           TEXT NOT NULL,
+    store        TEXT NOT NULL,
+    rows_removed INTEGER NOT NULL
+);
 """
+# Columns added after the first release: added in place to older files.
+_ADDED_COLUMNS = {
+    "event_id": "TEXT",
+    "quiet_hours": "TEXT",
+    "expires_at": "TEXT",
+}
+_COLUMNS = "seq, user, action, at, via, text_version, recipients, visibility, display_name, event_id, quiet_hours, expires_at"
 
 
 def new_pseudonym() -> str:
     return "peer-" + secrets.token_hex(3)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.astimezone(timezone.utc).isoformat() if t is not None else None
 
 
 class ConsentLedger:
@@ -47,6 +73,11 @@ class ConsentLedger:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(consent_events)")}
+            for name, kind in _ADDED_COLUMNS.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE consent_events ADD COLUMN {name} {kind}")
+            self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS consent_events_event_id ON consent_events(event_id)")
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open consent ledger: {exc}", path=self.path) from None
 
@@ -60,29 +91,36 @@ class ConsentLedger:
         self.close()
 
     def append(self, event: ConsentEvent) -> ConsentEvent:
-        with self._db:
-            cur = self._db.execute(
-                "INSERT INTO consent_events (user, action, at, via, text_version, recipients, visibility, display_name)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    event.user,
-                    event.action.value,
-                    event.at.astimezone(timezone.utc).isoformat(),
-                    event.via,
-                    event.text_version,
-                    json.dumps(list(event.recipients)),
-                    event.visibility.value,
-                    event.display_name,
-                ),
-            )
-        return ConsentEvent(**{**event.__dict__, "seq": cur.lastrowid})
+        """Store ``event`` once: an event whose ``event_id`` is already stored is not stored again."""
+        try:
+            with self._db:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO consent_events (user, action, at, via, text_version, recipients, visibility,"
+                    " display_name, event_id, quiet_hours, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.user,
+                        event.action.value,
+                        _iso(event.at),
+                        event.via,
+                        event.text_version,
+                        json.dumps(list(event.recipients)),
+                        event.visibility.value,
+                        event.display_name,
+                        event.event_id,
+                        event.quiet_hours.encode() if event.quiet_hours else None,
+                        _iso(event.expires_at),
+                    ),
+                )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot append consent event: {exc}", path=self.path) from None
+        return ConsentEvent(**{**event.__dict__, "seq": cur.lastrowid if cur.rowcount else None})
+
+    def extend(self, events: list[ConsentEvent]) -> int:
+        """Append events received from elsewhere (the consent topic); returns how many were new."""
+        return sum(1 for ev in events if self.append(ev).seq is not None)
 
     def events(self, user: str) -> list[ConsentEvent]:
-        rows = self._db.execute(
-            "SELECT seq, user, action, at, via, text_version, recipients, visibility, display_name"
-            " FROM consent_events WHERE user = ? ORDER BY seq",
-            (user,),
-        ).fetchall()
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM consent_events WHERE user = ? ORDER BY seq", (user,)).fetchall()
         return [
             ConsentEvent(
                 seq=r[0],
@@ -94,6 +132,9 @@ class ConsentLedger:
                 recipients=tuple(json.loads(r[6])),
                 visibility=Visibility(r[7]),
                 display_name=r[8],
+                event_id=r[9] or f"legacy-{r[0]}",
+                quiet_hours=QuietHours.decode(r[10]),
+                expires_at=datetime.fromisoformat(r[11]) if r[11] else None,
             )
             for r in rows
         ]
@@ -104,6 +145,21 @@ class ConsentLedger:
     def users(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT user FROM consent_events ORDER BY user")]
 
+    def erase(self, user: str, *, now: datetime) -> int:
+        """Right to erasure: remove every row of ``user``; keep only an identity-free tombstone."""
+        try:
+            with self._db:
+                self._db.execute("INSERT OR IGNORE INTO erasure_permit (user) VALUES (?)", (user,))
+                n = self._db.execute("DELETE FROM consent_events WHERE user = ?", (user,)).rowcount
+                self._db.execute("DELETE FROM erasure_permit WHERE user = ?", (user,))
+                if n:
+                    self._db.execute(
+                        "INSERT INTO erasure_tombstones (at, store, rows_removed) VALUES (?, 'consent_events', ?)", (_iso(now), n)
+                    )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot erase consent rows: {exc}", path=self.path) from None
+        return n
+
     # -- the companion's verbs: each one line for the user, each one append --------------
     def grant(
         self,
@@ -113,10 +169,14 @@ class ConsentLedger:
         now: datetime,
         visibility: Visibility = Visibility.REACH_OUT,
         display_name: str | None = None,
+        quiet_hours: QuietHours | None = None,
+        expires_at: datetime | None = None,
         via: str = "cli",
     ) -> ConsentState:
         if not recipients:
             raise ConsentError("name at least one worker or group who may be alerted", user=user)
+        if expires_at is not None and expires_at <= now:
+            raise ConsentError("the expiry must be in the future", user=user)
         previous = self.state(user)
         self.append(
             ConsentEvent(
@@ -124,9 +184,11 @@ class ConsentLedger:
                 Action.GRANT,
                 now,
                 via,
-                recipients=tuple(recipients),
+                recipients=tuple(dict.fromkeys(recipients)),
                 visibility=visibility,
                 display_name=display_name or previous.display_name or new_pseudonym(),
+                quiet_hours=quiet_hours,
+                expires_at=expires_at,
             )
         )
         return self.state(user)

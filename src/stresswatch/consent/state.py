@@ -1,10 +1,20 @@
-"""Consent events and the state derived from them (pure; the ledger stores the events)."""
+"""Consent events and the state derived from them (pure; the ledger stores the events).
+
+A user's consent says *who* may be alerted (named workers or groups, in the order they
+should be tried), *what* they may see (:class:`Visibility`), *when* not to alert them
+(quiet hours in the user's own time zone) and *until when* it holds (expiry). Each event
+records the exact consent text version the user agreed to and *how* it was given.
+"""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from datetime import datetime
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ..errors import ConsentError
 
 
 class Action(str, enum.Enum):
@@ -26,14 +36,82 @@ class Visibility(str, enum.Enum):
 
     REACH_OUT = "reach_out"  # default: a plain prompt to reach out, no level, no reasons
     LEVEL_AND_REASONS = "level_and_reasons"
+    # Opt-in only: additionally the detector's score, the one number derived from the user's
+    # physiology that an alert can carry. Raw samples never travel in an alert.
+    LEVEL_REASONS_AND_SCORE = "level_reasons_and_score"
 
 
-CONSENT_TEXT_VERSION = "2026-11-1"
+CONSENT_TEXT_VERSION = "2026-11-2"
 CONSENT_TEXT = (
     "I choose to share a 'reach out' signal, derived from my heart rate and heart-rate variability, "
-    "with the support workers I name. They will see only what I allow. It is not a diagnosis. "
-    "I can pause, change or withdraw this at any time, and withdrawal takes effect at once."
+    "with the support workers or groups I name. They will see only what I allow: by default a plain "
+    "prompt to reach out, and the level, reasons or score only if I choose so. I can set quiet hours "
+    "when no one is alerted and a date when this consent ends. It is not a diagnosis. The engine "
+    "processes my heart data only while this consent holds. I can pause, change or withdraw this at "
+    "any time, withdrawal takes effect at once, and I can export or erase my data."
 )
+# Every text ever shown, so a ledger row's version can always be resolved to the words agreed to.
+CONSENT_TEXTS: dict[str, str] = {
+    "2026-11-1": (
+        "I choose to share a 'reach out' signal, derived from my heart rate and heart-rate variability, "
+        "with the support workers I name. They will see only what I allow. It is not a diagnosis. "
+        "I can pause, change or withdraw this at any time, and withdrawal takes effect at once."
+    ),
+    CONSENT_TEXT_VERSION: CONSENT_TEXT,
+}
+
+
+@dataclass(frozen=True)
+class QuietHours:
+    """A daily span in the user's local time during which no one is alerted (may cross midnight)."""
+
+    start: time
+    end: time
+    tz: str = "UTC"
+
+    @classmethod
+    def parse(cls, text: str, tz: str = "UTC") -> QuietHours:
+        """``"22:00-07:00"`` in time zone ``tz`` (IANA name, e.g. ``Europe/London``)."""
+        try:
+            a, b = text.split("-")
+            start, end = time.fromisoformat(a.strip()), time.fromisoformat(b.strip())
+        except ValueError:
+            raise ConsentError(f"quiet hours {text!r}: expected HH:MM-HH:MM") from None
+        if start == end:
+            raise ConsentError(f"quiet hours {text!r}: start and end are the same")
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConsentError(f"unknown time zone {tz!r} (expected an IANA name such as Europe/London)") from None
+        return cls(start, end, tz)
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M} {self.tz}"
+
+    def encode(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}@{self.tz}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> QuietHours | None:
+        if not text:
+            return None
+        span, _, tz = text.partition("@")
+        return cls.parse(span, tz or "UTC")
+
+    def ends_after(self, now: datetime) -> datetime | None:
+        """If ``now`` is inside quiet hours, when they end (UTC-aware); else None."""
+        zone = ZoneInfo(self.tz)
+        local = now.astimezone(zone)
+        t = local.timetz().replace(tzinfo=None)
+        if self.start < self.end:
+            inside = self.start <= t < self.end
+            end_day = local.date()
+        else:  # crosses midnight
+            inside = t >= self.start or t < self.end
+            end_day = local.date() + timedelta(days=1) if t >= self.start else local.date()
+        if not inside:
+            return None
+        return datetime.combine(end_day, self.end, zone).astimezone(now.tzinfo)
 
 
 @dataclass(frozen=True)
@@ -43,9 +121,12 @@ class ConsentEvent:
     at: datetime
     via: str  # how it was given: "cli", "mqtt", "demo"
     text_version: str = CONSENT_TEXT_VERSION
-    recipients: tuple[str, ...] = ()
+    recipients: tuple[str, ...] = ()  # workers or groups, in the order they are tried
     visibility: Visibility = Visibility.REACH_OUT
     display_name: str | None = None
+    quiet_hours: QuietHours | None = None
+    expires_at: datetime | None = None
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # idempotent transfer over MQTT
     seq: int | None = None  # assigned by the ledger
 
 
@@ -59,6 +140,19 @@ class ConsentState:
     since: datetime | None = None
     text_version: str | None = None
     history: tuple[ConsentEvent, ...] = field(default=(), repr=False)
+    quiet_hours: QuietHours | None = None
+    expires_at: datetime | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def allows_processing(self, now: datetime) -> bool:
+        """SPEC: the engine stores and processes samples only while consent allows it.
+
+        Active or paused (a pause stops alerts, not the baseline the user will come back
+        to) and not expired.
+        """
+        return self.status in (Status.ACTIVE, Status.PAUSED) and not self.expired(now)
 
 
 def fold(user: str, events: list[ConsentEvent] | tuple[ConsentEvent, ...]) -> ConsentState:
@@ -74,13 +168,13 @@ def fold(user: str, events: list[ConsentEvent] | tuple[ConsentEvent, ...]) -> Co
                 ev.display_name or state.display_name,
                 ev.at,
                 ev.text_version,
+                quiet_hours=ev.quiet_hours,
+                expires_at=ev.expires_at,
             )
         elif ev.action is Action.PAUSE and state.status is Status.ACTIVE:
-            state = ConsentState(user, Status.PAUSED, state.recipients, state.visibility, state.display_name, ev.at, state.text_version)
+            state = replace(state, status=Status.PAUSED, since=ev.at)
         elif ev.action is Action.RESUME and state.status is Status.PAUSED:
-            state = ConsentState(user, Status.ACTIVE, state.recipients, state.visibility, state.display_name, ev.at, state.text_version)
+            state = replace(state, status=Status.ACTIVE, since=ev.at)
         elif ev.action is Action.REVOKE:
             state = ConsentState(user, Status.REVOKED, (), Visibility.REACH_OUT, state.display_name, ev.at, ev.text_version)
-    return ConsentState(
-        user, state.status, state.recipients, state.visibility, state.display_name, state.since, state.text_version, tuple(events)
-    )
+    return replace(state, history=tuple(events))

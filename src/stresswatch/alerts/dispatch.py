@@ -1,0 +1,251 @@
+"""The dispatcher: raised alerts -> outbox -> consent gate at publish time -> transport.
+
+Delivery is at-least-once: every delivery is a row in the outbox until the broker's PUBACK;
+one that is not acknowledged within ``resend_after_s`` (or is still pending after a restart)
+is published again with the same ``alert_id``, and worker clients drop duplicates.
+
+The consent gate runs immediately before *each* publish, reading the ledger then: an alert
+raised before a revocation and not yet published is never published after it. All methods
+run on one thread (the engine's loop), which is also the thread that records consent
+received over MQTT, so a recorded revocation is always seen by the next publish.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from ..consent.gate import Verdict, alert_wire, decide
+from ..consent.ledger import ConsentLedger
+from ..model import AlertDecision
+from .acks import AckAction, AckMessage
+from .lifecycle import (
+    Acknowledged,
+    AlertRecord,
+    AlertState,
+    Deferred,
+    Delivered,
+    EscalationPolicy,
+    Escalate,
+    LifecycleError,
+    Remind,
+    Resolved,
+    Sent,
+    Suppressed,
+    Withheld,
+    apply,
+    first_due,
+    next_action,
+    route,
+)
+from .outbox import Outbox
+from .topics import Topics
+from .transport import Receipt, Transport
+
+
+@dataclass
+class _InFlight:
+    receipt: Receipt
+    sent_mono: float
+    alert_id: str
+    worker: str
+
+
+@dataclass
+class DispatchStats:
+    raised: int = 0
+    published: int = 0
+    republished: int = 0
+    delivered: int = 0
+    withheld: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        outbox: Outbox,
+        ledger: ConsentLedger,
+        transport: Transport,
+        *,
+        clock: Callable[[], datetime],
+        topics: Topics | None = None,
+        groups: Mapping[str, Sequence[str]] | None = None,
+        policy: EscalationPolicy | None = None,
+        alert_expiry_s: int = 24 * 3600,
+        resend_after_s: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_delivered: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.ledger = ledger
+        self.transport = transport
+        self.clock = clock
+        self.topics = topics or Topics()
+        self.groups = dict(groups or {})
+        self.policy = policy or EscalationPolicy()
+        self.alert_expiry_s = alert_expiry_s
+        self.resend_after_s = resend_after_s
+        self._mono = monotonic
+        self._inflight: dict[int, _InFlight] = {}
+        self._on_delivered = on_delivered
+        self.stats = DispatchStats()
+
+    # -- raising -----------------------------------------------------------------------
+    def raise_alert(self, d: AlertDecision, *, publish: bool = True) -> AlertRecord:
+        """Record the detector's decision (idempotent on ``alert_id``) and queue its first notice."""
+        now = self.clock()
+        new = self.outbox.record_raised(d, now)
+        rec = self.outbox.get(d.alert_id)
+        assert rec is not None
+        if new:
+            self.stats.raised += 1
+            last = self.outbox.last_sent_at(d.user, excluding=d.alert_id)
+            if self.policy.cooldown_s and last is not None and (now - last).total_seconds() < self.policy.cooldown_s:
+                rec = self.outbox.save(apply(rec, Suppressed(now)), "suppressed", now, detail="cooldown")
+            else:
+                rec = self._first_notice(rec, d, now)
+        if publish:
+            self.pump()
+        return rec
+
+    def _first_notice(self, rec: AlertRecord, d: AlertDecision, now: datetime) -> AlertRecord:
+        gate = decide(self.ledger.state(d.user), d, now)
+        if gate.deferred and gate.retry_at is not None:
+            return self.outbox.save(apply(rec, Deferred(gate.verdict.value, gate.retry_at)), "deferred", now, detail=gate.verdict.value)
+        steps = route(gate.recipients, self.groups) if gate.allowed else []
+        if not steps:
+            verdict = gate.verdict.value if not gate.allowed else Verdict.WITHHELD_NO_RECIPIENT.value
+            self.stats.withheld += 1
+            return self.outbox.save(apply(rec, Withheld(verdict, now)), "withheld", now, detail=verdict)
+        due = first_due(self.policy, len(steps), 0, now)
+        nxt = apply(rec, Sent(steps[0], now, 0, False, due))
+        return self.outbox.save(nxt, "sent", now, detail=",".join(steps[0]), enqueue=steps[0])
+
+    # -- publishing --------------------------------------------------------------------
+    def pump(self) -> int:
+        """Record PUBACKs, then publish every pending delivery the gate allows now. Returns how
+        many were published."""
+        self.collect_acks()
+        now = self.clock()
+        mono = self._mono()
+        for did, f in list(self._inflight.items()):
+            if mono - f.sent_mono > self.resend_after_s:  # no PUBACK: publish again, same alert_id
+                del self._inflight[did]
+                self.stats.republished += 1
+        published = 0
+        for dl in self.outbox.pending():
+            if dl.id in self._inflight:
+                continue
+            decision = self.outbox.decision(dl.alert_id)
+            gate = decide(self.ledger.state(dl.user), decision, now)  # SPEC: consent at send time
+            if not gate.allowed:
+                self._not_now(dl.alert_id, gate.verdict, gate.retry_at, now)
+                continue
+            assert gate.payload is not None
+            receipt = self.transport.publish(
+                self.topics.alerts(dl.worker), alert_wire(gate.payload, notice=dl.notice), qos=1, expiry_s=self.alert_expiry_s
+            )
+            self._inflight[dl.id] = _InFlight(receipt, mono, dl.alert_id, dl.worker)
+            published += 1
+        self.stats.published += published
+        self.collect_acks()
+        return published
+
+    def _not_now(self, alert_id: str, verdict: Verdict, retry_at: datetime | None, now: datetime) -> None:
+        rec = self.outbox.get(alert_id)
+        if rec is None:
+            return
+        if verdict is Verdict.DEFERRED_QUIET_HOURS and retry_at is not None:
+            if rec.due_at != retry_at and rec.state in (AlertState.RAISED, AlertState.DELIVERED, AlertState.ESCALATED):
+                self.outbox.save(apply(rec, Deferred(verdict.value, retry_at)), "deferred", now, detail=verdict.value)
+            return  # stays pending; published once quiet hours end
+        self.outbox.drop_pending(alert_id, verdict.value)
+        if rec.state in (AlertState.RAISED, AlertState.DELIVERED, AlertState.ESCALATED):
+            self.stats.withheld += 1
+            self.outbox.save(apply(rec, Withheld(verdict.value, now)), "withheld", now, detail=verdict.value)
+
+    def collect_acks(self) -> int:
+        """Mark deliveries the broker acknowledged; the alert becomes ``delivered``."""
+        done = [(did, f) for did, f in self._inflight.items() if f.receipt.is_published()]
+        if not done:
+            return 0
+        now = self.clock()
+        self.outbox.mark_delivered([did for did, _ in done], now)
+        for did, f in done:
+            del self._inflight[did]
+            rec = self.outbox.get(f.alert_id)
+            if rec is not None and rec.state is AlertState.RAISED:
+                self.outbox.save(apply(rec, Delivered(f.worker, now)), "delivered", now, actor=f.worker)
+            if self._on_delivered:
+                self._on_delivered(f.alert_id, f.worker)
+        self.stats.delivered += len(done)
+        return len(done)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every publish is acknowledged (shutdown); True if all were."""
+        deadline = time.monotonic() + timeout_s
+        while self._inflight and time.monotonic() < deadline:
+            self.collect_acks()
+            time.sleep(0.01)
+        return not self._inflight
+
+    # -- scheduling --------------------------------------------------------------------
+    def run_due(self) -> int:
+        """Act on alerts whose time has come: quiet hours over, escalation, reminder."""
+        now = self.clock()
+        n = 0
+        for rec in self.outbox.due(now):
+            d = self.outbox.decision(rec.alert_id)
+            if rec.state is AlertState.RAISED and not rec.targets:
+                self._first_notice(rec, d, now)
+                n += 1
+                continue
+            gate = decide(self.ledger.state(rec.user), d, now)
+            if not gate.allowed:
+                self._not_now(rec.alert_id, gate.verdict, gate.retry_at, now)
+                continue
+            steps = route(gate.recipients, self.groups)
+            act = next_action(rec, steps, self.policy, now)
+            if isinstance(act, Escalate):
+                due = first_due(self.policy, len(steps), act.step, now)
+                nxt = apply(rec, Sent(act.workers, now, act.step, False, due))
+                self.outbox.save(nxt, "escalated", now, detail=",".join(act.workers), enqueue=act.workers)
+                n += 1
+            elif isinstance(act, Remind):
+                nxt_due = None
+                if rec.reminders + 1 < self.policy.max_reminders:
+                    nxt_due = now + timedelta(seconds=self.policy.renotify_after_s)
+                nxt = apply(rec, Sent((), now, rec.step, True, nxt_due))
+                self.outbox.save(nxt, "reminded", now, detail=",".join(rec.targets), enqueue=rec.targets)
+                n += 1
+            else:
+                # Not yet delivered (broker away) or nothing left to do: look again later or never.
+                later = now + timedelta(seconds=self.policy.escalate_after_s) if rec.state is AlertState.RAISED else None
+                self.outbox.save(replace(rec, due_at=later), "scheduled", now)
+        if n:
+            self.pump()
+        return n
+
+    # -- acks from workers -------------------------------------------------------------
+    def on_ack(self, worker: str, payload: bytes, *, topic: str = "acks") -> AlertRecord:
+        """Record a worker's ack or resolve; :class:`ParseError` or :class:`LifecycleError` if it
+        does not apply (the engine logs and ignores those)."""
+        msg = AckMessage.decode(payload, topic=topic)
+        rec = self.outbox.get(msg.alert_id)
+        if rec is None:
+            raise LifecycleError(f"unknown alert {msg.alert_id}")
+        now = self.clock()
+        if msg.action is AckAction.ACK:
+            return self.outbox.save(apply(rec, Acknowledged(worker, now)), "acknowledged", now, actor=worker)
+        assert msg.outcome is not None
+        nxt = apply(rec, Resolved(worker, msg.outcome, now, msg.note))
+        return self.outbox.save(nxt, "resolved", now, actor=worker, detail=msg.outcome.value)
+
+
+__all__ = ["DispatchStats", "Dispatcher"]

@@ -1,0 +1,77 @@
+"""``stresswatch engine``: the long-running service."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+
+from ..broker import EmbeddedBroker
+from ..config import load_settings
+from ..engine import Engine
+from ._common import AppContext, console_err, pass_app
+
+EPILOG = """
+\b
+Examples:
+  stresswatch engine                                   # first run: embedded broker, default settings
+  stresswatch engine --config /etc/stresswatch.toml    # a configured Mosquitto (mqtt.url)
+  stresswatch --set mqtt.url=mqtt://127.0.0.1:1883 engine
+"""
+
+
+@click.command(epilog=EPILOG)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), help="TOML settings file (same as the global --config).")
+@click.option("--broker", metavar="URL", help="mqtt://HOST:PORT; overrides mqtt.url.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Overrides store.state_dir.")
+@pass_app
+def engine(app: AppContext, config_path: str | None, broker: str | None, state_dir: Path | None) -> None:
+    """Run the engine until SIGTERM or Ctrl-C.
+
+    Receives consenting users' samples on {prefix}/ingest/{user}, runs the detector, sends
+    alerts through a durable outbox with the consent gate checked at send time, records
+    workers' acks, escalates unacknowledged alerts, and publishes {prefix}/engine/status
+    (retained; "offline" as its last will) and {prefix}/status/{user}. With no mqtt.url it
+    starts an embedded broker on loopback.
+    """
+    if config_path:
+        app.config_path = config_path
+    settings = app.settings if not config_path else load_settings(config_path)
+    url = broker or settings.mqtt.url
+    protocol = settings.mqtt.protocol
+    with ExitStack() as stack:
+        if url is None:
+            embedded = stack.enter_context(EmbeddedBroker(port=_first_run_port()))
+            url, protocol = embedded.url, "3.1.1"
+            console_err.print(f"embedded MQTT broker on {url} (loopback only; configure mqtt.url for Mosquitto)")
+        _check_security(settings, url)
+        eng = Engine(settings, url=url, protocol=protocol, state_dir=state_dir).start()
+        stop = lambda *_: eng.request_stop()  # noqa: E731
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        console_err.print(f"engine running on {url}; state in {eng.state_dir} (SIGTERM or Ctrl-C to stop)")
+        eng.run()
+        console_err.print("engine stopped; state saved")
+
+
+def _first_run_port() -> int | None:
+    """1883 when free (clients find it without configuration), else any free port."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 1883))
+        except OSError:
+            return None
+    return 1883
+
+
+def _check_security(settings: object, url: str) -> None:
+    """The broker helper's pure check (refuses an unauthenticated non-loopback broker)."""
+    from .. import broker as broker_module
+
+    check = getattr(broker_module, "check_broker_security", None)
+    if check is not None:
+        check(settings, url)

@@ -1,0 +1,152 @@
+"""The engine service through a real Mosquitto: consent over the retained topic, ingest,
+durable alert delivery, acks and resolutions recorded in the lifecycle, status topics."""
+
+import json
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from stresswatch.alerts import Topics, WorkerClient
+from stresswatch.alerts.lifecycle import AlertState, Outcome
+from stresswatch.alerts.outbox import Outbox
+from stresswatch.alerts.transport import MqttTransport
+from stresswatch.config import AlertSettings, DetectorSettings, EngineSettings, MqttSettings, Settings, StoreSettings
+from stresswatch.consent import ConsentLedger
+from stresswatch.consent.wire import encode_consent
+from stresswatch.engine import Engine
+from stresswatch.ingest import IngestBatch
+from stresswatch.store import SampleStore
+
+from conftest import FAST_DETECTOR
+
+TOPICS = Topics()
+
+
+def wait_for(cond, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def settings_for(url: str, state_dir, **alerts) -> Settings:
+    return Settings(
+        mqtt=MqttSettings(url=url),
+        detector=DetectorSettings(**FAST_DETECTOR),
+        store=StoreSettings(state_dir=state_dir),
+        alerts=AlertSettings(**{"cooldown_s": 0, "escalate_after_s": 3600, **alerts}),
+        engine=EngineSettings(tick_s=0.2, persist_s=0.5, grace_s=0),
+    )
+
+
+def publish_consent(url: str, user: str, ledger_path, **grant) -> None:
+    """What `stresswatch consent grant` does: a local ledger, the history sent retained."""
+    with ConsentLedger(ledger_path) as companion:
+        if grant:
+            companion.grant(user, now=datetime.now(timezone.utc), **grant)
+        else:
+            companion.revoke(user, now=datetime.now(timezone.utc))
+        t = MqttTransport(url, client_id=f"companion-{user}")
+        t.publish(TOPICS.consent(user), encode_consent(user, companion.events(user)), qos=1, retain=True)
+        t.close()
+
+
+def publish_stream(url: str, frame, *, chunk_s: int = 240) -> int:
+    """What a companion does: window-aligned batches on the user's ingest topic."""
+    import polars as pl
+
+    t = MqttTransport(url, client_id=f"companion-ingest-{uuid.uuid4().hex[:6]}")
+    stream_id = uuid.uuid4().hex
+    n = 0
+    for seq, (_, part) in enumerate(frame.group_by(pl.col("time").dt.epoch("s") // chunk_s, maintain_order=True)):
+        user = part.item(0, "user")
+        t.publish(TOPICS.ingest(user), IngestBatch.from_frame(part, user=user, stream_id=stream_id, seq=seq, source="synthetic").encode(), qos=1)
+        n += 1
+    t.close()
+    return n
+
+
+def start_engine(settings: Settings, url: str) -> tuple[Engine, threading.Thread]:
+    eng = Engine(settings, url=url)
+    th = threading.Thread(target=eng.run, daemon=True)
+    th.start()
+    assert eng.ready.wait(20)
+    return eng, th
+
+
+def consent_status(state_dir, user: str) -> str:
+    with ConsentLedger(state_dir / "stresswatch.sqlite") as ledger:
+        return ledger.state(user).status.value
+
+
+def retained(url_port: int, topic: str, timeout: float = 5.0) -> bytes | None:
+    got: list[bytes] = []
+    ev = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_message(cl, u, m):
+        got.append(m.payload)
+        ev.set()
+
+    c.on_message = on_message
+    c.connect("127.0.0.1", url_port)
+    c.subscribe(topic, qos=1)
+    c.loop_start()
+    ev.wait(timeout)
+    c.loop_stop()
+    c.disconnect()
+    return got[0] if got else None
+
+
+def test_engine_alerts_only_consenting_users_and_records_acks(mosquitto, tmp_path, rr_stream):
+    url = mosquitto.url
+    state = tmp_path / "engine"
+    start_s = int(time.time()) // 30 * 30 - 3 * 3600
+    publish_consent(url, "alice", tmp_path / "alice.sqlite", recipients=["sam"])
+    # bob granted then revoked: the engine must neither process nor alert about him
+    publish_consent(url, "bob", tmp_path / "bob.sqlite", recipients=["sam"])
+    publish_consent(url, "bob", tmp_path / "bob.sqlite")
+    sam = WorkerClient(url, "sam", lambda a: None, seen_path=tmp_path / "sam-seen.sqlite")
+    eng, th = start_engine(settings_for(url, state), url)
+    try:
+        assert wait_for(lambda: consent_status(state, "bob") == "revoked")
+        publish_stream(url, rr_stream("alice", start_s, 3, seed=1))
+        publish_stream(url, rr_stream("bob", start_s, 3, seed=2))
+        assert wait_for(lambda: len(sam.received) == 3), sam.received
+        time.sleep(1.0)
+        assert len(sam.received) == 3 and sam.duplicates == 0
+        assert eng.dropped_batches > 0  # bob's batches, dropped unprocessed
+        assert "bob" not in eng.pipeline.detector.users
+        # a status the user can read, retained; the engine says it is online
+        assert json.loads(retained(mosquitto.port, TOPICS.status("alice")))["status"] == "active"
+        assert json.loads(retained(mosquitto.port, TOPICS.engine_status))["status"] == "online"
+
+        first, second = sam.received[0].alert_id, sam.received[1].alert_id
+        sam.ack(first)
+        sam.resolve(first, Outcome.REACHED_OUT, note="called")
+        sam.resolve(second, Outcome.NOT_NEEDED)
+        other = WorkerClient(url, "mallory", lambda a: None)
+        other.resolve(sam.received[2].alert_id, Outcome.NO_ANSWER)  # not hers: ignored
+        other.close()
+        with Outbox(state / "stresswatch.sqlite") as ob:
+            assert wait_for(lambda: ob.get(second).state is AlertState.RESOLVED)
+            r1 = ob.get(first)
+            assert (r1.state, r1.acked_by, r1.outcome, r1.note) == (AlertState.RESOLVED, "sam", Outcome.REACHED_OUT, "called")
+            assert ob.get(sam.received[2].alert_id).state is AlertState.DELIVERED
+            assert {r.user for r in ob.records()} == {"alice"}
+            kinds = [e["kind"] for e in ob.events("alice") if e["alert_id"] == first]
+            assert kinds == ["raised", "sent", "delivered", "acknowledged", "resolved"]
+    finally:
+        eng.request_stop()
+        th.join(20)
+        sam.close()
+    assert not th.is_alive()
+    assert json.loads(retained(mosquitto.port, TOPICS.engine_status))["status"] == "offline"
+    # samples of the consenting user were stored, the other's not
+    assert SampleStore(state).users() == ["alice"]
