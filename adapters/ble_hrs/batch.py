@@ -1,7 +1,7 @@
 """Vectorised Heart Rate Measurement parser for many notifications at once (numpy).
 
 Input is the notifications packed into one ``uint8`` buffer plus ``offsets`` (``n + 1``
-int64 boundaries, as the recording reader produces them); :func:`pack` builds that from a
+int64 boundaries); :func:`pack` builds that from a
 list of ``bytes``. Output is columnar (:class:`HrmBatch`): one row per notification and a
 flat RR array with the index of the notification each interval came from. Missing data is
 NaN here where the scalar parser says ``None``; otherwise the two agree exactly (tested).
