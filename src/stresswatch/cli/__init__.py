@@ -17,6 +17,7 @@ from .demo import demo
 from .engine import engine
 from .erase import erase
 from .export import export
+from .imports import import_
 from .replay import replay
 
 EXAMPLES = """
@@ -24,6 +25,7 @@ EXAMPLES = """
 Examples:
   stresswatch demo
   stresswatch replay fixtures/demo_cohort.parquet --out out/
+  stresswatch import fit run.fit --user alice
   stresswatch consent grant --user alice --to sam
   stresswatch alerts watch --worker sam --broker mqtt://127.0.0.1:1883
 """
@@ -43,7 +45,7 @@ def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...])
     ctx.obj = AppContext(config_path, overrides)
 
 
-for command in (demo, replay, consent, alerts, engine, export, erase):
+for command in (demo, replay, consent, alerts, import_, engine, export, erase):
     cli.add_command(command)
 
 COMMANDS_ENTRY_POINT_GROUP = "stresswatch.commands"

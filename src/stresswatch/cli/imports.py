@@ -1,0 +1,225 @@
+"""``stresswatch import``: a vendor export into the samples store, or to the engine over MQTT.
+
+The adapter is found through :class:`~stresswatch.sources.SourceRegistry` (entry points),
+never by name. Parsing is staged completely before anything becomes visible: a parse error
+anywhere in the export stores (or sends) nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import polars as pl
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from ..config import Settings
+from ..errors import ConfigError, ParseError
+from ..importing import ImportReport
+from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
+from ..sources import Source, SourceRegistry
+from ..store import AddResult, SampleStore, StagedAdd
+from ._common import AppContext, console, console_err, pass_app
+
+EPILOG = """
+\b
+Examples:
+  stresswatch import fit ~/Downloads/2026-11-20-run.fit --user alice
+  stresswatch import apple_health ~/Downloads/export.zip --user alice
+  stresswatch import fitbit ~/MyFitbitData/ --user alice --tz Europe/London
+  stresswatch import openmhealth points.json --user alice --publish
+  stresswatch import table watch.csv --user alice --map time=timestamp --map value=hrm --metric hr_bpm
+  stresswatch import fit run.fit --user alice --out /tmp/samples
+"""
+
+PUBLISH_BATCH = 10_000  # samples per MQTT message: well under IngestBatch's limit, ~300 kB JSON
+assert PUBLISH_BATCH <= MAX_BATCH_SAMPLES
+
+
+def _parse_map(items: tuple[str, ...]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"expected TARGET=COLUMN, got {item!r}", source="--map")
+        mapping[key.strip()] = value.strip()
+    return mapping
+
+
+def run_import(
+    source: Source,
+    sink: StagedAdd,
+    *,
+    on_progress: Callable[[ImportReport], None] | None = None,
+) -> AddResult:
+    """Drain ``source`` into ``sink`` and commit; any error discards everything staged."""
+
+    async def drain() -> None:
+        async for batch in source:
+            sink.add(batch)
+            report = getattr(source, "report", None)
+            if on_progress is not None and report is not None:
+                on_progress(report)
+
+    with sink:
+        asyncio.run(drain())
+        return sink.commit()
+
+
+def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple[int, int]:
+    """Send every sample in ``store`` as :class:`IngestBatch` messages; return (messages, samples).
+
+    ``stream_id`` is derived from the data itself, so publishing the same import again sends
+    the same (stream_id, seq) pairs and the engine's deduplicator drops them.
+    """
+    from ..alerts.topics import Topics
+    from ..alerts.transport import MqttTransport
+
+    if not settings.mqtt.url:
+        raise ConfigError("--publish needs a broker: set mqtt.url (e.g. --set mqtt.url=mqtt://host:1883)", field="mqtt.url")
+    topics = Topics(settings.mqtt.prefix)
+    digest = 0
+    total = 0
+    for user in store.users():
+        for path in store.files(user):
+            frame = pl.read_parquet(path)
+            digest = (digest * 1_000_003 + int(frame.hash_rows(seed=0).sum())) % (1 << 64)
+            total += frame.height
+    stream_id = f"import-{kind}-{digest:016x}-{total}"[:64]
+    transport = MqttTransport(
+        settings.mqtt.url,
+        client_id=f"stresswatch-import-{uuid.uuid4().hex[:12]}",
+        username=settings.mqtt.username,
+        password=settings.mqtt.password,
+        protocol=settings.mqtt.protocol,
+    )
+    seq = 0
+    try:
+        for user in store.users():
+            topic = topics.ingest(user)
+            for path in store.files(user):
+                frame = pl.read_parquet(path)
+                for (source_name,), part in frame.group_by("source", maintain_order=True):
+                    for off in range(0, part.height, PUBLISH_BATCH):
+                        chunk = part.slice(off, PUBLISH_BATCH)
+                        batch = IngestBatch.from_frame(chunk, user=user, stream_id=stream_id, seq=seq, source=str(source_name))
+                        transport.publish(topic, batch.encode(), qos=1)
+                        seq += 1
+        transport.flush(timeout_s=60)
+    finally:
+        transport.close()
+    return seq, total
+
+
+def _print_report(report: ImportReport | None, result: AddResult, *, where: str) -> None:
+    table = Table(title=f"import into {where}", show_header=True, header_style="bold")
+    table.add_column("rows")
+    table.add_column("count", justify="right")
+    if report is not None:
+        table.add_row("read", f"{report.read:,}")
+        table.add_row("kept", f"{report.kept:,}")
+        table.add_row("rejected", f"{report.n_rejected:,}")
+    table.add_row("new (stored)", f"{result.added:,}")
+    table.add_row("already stored", f"{result.duplicates:,}")
+    console.print(table)
+    if report is not None and report.rejected:
+        reasons = Table(title="rejected rows by reason", header_style="bold")
+        reasons.add_column("reason")
+        reasons.add_column("rows", justify="right")
+        for reason, n in sorted(report.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
+            reasons.add_row(reason, f"{n:,}")
+        console.print(reasons)
+
+
+@click.command("import", epilog=EPILOG)
+@click.argument("kind")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--user", required=True, help="Whose samples these are (stored and sent under this id).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store root to import into (default: the state dir).")
+@click.option("--publish", is_flag=True, help="Send the samples to the engine over MQTT (mqtt.url) instead of storing them.")
+@click.option("--tz", help="Time zone of exports whose times carry none (Fitbit, naive CSV), e.g. Europe/Berlin. Default UTC.")
+@click.option("--map", "maps", multiple=True, metavar="TARGET=COLUMN", help="table kind: which column holds time, value, metric, source.")
+@click.option("--metric", type=click.Choice(["hr_bpm", "rr_ms", "steps", "motion"]), help="table kind: the metric of every row when no column holds it.")
+@click.option("--time-unit", type=click.Choice(["auto", "s", "ms", "us", "ns"]), default="auto", show_default=True, help="table kind: unit of numeric (epoch) times.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@pass_app
+def import_(
+    app: AppContext,
+    kind: str,
+    path: Path,
+    user: str,
+    out: Path | None,
+    publish: bool,
+    tz: str | None,
+    maps: tuple[str, ...],
+    metric: str | None,
+    time_unit: str,
+    progress: bool | None,
+) -> None:
+    """Import a vendor export (KIND: fit, fitbit, apple_health, openmhealth, table, samples).
+
+    PATH is one file, the unpacked export folder, or the export's zip. Importing the same
+    data twice adds nothing; a file that cannot be read stores nothing. Prints rows read,
+    kept and rejected (with reasons).
+    """
+    if out is not None and publish:
+        raise click.UsageError("--out and --publish exclude each other")
+    from .. import alerts  # noqa: F401  (fail early on a broken install, before parsing GBs)
+    from ..alerts.topics import check_id
+
+    try:
+        check_id("user", user)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source="--user") from None
+    registry = SourceRegistry.discover()
+    if kind not in registry.factories:
+        raise ParseError(f"unknown kind {kind!r} (known: {', '.join(registry.kinds)})", source=path)
+    options: dict[str, Any] = {"user": user, "tz": tz, "metric": metric, "time_unit": time_unit}
+    if maps:
+        options["mapping"] = _parse_map(maps)
+    source = registry.open(path, kind=kind, **{k: v for k, v in options.items() if v is not None})
+    settings = app.settings
+
+    import tempfile
+
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if publish:
+        tmp = tempfile.TemporaryDirectory(prefix="stresswatch-import-")
+        store = SampleStore(tmp.name)
+        where = "MQTT"
+    else:
+        store = SampleStore(out) if out is not None else SampleStore.from_settings(settings)
+        where = str(store.dir)
+    show = console_err.is_terminal if progress is None else progress
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console_err,
+            disable=not show,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"import {kind}", total=None)
+
+            def on_progress(report: ImportReport) -> None:
+                bar.update(task, total=report.bytes_total or None, completed=report.bytes_done)
+
+            result = run_import(source, store.stage(), on_progress=on_progress)
+        report = getattr(source, "report", None)
+        if publish:
+            messages, samples = publish_store(store, settings, kind=kind)
+            _print_report(report, result, where=where)
+            console.print(f"sent {samples:,} samples in {messages:,} message(s) to {settings.mqtt.prefix}/ingest/{user}")
+        else:
+            _print_report(report, result, where=where)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
