@@ -293,8 +293,11 @@ def decode_fit(data: bytes, *, source: str = "fit") -> FitSeries:
             source=source,
             position=f"byte {offset}" if offset is not None else None,
         ) from None
-    except (struct.error, IndexError, KeyError, ValueError, TypeError, OverflowError, EOFError, UnicodeDecodeError) as exc:
-        # fitdecode trusts the definition messages it reads; corrupt ones surface as these.
+    except (
+        struct.error, IndexError, KeyError, ValueError, TypeError, OverflowError, EOFError, UnicodeDecodeError, AssertionError
+    ) as exc:
+        # fitdecode trusts the definition messages it reads (and asserts on some orderings,
+        # e.g. packed hr beat times before any hr timestamp); corrupt input surfaces as these.
         raise ParseError(f"corrupt FIT file: {type(exc).__name__}: {exc}", source=source) from None
     return b.series()
 
