@@ -46,8 +46,10 @@ def test_same_samples_in_other_files_and_order_give_identical_tables(tmp_path: P
     many = replay(paths, out=tmp_path / "many")
     for name in ("windows.parquet", "alerts.parquet"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
-    assert "not in time order" in " ".join(many.summary["inputs"]["notes"])
     assert one.summary["windows_by_state"] == many.summary["windows_by_state"]
+    shuffled = replay(cohort.sample(fraction=1.0, shuffle=True, seed=1))
+    assert "not in time order" in " ".join(shuffled.summary["inputs"]["notes"])
+    assert shuffled.windows.equals(one.windows) and shuffled.alerts.equals(one.alerts)
 
 
 def test_duplicates_and_conflicts_are_reported_and_do_not_change_results(tmp_path: Path, cohort: pl.DataFrame):
@@ -103,7 +105,7 @@ def test_pseudonymise_leaves_no_user_id_in_any_output(tmp_path: Path, demo_cohor
 
 
 def test_plot_writes_one_png_per_user(tmp_path: Path, demo_cohort: Path):
-    res = cli("replay", str(demo_cohort), "--out", str(tmp_path), "--plot")
+    res = cli("replay", str(demo_cohort), "--out", str(tmp_path), "--plot", "--labels", str(demo_cohort.with_name("demo_cohort_labels.csv")))
     assert res.returncode == 0, res.stderr
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert pngs == ["alice.png", "bob.png", "carol.png", "dan.png"]
@@ -144,3 +146,19 @@ def test_readme_python_example_runs():
     code = readme.split("## Python API")[1].split("```python")[1].split("```")[0]
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr
+
+
+def test_labels_give_episode_metrics_per_user_and_overall(tmp_path: Path, demo_cohort: Path):
+    res = cli("replay", str(demo_cohort), "--out", str(tmp_path), "--labels", str(demo_cohort.with_name("demo_cohort_labels.csv")))
+    assert res.returncode == 0, res.stderr
+    assert "evaluation against labels" in res.stdout
+    ev = pl.read_parquet(tmp_path / "evaluation.parquet")
+    overall = ev.filter(pl.col("user") == "ALL").row(0, named=True)
+    # the demo's two labelled episodes (alice, carol) are each found once, with no false alert
+    assert overall["episodes"] == 2 and overall["detected"] == 2 and overall["false_alerts"] == 0
+    assert overall["recall"] == 1.0 and overall["precision"] == 1.0
+    assert 0 < overall["median_delay_s"] <= 1800
+    assert sorted(ev.filter(pl.col("user") != "ALL")["user"]) == ["alice", "bob", "carol", "dan"]
+    import json
+
+    assert json.loads((tmp_path / "summary.json").read_text())["evaluation"]["recall"] == 1.0

@@ -83,54 +83,113 @@ def _sha256(path: Path) -> str:
 
 def clean_samples(frame: pl.DataFrame, report: InputReport | None = None) -> pl.DataFrame:
     """Drop exact duplicates and conflicting duplicates (same user, metric, time; the first in
-    input order wins), then order by time and user. Counts go to ``report``."""
+    input order wins) and order by user, metric, time. Counts go to ``report``.
+
+    The order is fully determined by the kept rows, so outputs do not depend on input order.
+    A frame already in time order without repeated times (one user's recording) takes a
+    fast path: nothing can be duplicated, and per-user time order is all the detector needs.
+    """
     report = report if report is not None else InputReport()
-    n = frame.height
-    frame = frame.unique(maintain_order=True)
-    if frame.height < n:
-        report.dropped["exact_duplicate"] = report.dropped.get("exact_duplicate", 0) + n - frame.height
-    n = frame.height
-    frame = frame.unique(subset=["user", "metric", "time"], keep="first", maintain_order=True)
-    if frame.height < n:
-        report.dropped["conflicting_duplicate"] = report.dropped.get("conflicting_duplicate", 0) + n - frame.height
-    if not frame.get_column("time").is_sorted():
+    t = frame.get_column("time")
+    if t.is_sorted():
+        strictly = frame.height < 2 or not bool((t.diff().drop_nulls().dt.total_nanoseconds() == 0).any())
+        if strictly and frame.get_column("user").n_unique() <= 1:
+            return frame  # one user's recording in time order: no duplicates possible
+    else:
         report.notes.append("input was not in time order: sorted (results do not depend on input order)")
-    return frame.sort("time", "user", "metric", "source", "value")
+    ordered = frame.sort("user", "metric", "time", maintain_order=True)  # stable: input order among equals
+    key_same = (
+        (pl.col("user") == pl.col("user").shift())
+        & (pl.col("metric") == pl.col("metric").shift())
+        & (pl.col("time") == pl.col("time").shift())
+    ).fill_null(False)
+    exact = key_same & (pl.col("value") == pl.col("value").shift()) & (pl.col("source") == pl.col("source").shift())
+    flags = ordered.select(key_same.alias("dup"), exact.fill_null(False).alias("exact"))
+    n_dup = int(flags.get_column("dup").sum())
+    if n_dup:
+        n_exact = int(flags.get_column("exact").sum())
+        if n_exact:
+            report.dropped["exact_duplicate"] = report.dropped.get("exact_duplicate", 0) + n_exact
+        if n_dup - n_exact:
+            report.dropped["conflicting_duplicate"] = report.dropped.get("conflicting_duplicate", 0) + n_dup - n_exact
+        ordered = ordered.filter(~flags.get_column("dup"))
+    return ordered
+
+
+def _read_source(registry: SourceRegistry, path: Path, kind: str | None) -> pl.DataFrame:
+    source = registry.open(path, kind)
+    read = getattr(source, "read", None)  # whole-file fast path where an adapter offers one
+    if callable(read):
+        return read()
+    return run_sync(collect([source]))
+
+
+def load_input_blocks(
+    paths: Sequence[str | Path], registry: SourceRegistry | None = None, kind: str | None = None
+) -> tuple[list[pl.DataFrame], InputReport]:
+    """Cleaned samples in blocks that share no user (one block per file unless files share
+    users), so each block runs through the detector on its own with identical results."""
+    registry = registry or SourceRegistry.discover()
+    report = InputReport()
+    frames: list[pl.DataFrame] = []
+    for p in paths:
+        path = Path(p)
+        frame = _read_source(registry, path, kind).select(list(SAMPLES_SCHEMA))
+        report.files.append({"name": path.name, "sha256": _sha256(path) if path.is_file() else None, "rows": frame.height})
+        report.rows_read += frame.height
+        if frame.height == 0:
+            report.dropped["empty_file"] = report.dropped.get("empty_file", 0) + 1
+            report.notes.append(f"{path.name}: no samples")
+            continue
+        frames.append(frame)
+    # union files that share a user (they must be cleaned and ordered together)
+    owner: dict[str, int] = {}
+    parent = list(range(len(frames)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, frame in enumerate(frames):
+        for user in frame.get_column("user").unique().to_list():
+            if user in owner:
+                parent[find(i)] = find(owner[user])
+            else:
+                owner[user] = i
+    groups: dict[int, list[pl.DataFrame]] = {}
+    for i, frame in enumerate(frames):
+        groups.setdefault(find(i), []).append(frame)
+    blocks = [clean_samples(pl.concat(g, how="vertical"), report) for g in groups.values()]
+    # deterministic block order whatever the file order: by smallest user id
+    blocks.sort(key=lambda b: b.get_column("user").min())  # type: ignore[arg-type, return-value]
+    report.rows_kept = sum(b.height for b in blocks)
+    report.notes = sorted(set(report.notes))
+    return blocks, report
 
 
 def load_inputs(
     paths: Sequence[str | Path], registry: SourceRegistry | None = None, kind: str | None = None
 ) -> tuple[pl.DataFrame, InputReport]:
-    """Every sample of every path, cleaned and ordered, with the report of what was dropped."""
-    registry = registry or SourceRegistry.discover()
-    report = InputReport()
-    frames = [empty_samples()]
-    for p in paths:
-        path = Path(p)
-        frame = run_sync(collect([registry.open(path, kind)]))
-        report.files.append({"name": path.name, "sha256": _sha256(path) if path.is_file() else None, "rows": frame.height})
-        if frame.height == 0:
-            report.dropped["empty_file"] = report.dropped.get("empty_file", 0) + 1
-            report.notes.append(f"{path.name}: no samples")
-        frames.append(frame)
-    frame = pl.concat(frames, how="vertical")
-    report.rows_read = frame.height
-    frame = clean_samples(frame, report)
-    report.rows_kept = frame.height
-    return frame, report
+    """Every sample of every path, cleaned, in one frame ordered by user, metric, time."""
+    blocks, report = load_input_blocks(paths, registry, kind)
+    return pl.concat([empty_samples(), *blocks], how="vertical"), report
 
 
 def read_samples(paths: Sequence[str | Path], registry: SourceRegistry | None = None, kind: str | None = None) -> pl.DataFrame:
-    """Every sample of every path, cleaned and ordered by time then user (see :func:`load_inputs`)."""
+    """Every sample of every path, cleaned (see :func:`load_inputs`)."""
     return load_inputs(paths, registry, kind)[0]
 
 
 def time_batches(frame: pl.DataFrame, batch_s: int = BATCH_S) -> list[pl.DataFrame]:
-    """Split time-ordered samples into batches of ``batch_s`` of data time (the live cadence)."""
+    """Split samples into batches of ``batch_s`` of data time, in time order (the live
+    cadence); within a batch each user's samples keep their order."""
     if frame.height == 0:
         return []
-    key = pl.col("time").dt.epoch("s") // batch_s
-    return [part for _, part in frame.group_by(key, maintain_order=True)]
+    key = (pl.col("time").dt.epoch("s") // batch_s).alias("_batch")
+    keyed = frame.with_columns(key).sort("_batch", maintain_order=True)
+    return [part.drop("_batch") for part in keyed.partition_by("_batch", maintain_order=True)]
 
 
 # -- labels and pseudonyms -------------------------------------------------------------------
@@ -194,10 +253,11 @@ class ReplayResult:
     summary: dict[str, Any]
     evaluation: pl.DataFrame | None = None  # per user and overall, when labels were given
     report: PipelineReport | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (not written: outputs stay deterministic)
 
 
 def _run_pipeline(
-    samples: pl.DataFrame,
+    blocks: list[pl.DataFrame],
     settings: Settings,
     ledger: ConsentLedger | None,
     clock: Clock,
@@ -212,19 +272,37 @@ def _run_pipeline(
         alert_expiry_s=settings.mqtt.alert_expiry_s,
         keep_windows=True,
     )
-    batches = time_batches(samples)
-    for i, batch in enumerate(batches):
-        pipeline.process(batch)
-        if speed > 0:
-            time.sleep(BATCH_S / speed)
-        if on_batch:
-            on_batch(i + 1, len(batches))
+    if speed > 0:
+        # a demonstration in real time: every user's hour together, as the engine sees them
+        batches = time_batches(pl.concat([empty_samples(), *blocks], how="vertical"), BATCH_S)
+        plan = [batches]
+    else:
+        # as fast as possible: blocks share no user, and any chunking of a user's time-ordered
+        # samples gives the same windows (streaming equals batch), so day batches per block
+        plan = [time_batches(block, 86400) for block in blocks]
+    total = sum(len(p) for p in plan)
+    done = 0
+    for batches in plan:
+        for batch in batches:
+            pipeline.process(batch)
+            if speed > 0:
+                time.sleep(BATCH_S / speed)
+            done += 1
+            if on_batch:
+                on_batch(done, total)
     pipeline.finish()
     return pipeline.report
 
 
+def user_spans(blocks: list[pl.DataFrame]) -> pl.DataFrame:
+    """First and last sample time per user."""
+    parts = [b.group_by("user").agg(pl.col("time").min().alias("start"), pl.col("time").max().alias("end")) for b in blocks]
+    schema = {"user": pl.String(), "start": pl.Datetime("ns", "UTC"), "end": pl.Datetime("ns", "UTC")}
+    return pl.concat([pl.DataFrame(schema=schema), *parts], how="vertical").sort("user")
+
+
 def _summary(
-    samples: pl.DataFrame,
+    spans: pl.DataFrame,
     windows: pl.DataFrame,
     alerts: pl.DataFrame,
     settings: Settings,
@@ -233,26 +311,22 @@ def _summary(
 ) -> dict[str, Any]:
     from . import __version__
 
-    per_user = (
-        samples.group_by("user")
-        .agg(((pl.col("time").max() - pl.col("time").min()).dt.total_seconds() / 86400).alias("days"))
-        .sort("user")
+    user_days = float(spans.select(((pl.col("end") - pl.col("start")).dt.total_seconds() / 86400).sum()).item() or 0.0)
+    span_days = (
+        (spans.get_column("end").max() - spans.get_column("start").min()).total_seconds() / 86400  # type: ignore[operator]
+        if spans.height
+        else 0.0
     )
-    user_days = float(per_user.get_column("days").sum()) if per_user.height else 0.0
     states = windows.group_by("state").len().sort("state")
     sent = int(alerts.get_column("sent").sum()) if alerts.height else 0
     return {
         "package_version": __version__,
         "inputs": inputs.as_dict(),
-        "users": per_user.height,
+        "users": spans.height,
         "user_days": round(user_days, 6),
-        "days": round(
-            (samples.get_column("time").max() - samples.get_column("time").min()).total_seconds() / 86400, 6  # type: ignore[operator]
-        )
-        if samples.height
-        else 0.0,
+        "days": round(span_days, 6),
         "windows": windows.height,
-        "windows_by_state": {s: int(n) for s, n in states.iter_rows()},
+        "windows_by_state": {st: int(n) for st, n in states.iter_rows()},
         "alerts_raised": alerts.height,
         "alerts_consented": sent,
         "alerts_withheld": alerts.height - sent,
@@ -263,11 +337,30 @@ def _summary(
     }
 
 
-def evaluate_alerts(alerts: pl.DataFrame, labels: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
-    """Episode-level metrics per user and overall (row ``user == "ALL"``); see :mod:`stresswatch.evaluate`."""
+def observed_spans(windows: pl.DataFrame) -> pl.DataFrame:
+    """Per user, from the end of calibration to the last window: the span in which the
+    detector could alert, and so the span evaluated against labels."""
+    return (
+        windows.group_by("user")
+        .agg(
+            pl.col("window_start").filter(pl.col("state") != "calibrating").min().alias("start"),
+            pl.col("window_end").max().alias("end"),
+        )
+        .drop_nulls()
+        .sort("user")
+    )
+
+
+def evaluate_alerts(alerts: pl.DataFrame, labels: pl.DataFrame, windows: pl.DataFrame) -> pl.DataFrame:
+    """Episode-level metrics per user and overall (row ``user == "ALL"``), over each user's
+    span after calibration; see :func:`stresswatch.evaluate.evaluate`."""
     from .evaluate import evaluate
 
-    return evaluate(alerts, labels, samples)
+    ev = evaluate(alerts, labels, observed_spans(windows))
+    overall = pl.DataFrame([{"user": "ALL", **ev.overall}])
+    if ev.by_user.height == 0:
+        return overall
+    return pl.concat([ev.by_user, overall], how="diagonal_relaxed")
 
 
 def replay(
@@ -292,37 +385,48 @@ def replay(
     of real time.
     """
     settings = settings or Settings()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     if isinstance(paths, pl.DataFrame):
         inputs = InputReport(rows_read=paths.height)
-        samples = clean_samples(paths.select(list(SAMPLES_SCHEMA)), inputs)
-        inputs.rows_kept = samples.height
+        blocks = [clean_samples(paths.select(list(SAMPLES_SCHEMA)), inputs)] if paths.height else []
+        inputs.rows_kept = sum(b.height for b in blocks)
     else:
-        samples, inputs = load_inputs(paths, registry, kind)
+        blocks, inputs = load_input_blocks(paths, registry, kind)
     label_frame = labels if isinstance(labels, pl.DataFrame) or labels is None else read_labels(labels)
+    spans = user_spans(blocks)
+    timings["read"] = time.perf_counter() - started
 
     ledger = None
     if consent_db is not None:
         if not Path(consent_db).is_file():
             raise StorageError("no consent ledger here", path=consent_db)
         ledger = ConsentLedger(consent_db)
+    started = time.perf_counter()
     try:
-        report = _run_pipeline(samples, settings, ledger, clock, speed, on_batch)
+        report = _run_pipeline(blocks, settings, ledger, clock, speed, on_batch)
     finally:
         if ledger is not None:
             ledger.close()
+    del blocks
     windows, alerts = report.windows_frame(), report.alerts_frame()
-    evaluation = evaluate_alerts(alerts, label_frame, samples) if label_frame is not None else None
+    timings["pipeline"] = time.perf_counter() - started
+    started = time.perf_counter()
+    evaluation = evaluate_alerts(alerts, label_frame, windows) if label_frame is not None else None
     if pseudonym_key is not None:
         fn = pseudonymiser(pseudonym_key)
-        windows, alerts, samples = (_pseudonymise(f, fn) for f in (windows, alerts, samples))
+        windows, alerts, spans = (_pseudonymise(f, fn) for f in (windows, alerts, spans))
         if evaluation is not None:
             evaluation = evaluation.with_columns(
                 pl.when(pl.col("user") == "ALL").then(pl.col("user")).otherwise(pl.col("user").map_elements(fn, return_dtype=pl.String))
             )
-    summary = _summary(samples, windows, alerts, settings, inputs, evaluation)
-    result = ReplayResult(windows, alerts, summary, evaluation, report)
+    summary = _summary(spans, windows, alerts, settings, inputs, evaluation)
+    timings["evaluate"] = time.perf_counter() - started
+    result = ReplayResult(windows, alerts, summary, evaluation, report, timings)
     if out is not None:
+        started = time.perf_counter()
         write_outputs(result, Path(out))
+        timings["write"] = time.perf_counter() - started
     return result
 
 

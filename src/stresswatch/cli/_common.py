@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -11,7 +12,8 @@ from rich.console import Console
 from ..config import Settings, load_settings
 from ..errors import ConfigError
 
-console = Console(highlight=False)
+# Piped output (files, CI logs, researchers' scripts) gets wide lines rather than cropped tables.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 console_err = Console(stderr=True, highlight=False)
 
 

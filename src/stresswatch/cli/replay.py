@@ -138,7 +138,20 @@ def replay(
         f"{s['alerts_raised']} alert(s) raised, {s['alerts_consented']} consented"
     )
     if result.evaluation is not None:
-        _print_table(result.evaluation, "evaluation against labels")
+        ev = result.evaluation.select(
+            "user",
+            pl.col("episodes").alias("episodes"),
+            pl.col("detected").alias("found"),
+            pl.col("alerts"),
+            pl.col("false_alerts").alias("false"),
+            pl.col("user_days").alias("days"),
+            "recall",
+            "precision",
+            "f1",
+            pl.col("false_alerts_per_user_day").alias("false/day"),
+            (pl.col("median_delay_s") / 60).alias("delay min"),
+        )
+        _print_table(ev, "evaluation against labels (after calibration)")
     if plot:
         from ..plot import plot_all
 
@@ -156,9 +169,18 @@ def _maybe_pseudonymised_labels(labels: pl.DataFrame | None, result, key: bytes 
 
 
 def _print_table(frame: pl.DataFrame, title: str) -> None:
-    table = Table(title=title)
-    for col in frame.columns:
-        table.add_column(col, justify="right" if frame.schema[col].is_numeric() else "left")
-    for row in frame.iter_rows():
-        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row))
+    from rich import box
+
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.3g}"
+        return str(v)
+
+    rows = [[fmt(v) for v in row] for row in frame.iter_rows()]
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, col in enumerate(frame.columns):
+        width = max([len(col), *(len(r[i]) for r in rows)])
+        table.add_column(col, justify="right" if frame.schema[col].is_numeric() else "left", no_wrap=True, min_width=width)
+    for r in rows:
+        table.add_row(*r)
     console.print(table)

@@ -1,0 +1,102 @@
+"""Replay throughput in user-days per second at --speed 0, end to end (read, detect, write).
+
+    python benchmarks/bench_replay.py --users 100 --days 10     # 1,000 user-days (full)
+    python benchmarks/bench_replay.py --users 10 --days 2       # quick
+
+Generates a simulated cohort at 1 beat/s per user (RR around 1000 ms with AR(1) beat-to-beat
+variability and a day/night rhythm; one Parquet file per user, as a study would hold it)
+into --data (reused if present), then replays it with ``stresswatch.replay`` and reports the
+time per phase: reading input, the pipeline (detector, consent gate), writing outputs. The
+reference in the same run is a bare ``polars.read_parquet`` of the same files, the floor for
+the reading phase. Target (issue 6): 1,000 user-days in under 60 s on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+T0 = int(datetime(2026, 1, 5, tzinfo=timezone.utc).timestamp()) * 1_000_000_000
+
+
+def generate(folder: Path, users: int, days: int, seed: int = 7) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    n = days * 86400  # 1 beat/s on average
+    for u in range(users):
+        path = folder / f"user{u:05d}.parquet"
+        paths.append(path)
+        if path.exists():
+            continue
+        t_s = np.arange(n, dtype=np.float64)
+        night = ((t_s / 3600.0) % 24 < 7).astype(np.float64)
+        e = rng.standard_normal(n)
+        ar = np.empty(n)
+        # AR(1) with phi 0.5 by a vectorised filter: scipy.signal.lfilter is exact and fast
+        from scipy.signal import lfilter
+
+        ar = lfilter([np.sqrt(1 - 0.25)], [1.0, -0.5], e)
+        rr = 1000.0 + 120.0 * night + 35.0 * (1 + 0.4 * night) * ar
+        time_ns = T0 + np.cumsum(rr * 1e6).astype(np.int64)
+        pl.DataFrame(
+            {
+                "user": f"user{u:05d}",
+                "time": pl.Series(time_ns).cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"),
+                "metric": "rr_ms",
+                "value": np.round(rr, 1),
+                "source": "sim/strap",
+            }
+        ).write_parquet(path)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--users", type=int, default=100)
+    ap.add_argument("--days", type=int, default=10)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "stresswatch-bench-replay")
+    args = ap.parse_args()
+    from stresswatch import replay
+    from stresswatch.config import Settings
+
+    data = args.data / f"{args.users}x{args.days}"
+    t = time.perf_counter()
+    paths = generate(data, args.users, args.days)
+    gen_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ref = pl.concat([pl.read_parquet(p) for p in paths])
+    ref_s = time.perf_counter() - t
+    beats = ref.height
+    del ref
+
+    out = Path(tempfile.mkdtemp(prefix="stresswatch-bench-out-"))
+    t = time.perf_counter()
+    result = replay(paths, out=out, settings=Settings())
+    total_s = time.perf_counter() - t
+    phases = result.timings
+    user_days = args.users * args.days
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shutil.rmtree(out)
+    print(f"date {date.today()}  machine {platform.machine()} {os.cpu_count()} cores  python {platform.python_version()}  polars {pl.__version__}  POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS', 'unset')}")
+    print(f"cohort: {args.users} users x {args.days} days = {user_days} user-days, {beats:,} beats ({gen_s:.1f} s to generate or find)")
+    print(f"replay end to end: {total_s:.1f} s = {user_days / total_s:,.1f} user-days/s = {beats / total_s:,.0f} beats/s; peak RSS {rss_mb:,.0f} MB")
+    for name, secs in phases.items():
+        print(f"  {name:<10} {secs:7.2f} s  ({100 * secs / total_s:4.1f} %)")
+    print(f"reference: bare polars.read_parquet of the same files {ref_s:.2f} s")
+    print(f"windows {result.windows.height:,}, alerts {result.alerts.height}")
+
+
+if __name__ == "__main__":
+    main()
