@@ -98,7 +98,7 @@ class BleakHrsClient(HrsClient):
         try:
             found = await BleakScanner.discover(timeout=timeout_s, service_uuids=[HEART_RATE_SERVICE_UUID], return_adv=True)
         except (BleakError, OSError) as exc:
-            raise BleError(f"cannot scan: {exc}") from None
+            raise BleError(f"cannot scan for Bluetooth devices (no adapter, or BlueZ not running?): {exc}") from None
         out = []
         for device, adv in found.values():
             services = tuple(adv.service_uuids or ())

@@ -235,7 +235,10 @@ def stream(
                 "`stresswatch stream` sends them when the broker is back",
                 url=publisher.url,
             )
-        console_err.print(f"stream: every batch acknowledged by {publisher.url}")
+        if publisher.acked:
+            console_err.print(f"stream: all {publisher.acked} batch(es) acknowledged by {publisher.url}")
+        else:
+            console_err.print("stream: nothing to send")
     finally:
         publisher.close()
         outbox.close()

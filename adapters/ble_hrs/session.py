@@ -38,6 +38,7 @@ class Reading:
     arrival_ns: int
     measurement: HeartRateMeasurement
     beat_ns: tuple[int, ...]
+    watermark_ns: int = 0  # every later sample of this session is after this time
 
 
 @dataclass(frozen=True)
@@ -57,40 +58,90 @@ class Rejected:
     error: str
 
 
-SessionItem = Reading | Gap | Rejected
+@dataclass(frozen=True)
+class LinkLost:
+    """The device link dropped at ``t_ns`` (the gap itself is reported when it ends)."""
+
+    t_ns: int
 
 
-def readings_to_samples(items: Iterable[SessionItem], *, user: str, source: str = "ble_hrs") -> pl.DataFrame:
-    """Samples rows (SPEC): ``hr_bpm`` at each arrival, ``rr_ms`` at the beat ending each
-    interval. Missing data (no contact, implausible) produces no row at all."""
-    times: list[int] = []
-    metrics: list[str] = []
-    values: list[float] = []
-    for item in items:
-        if not isinstance(item, Reading):
-            continue
-        m = item.measurement
-        if m.hr_bpm is not None:
-            times.append(item.arrival_ns)
-            metrics.append(Metric.HR_BPM.value)
-            values.append(float(m.hr_bpm))
-        for rr, t in zip(m.rr_ms, item.beat_ns):
-            if rr is not None and t >= 0:
-                times.append(t)
-                metrics.append(Metric.RR_MS.value)
-                values.append(rr)
-    n = len(times)
-    frame = pl.DataFrame(
+SessionItem = Reading | Gap | Rejected | LinkLost
+HOLDBACK_NS = 5 * 10**9
+
+
+def _rows(item: Reading) -> Iterable[tuple[int, str, float]]:
+    m = item.measurement
+    if m.hr_bpm is not None:
+        yield item.arrival_ns, Metric.HR_BPM.value, float(m.hr_bpm)
+    for rr, t in zip(m.rr_ms, item.beat_ns):
+        if rr is not None and t >= 0:
+            yield t, Metric.RR_MS.value, rr
+
+
+def _frame(rows: list[tuple[int, str, float]], user: str, source: str) -> pl.DataFrame:
+    n = len(rows)
+    return pl.DataFrame(
         {
             "user": [user] * n,
-            "time": pl.Series(times, dtype=pl.Int64).cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"),
-            "metric": metrics,
-            "value": pl.Series(values, dtype=pl.Float64),
+            "time": pl.Series([r[0] for r in rows], dtype=pl.Int64).cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"),
+            "metric": [r[1] for r in rows],
+            "value": pl.Series([r[2] for r in rows], dtype=pl.Float64),
             "source": [source] * n,
         },
         schema=SAMPLES_SCHEMA,
     )
-    return frame.sort("time", maintain_order=True)
+
+
+class SampleAssembler:
+    """Turns readings into samples frames that are in time order *across* frames.
+
+    A strap notifies on its own schedule (e.g. 1 Hz), so the next notification's first beat
+    can precede this notification's arrival (where its HR sample is stamped). Rows are held
+    back until the reading's ``watermark_ns`` proves nothing earlier can still come; a row
+    that would still go backwards (pathological input) is moved just after the last one
+    emitted, so downstream windowing always sees a time-ordered stream. Memory: the rows of
+    the last few seconds.
+    """
+
+    def __init__(self, *, user: str, source: str = "ble_hrs") -> None:
+        self.user = user
+        self.source = source
+        self._held: list[tuple[int, str, float]] = []
+        self._watermark = -1
+        self._last = -1
+
+    def add(self, item: SessionItem) -> None:
+        if isinstance(item, Reading):
+            self._held.extend(_rows(item))
+            self._watermark = max(self._watermark, item.watermark_ns)
+
+    def _emit(self, rows: list[tuple[int, str, float]]) -> pl.DataFrame:
+        rows.sort(key=lambda r: r[0])
+        out = []
+        for t, metric, value in rows:
+            t = max(t, self._last)
+            out.append((t, metric, value))
+            self._last = t
+        return _frame(out, self.user, self.source)
+
+    def ready(self) -> pl.DataFrame:
+        """Rows no later sample can precede."""
+        now = [r for r in self._held if r[0] <= self._watermark]
+        self._held = [r for r in self._held if r[0] > self._watermark]
+        return self._emit(now)
+
+    def flush(self) -> pl.DataFrame:
+        rows, self._held = self._held, []
+        return self._emit(rows)
+
+
+def readings_to_samples(items: Iterable[SessionItem], *, user: str, source: str = "ble_hrs") -> pl.DataFrame:
+    """Samples rows (SPEC): ``hr_bpm`` at each arrival, ``rr_ms`` at the beat ending each
+    interval, sorted by time. Missing data (no contact, implausible) produces no row at all."""
+    assembler = SampleAssembler(user=user, source=source)
+    for item in items:
+        assembler.add(item)
+    return assembler.flush()
 
 
 class HrsSession:
@@ -124,6 +175,7 @@ class HrsSession:
         self._beats = BeatClock()
         self._contact_lost_ns: int | None = None
         self._stop = False
+        self._scans_ok = 0
 
     def stop(self) -> None:
         self._stop = True
@@ -163,6 +215,7 @@ class HrsSession:
                 elif kind == "disconnected":
                     self._raw(t_ns, "disconnected")
                     pending.append(rc.Disconnected(epoch))
+                    yield LinkLost(t_ns)
                     if self._contact_lost_ns is not None:
                         yield self._gap(self._contact_lost_ns, t_ns, "no_contact")
                         self._contact_lost_ns = None
@@ -188,8 +241,11 @@ class HrsSession:
                 return
             try:
                 devices = await self.client.scan(action.timeout_s)
+                self._scans_ok += 1
             except BleError as exc:
-                log.warning("ble: scan failed: %s", exc)
+                if self._scans_ok == 0:
+                    raise  # no working radio at all (no adapter, no BlueZ): say so, do not spin
+                log.warning("ble: scan failed: %s", exc)  # a radio that worked before: retry with backoff
                 devices = []
             pending.extend(rc.DeviceFound(d.address) for d in devices)
             pending.append(rc.ScanTimeout())  # ignored once a DeviceFound moved us on
@@ -235,6 +291,13 @@ class HrsSession:
             yield self._gap(int(action.start_s * 1e9), int(action.end_s * 1e9), action.reason)
         # StopScan / ScheduleTick: scans are bounded calls here, ticks are slept in run()
 
+    def _watermark(self, arrival_ns: int) -> int:
+        # Later HR samples are after this arrival, later beats after the last placed beat
+        # (beat times only increase). Before any beat, allow a new chain's first notification
+        # to reach back HOLDBACK_NS.
+        last_beat = self._beats.last_beat_ns
+        return min(arrival_ns, last_beat) if last_beat is not None else arrival_ns - HOLDBACK_NS
+
     def _reading(self, t_ns: int, data: bytes) -> Iterable[SessionItem]:
         self._raw(t_ns, "notify", data)
         try:
@@ -247,10 +310,10 @@ class HrsSession:
             self._beats = reset(self._beats)  # intervals measured without contact are noise
             if self._contact_lost_ns is None:
                 self._contact_lost_ns = t_ns
-            return [Reading(t_ns, m, tuple(-1 for _ in m.rr_1024))]
+            return [Reading(t_ns, m, tuple(-1 for _ in m.rr_1024), self._watermark(t_ns))]
         if self._contact_lost_ns is not None:
             out.append(self._gap(self._contact_lost_ns, t_ns, "no_contact"))
             self._contact_lost_ns = None
         self._beats, beats = place_beats(self._beats, t_ns, m.rr_1024, self.beat_config)
-        out.append(Reading(t_ns, m, tuple(beats)))
+        out.append(Reading(t_ns, m, tuple(beats), self._watermark(t_ns)))
         return out

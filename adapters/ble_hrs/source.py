@@ -16,7 +16,7 @@ import polars as pl
 
 from .client import ReplayClient
 from .recording import SUFFIX, read_recording
-from .session import Gap, HrsSession, Reading, Rejected, SessionItem, readings_to_samples
+from .session import Gap, HrsSession, Reading, Rejected, SampleAssembler
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +42,22 @@ class BleRecordingSource:
         recording = read_recording(self.path)
         user = self.user or recording.user or self.path.name.removesuffix(SUFFIX)
         session = HrsSession(ReplayClient(recording), recording.address, source_name=str(self.path))
-        chunk: list[SessionItem] = []
+        assembler = SampleAssembler(user=user, source=f"ble_hrs/{recording.name or 'device'}")
         readings = 0
         async for item in session.run():
             if isinstance(item, Gap):
                 self.gaps.append(item)
             elif isinstance(item, Rejected):
                 self.rejected.append(item)  # a live stream skips these too; say so below
-            chunk.append(item)
+            assembler.add(item)
             readings += isinstance(item, Reading)
             if readings >= self.batch_notifications:
-                yield readings_to_samples(chunk, user=user, source=f"ble_hrs/{recording.name or 'device'}")
-                chunk, readings = [], 0
-        if chunk:
-            yield readings_to_samples(chunk, user=user, source=f"ble_hrs/{recording.name or 'device'}")
+                frame = assembler.ready()
+                if frame.height:
+                    yield frame
+                readings = 0
+        frame = assembler.flush()
+        if frame.height:
+            yield frame
         if self.rejected:
             log.warning("%s: skipped %d malformed notification(s); first: %s", self.path, len(self.rejected), self.rejected[0].error)

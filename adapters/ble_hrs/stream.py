@@ -33,7 +33,7 @@ from stresswatch.errors import TransportError
 from stresswatch.ingest import MAX_BATCH_SAMPLES, IngestBatch
 
 from .outbox import Outbox
-from .session import Gap, Reading, Rejected, SessionItem, readings_to_samples
+from .session import Gap, LinkLost, Reading, Rejected, SampleAssembler, SessionItem
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class IngestStreamer:
         self.stream_id = stream_id or uuid.uuid4().hex
         self.seq = 0
         self.stats = StreamStats()
-        self._chunk: list[SessionItem] = []
+        self._assembler = SampleAssembler(user=user, source=source)
         self._chunk_start: int | None = None
         self._on_buffered = on_buffered
 
@@ -201,6 +201,9 @@ class IngestStreamer:
             self.stats.gaps.append(item)
             self.outbox.add_gap(item.start_ns, item.end_ns, item.reason)
             return
+        if isinstance(item, LinkLost):
+            self.flush()  # the samples before an outage must not wait in memory for the device to return
+            return
         if isinstance(item, Rejected):
             self.stats.rejected += 1
             return
@@ -208,15 +211,14 @@ class IngestStreamer:
         self.stats.notifications += 1
         if self._chunk_start is None:
             self._chunk_start = item.arrival_ns
-        self._chunk.append(item)
+        self._assembler.add(item)
         if item.arrival_ns - self._chunk_start >= self.batch_ns:
-            self.flush()
+            self.flush(final=False)
 
-    def flush(self) -> None:
-        if not self._chunk:
-            return
-        frame = readings_to_samples(self._chunk, user=self.user, source=self.source)
-        self._chunk, self._chunk_start = [], None
+    def flush(self, *, final: bool = True) -> None:
+        """Buffer what is ready as batches (``final``: everything, at the end of the stream)."""
+        frame = self._assembler.flush() if final else self._assembler.ready()
+        self._chunk_start = None
         for start in range(0, max(frame.height, 1), MAX_BATCH_SAMPLES):
             part = frame.slice(start, MAX_BATCH_SAMPLES)
             if part.height == 0:

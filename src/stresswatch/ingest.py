@@ -163,6 +163,7 @@ class IngestReceiver:
         client_id: str = "stresswatch-engine-ingest",
         on_invalid: Callable[[Rejection], None] | None = None,
         timeout_s: float = 10.0,
+        reconnect_max_s: int = 10,
     ) -> None:
         self.url = url
         self.topics = topics
@@ -187,6 +188,7 @@ class IngestReceiver:
             on_message=self._message,
             timeout_s=timeout_s,
         )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)  # paho's default grows to 120 s
         self._client.on_subscribe = self._on_subscribe
         self._client.on_connect = self._on_reconnect
         self._client.subscribe(self.subscription, qos=1)
