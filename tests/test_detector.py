@@ -136,3 +136,162 @@ def test_late_samples_are_dropped_and_counted():
     out = d.update(late)
     assert out.windows.height == 0
     assert d.late_samples == 10
+
+
+# -- episode state machine: the vectorised scan equals a window-by-window reference ----------
+
+def reference_episodes(scores, *, enter, exit_, sustain, exit_windows, cooldown_w):
+    """The documented rules, one window at a time (window i starts at i, ends at i + 1)."""
+    run = calm = 0
+    run_start = None
+    in_ep = False
+    last_alert = None
+    out = []
+    for i, sc in enumerate(scores):
+        hot = sc is not None and sc >= enter
+        cool = sc is not None and sc < exit_
+        if hot:
+            run_start = i if run == 0 else run_start
+            run += 1
+        else:
+            run = 0
+        calm = calm + 1 if cool else 0
+        if in_ep and calm >= exit_windows:
+            in_ep = False
+        alert = False
+        if not in_ep and run >= sustain:
+            in_ep = True
+            if last_alert is None or (i + 1) - last_alert >= cooldown_w:
+                alert = True
+                last_alert = i + 1
+        out.append((in_ep, alert, run_start if alert else None))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.one_of(st.none(), st.sampled_from([-1.0, 0.5, 1.0, 1.5, 2.0, 3.0])), min_size=1, max_size=60),
+    st.lists(st.integers(1, 59), max_size=4),
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(0, 10),
+)
+def test_episode_scan_equals_sequential_rules_in_any_chunking(scores, cuts, sustain, exit_windows, cooldown_w):
+    from stresswatch.detect.episodes import EpisodeState, scan
+
+    ref = reference_episodes(scores, enter=2.0, exit_=1.0, sustain=sustain, exit_windows=exit_windows, cooldown_w=cooldown_w)
+    state = EpisodeState.empty(2)
+    got = []
+    bounds = sorted({0, len(scores), *[c for c in cuts if c < len(scores)]})
+    for lo, hi in zip(bounds, bounds[1:]):
+        # user 1 gets the same scores: users must not influence each other
+        sc = np.array([np.nan if x is None else x for x in scores[lo:hi]] * 2)
+        u = np.repeat([0, 1], hi - lo)
+        t0 = np.tile(np.arange(lo, hi), 2) * 1_000_000_000
+        in_ep, alert, ep_start = scan(
+            state, u, sc, t0, t0 + 1_000_000_000,
+            score_enter=2.0, score_exit=1.0, sustain_windows=sustain, exit_windows=exit_windows, cooldown_s=cooldown_w,
+        )
+        n = hi - lo
+        assert (in_ep[:n] == in_ep[n:]).all() and (alert[:n] == alert[n:]).all()
+        got += [(bool(e), bool(a), int(s) // 1_000_000_000 if a else None) for e, a, s in zip(in_ep[:n], alert[:n], ep_start[:n])]
+    assert got == ref
+
+
+# -- richer streaming data: HR-only watch, steps, artefacts, three users -----------------------
+
+def mixed(seed: int = 5) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    base = SYN.with_columns(
+        pl.when(pl.int_range(pl.len()) % 97 == 0).then(pl.col("value") * 1.6).otherwise(pl.col("value")).alias("value")
+    )
+    t = np.arange(0, 7200, 5.0)
+    watch = pl.DataFrame(
+        {"user": "w", "time": T0 + (t * 1e9).astype(np.int64), "metric": "hr_bpm",
+         "value": np.round(70 + 3 * rng.standard_normal(len(t)) + 25 * ((t > 3000) & (t < 3900))), "source": "watch"}
+    )
+    tm = np.arange(60, 7200, 60.0)
+    steps = pl.DataFrame(
+        {"user": "w", "time": T0 + (tm * 1e9).astype(np.int64), "metric": "steps",
+         "value": np.where((tm > 3000) & (tm < 3900), 120.0, 2.0), "source": "watch"}
+    )
+    extra = pl.concat([watch, steps]).with_columns(pl.col("time").cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"))
+    return pl.concat([base, extra]).sort("time", "user")
+
+
+MIX = mixed()
+MIX_WINDOWS, MIX_ALERTS = batch_pass(MIX)
+
+
+@st.composite
+def mixed_chunkings(draw):
+    per_user = []
+    users = sorted(set(MIX["user"]))
+    for user in users:
+        part = MIX.filter(pl.col("user") == user)
+        cuts = sorted(draw(st.lists(st.integers(0, part.height), max_size=5)))
+        bounds = [0, *cuts, part.height]
+        per_user.append([part[lo:hi] for lo, hi in zip(bounds, bounds[1:]) if hi > lo])
+    order = draw(st.permutations([i for i, chunks in enumerate(per_user) for _ in chunks]))
+    pos = [0] * len(per_user)
+    out = []
+    for i in order:
+        out.append(per_user[i][pos[i]])
+        pos[i] += 1
+    restart_at = draw(st.integers(0, len(out)))
+    return out, restart_at
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mixed_chunkings())
+def test_streaming_with_restart_equals_batch_on_mixed_sources(plan):
+    chunks, restart_at = plan
+    d = Detector(SMALL)
+    windows, alerts = [], []
+    for i, c in enumerate(chunks):
+        if i == restart_at:
+            d = Detector.from_bytes(d.to_bytes(), SMALL)
+        out = d.update(c)
+        windows.append(out.windows)
+        alerts += out.alerts
+    out = d.flush()
+    windows.append(out.windows)
+    alerts += out.alerts
+    got = pl.concat(windows).sort("user", "window_start")
+    assert got.equals(MIX_WINDOWS)
+    assert sorted(alerts, key=lambda a: a.alert_id) == sorted(MIX_ALERTS, key=lambda a: a.alert_id)
+
+
+def test_mixed_sources_hr_only_windows_and_exercise_suppression():
+    w = MIX_WINDOWS.filter(pl.col("user") == "w")
+    assert set(w["signal"]) == {"hr_only"}
+    assert w["rmssd_ms"].null_count() == w.height and w["hr_mean"].null_count() == 0
+    # steps >= 60/min from 50 to 65 min: suppressed, and so is the recovery after it
+    moving = w.filter(pl.col("steps") >= 60 * SMALL.window_s / 60)
+    assert moving.height > 0 and set(moving["state"]) == {"suppressed_motion"}
+    assert not any(a.user == "w" for a in MIX_ALERTS)
+    # artefacts injected into user b's beats are removed and counted
+    assert MIX_WINDOWS.filter(pl.col("user") == "b")["n_rr_removed"].sum() > 0
+
+
+def test_advance_finishes_windows_like_flush():
+    d = Detector(SMALL)
+    first = d.update(SYN)
+    end_ns = int(SYN["time"].max().timestamp() * 1e9)  # user b's last beat, in the window ending 02:00
+    early = d.advance(end_ns, grace_s=60)  # only a's last window (ended 01:58) is over by grace_s
+    assert early.windows.select("user", pl.col("window_end").dt.strftime("%H:%M")).rows() == [("a", "01:58")]
+    ticked = d.advance(end_ns + 10 * 60 * 1_000_000_000, grace_s=60)
+    assert set(ticked.windows["user"]) == {"b"}
+    got = pl.concat([first.windows, early.windows, ticked.windows]).sort("user", "window_start")
+    assert got.equals(BATCH_WINDOWS)
+
+
+def test_state_per_user_is_bounded_whatever_the_history():
+    d = Detector()
+    assert d.state_bytes_per_user() <= 4096
+    d.update(SYN)
+    before = len(d.to_bytes())
+    d.flush()
+    assert d.state_bytes_per_user() <= 4096
+    assert d.baselines.hr.shape[1:] == (d.settings.baseline_slots, d.settings.baseline_windows)
+    assert before > 0

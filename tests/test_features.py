@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from stresswatch.config import DetectorSettings
 from stresswatch.detect.features import clean_rr, window_features
+from stresswatch_fixtures import path as fixture_path
 
 T0 = datetime(2026, 3, 2, tzinfo=timezone.utc)
 
@@ -88,3 +89,52 @@ def test_features_are_finite_or_missing_for_any_rr(rr):
         vals = f[col].drop_nulls().to_numpy()
         assert np.isfinite(vals).all()
     assert (f["n_beats"] + f["n_rr_removed"]).sum() == len(rr)
+
+
+def direct_window_features(rr_by_window: list[np.ndarray], s: DetectorSettings) -> list[dict[str, float]]:
+    """The documented conventions, written as plainly as possible: one loop per window."""
+    out = []
+    for rr in rr_by_window:
+        kept, prev_in_range = [], None
+        removed = 0
+        for x in rr:
+            if not (s.rr_min_ms <= x <= s.rr_max_ms):
+                removed += 1
+                continue
+            jump = prev_in_range is not None and abs(x - prev_in_range) > s.rr_max_change * prev_in_range
+            prev_in_range = x
+            if jump:
+                removed += 1
+            else:
+                kept.append(x)
+        k = np.array(kept)
+        d = np.diff(k)
+        out.append(
+            {
+                "n_beats": len(k),
+                "n_rr_removed": removed,
+                "hr_mean": float(np.mean(60000.0 / k)),
+                "rmssd_ms": float(np.sqrt(np.mean(d**2))),
+                "sdnn_ms": float(np.std(k, ddof=1)),
+                "pnn50": float(np.sum(np.abs(d) > 50) / len(d)),
+            }
+        )
+    return out
+
+
+def test_features_equal_direct_reference_on_real_beats_with_artefacts():
+    real = np.loadtxt(fixture_path("rr/pyhrv_nsrdb_nni_long.csv"), skiprows=1)
+    rng = np.random.default_rng(4)
+    rr = real.copy()
+    hit = rng.choice(len(rr), 120, replace=False)
+    rr[hit] *= rng.choice([0.5, 1.7, 3.0], len(hit))  # extra/missed beats and out-of-range values
+    s = DetectorSettings()
+    f = window_features(rr_samples("nsr", rr.tolist()), s)
+    t = np.cumsum(rr) / 1000.0  # seconds from T0 (midnight, so windows start at multiples of 300 s)
+    win = (t // s.window_s).astype(int)
+    ref = direct_window_features([rr[win == k] for k in np.unique(win)], s)
+    assert f.height == len(ref) == 13
+    for row, r in zip(f.iter_rows(named=True), ref):
+        for k, v in r.items():
+            assert abs(row[k] - v) <= 1e-9 * max(1.0, abs(v)), (k, row[k], v)
+    assert f["n_rr_removed"].sum() >= 120

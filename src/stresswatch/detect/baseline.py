@@ -6,8 +6,8 @@ resolution 0.03-0.06 bpm, ln RMSSD 0.002-0.004: far below the scale floors), so 
 user is ``slots * capacity * 2 features * 2 B`` plus small counters and cached statistics:
 3,456 B + 176 B at the defaults (4 slots x 216 windows), whatever the history length.
 
-The median and 1.4826 x MAD of a (user, slot) are recomputed at the first window of each
-refresh period (``baseline_refresh_s``, default 1 h) and cached in between; a slot is
+The median and 1.4826 x MAD of a user's slots are recomputed (where they learned) at the
+first window of each refresh period (``baseline_refresh_s``, default 1 h) and cached in between; a slot is
 calibrating until it holds ``baseline_min_windows``. Each user's periods are offset by a
 phase (CRC-32 of the user id) so 100,000 users do not all recompute in the same tick. All of
 this depends only on each user's own sequence of windows, so streaming and batch agree exactly.
@@ -34,7 +34,8 @@ class Baselines:
     ln_rmssd: np.ndarray
     pushed: np.ndarray  # (users, slots) int32: windows ever learned (ring head = pushed % capacity)
     stats: np.ndarray  # (users, slots, 4) float32: hr median, hr scale, ln median, ln scale; NaN until ready
-    stamp: np.ndarray  # (users, slots) int64: refresh period of the cached stats
+    stamp: np.ndarray  # (users,) int64: refresh period of the cached stats
+    seen: np.ndarray  # (users, slots) int32: `pushed` when the stats were computed
     phase: np.ndarray  # (users,) int16: the user's refresh periods start this many windows late
 
     @classmethod
@@ -44,7 +45,8 @@ class Baselines:
             np.full((users, slots, capacity), np.nan, np.float16),
             np.zeros((users, slots), np.int32),
             np.full((users, slots, 4), np.nan, np.float32),
-            np.full((users, slots), np.iinfo(np.int64).min, np.int64),
+            np.full(users, np.iinfo(np.int64).min, np.int64),
+            np.zeros((users, slots), np.int32),
             np.zeros(users, np.int16),
         )
 
@@ -64,26 +66,32 @@ class Baselines:
     def bytes_per_user(self) -> int:
         return sum(getattr(self, f.name)[:1].nbytes for f in fields(self))
 
-    def refresh(self, u: np.ndarray, slot: np.ndarray, period: np.ndarray, *, min_windows: int, hr_floor: float, ln_floor: float) -> None:
-        """Recompute the statistics of each (user, slot) whose cached ones are from an earlier
-        refresh period; rows sorted by user then time."""
-        due = self.stamp[u, slot] != period
+    def refresh(self, u: np.ndarray, period: np.ndarray, *, min_windows: int, hr_floor: float, ln_floor: float) -> None:
+        """At the first window of a user's new refresh period, recompute the statistics of
+        every slot that learned since the last time (rows sorted by user then time). All
+        slots at once, so a neighbouring slot's statistics are also fixed for the period."""
+        due = self.stamp[u] != period
         if not due.any():
             return
-        u, slot, period = u[due], slot[due], period[due]
+        u, period = u[due], period[due]
         first = np.ones(len(u), bool)
-        first[1:] = (u[1:] != u[:-1]) | (slot[1:] != slot[:-1])
-        u, slot, period = u[first], slot[first], period[first]
-        self.stamp[u, slot] = period
-        ready = self.pushed[u, slot] >= min_windows
-        self.stats[u[~ready], slot[~ready]] = np.nan
-        u, slot = u[ready], slot[ready]
-        if len(u) == 0:
-            return
-        for j, (ring, floor) in enumerate(((self.hr, hr_floor), (self.ln_rmssd, ln_floor))):
-            med, mad = _median_mad(ring[u, slot].astype(np.float32))
-            self.stats[u, slot, 2 * j] = med
-            self.stats[u, slot, 2 * j + 1] = np.maximum(MAD_TO_SD * mad, floor)
+        first[1:] = u[1:] != u[:-1]
+        u, period = u[first], period[first]
+        self.stamp[u] = period
+        for slot in range(self.hr.shape[1]):
+            uc = u[self.pushed[u, slot] != self.seen[u, slot]]
+            if len(uc) == 0:
+                continue
+            self.seen[uc, slot] = self.pushed[uc, slot]
+            ready = self.pushed[uc, slot] >= min_windows
+            self.stats[uc[~ready], slot] = np.nan
+            ur = uc[ready]
+            if len(ur) == 0:
+                continue
+            for j, (ring, floor) in enumerate(((self.hr, hr_floor), (self.ln_rmssd, ln_floor))):
+                med, mad = _median_mad(ring[ur, slot].astype(np.float32))
+                self.stats[ur, slot, 2 * j] = med
+                self.stats[ur, slot, 2 * j + 1] = np.maximum(MAD_TO_SD * mad, floor)
 
     def push(self, u: np.ndarray, slot: np.ndarray, hr: np.ndarray, ln_rmssd: np.ndarray) -> None:
         """Learn windows (rows sorted by user then time); NaN ln RMSSD (HR-only) is stored as NaN."""

@@ -201,18 +201,38 @@ class Detector:
         out = {k: np.full(n, np.nan) for k in ("hr_baseline", "hr_z", "ln_rmssd_baseline", "ln_rmssd_z", "score")}
         state = np.empty(n, np.int8)
         alert_all = np.zeros(n, bool)
+        slot_used = slot.copy()
         ep_start_all = np.zeros(n, np.int64)
         rec_ns = s.motion_recovery_s * NS
         for r in range(len(bounds) - 1):
             rows = order[bounds[r] : bounds[r + 1]]
             ui, si = u[rows], slot[rows]
-            bl.refresh(ui, si, period[rows], min_windows=s.baseline_min_windows, hr_floor=s.hr_scale_floor_bpm, ln_floor=s.ln_rmssd_scale_floor)
-            st4 = bl.stats[ui, si].astype(np.float64)
-            hr_med, hr_sd, ln_med, ln_sd = st4[:, 0], st4[:, 1], st4[:, 2], st4[:, 3]
-            ready = ~np.isnan(hr_med)
+            bl.refresh(ui, period[rows], min_windows=s.baseline_min_windows, hr_floor=s.hr_scale_floor_bpm, ln_floor=s.ln_rmssd_scale_floor)
             h, ln = hr[rows], lnr[rows]
             t0, t1 = start_ns[rows], end_ns[rows]
-            exercise = np.where(ready, h >= s.exercise_hr_ratio * hr_med, h >= s.exercise_hr_bpm)
+            # Score against the window's own time-of-day baseline and its neighbours, keeping
+            # the least alarming: waking up early or going to bed late compares an awake
+            # window with a sleeping slot, which is not stress (see docs/DETECTOR.md).
+            best = None
+            for k, shift in enumerate((0, -1, 1)[: min(3, s.baseline_slots)]):
+                sj = (si + shift) % s.baseline_slots
+                st4 = bl.stats[ui, sj].astype(np.float64)
+                z_h = (h - st4[:, 0]) / st4[:, 1]
+                z_l = (ln - st4[:, 2]) / st4[:, 3]
+                # Mean of the available evidence: HR up and ln RMSSD down (HR-only: HR alone).
+                sc = np.where(np.isnan(z_l), z_h, 0.5 * (z_h - z_l))
+                if best is None:
+                    best = [sc, z_h, z_l, st4, sj]
+                    ready = ~np.isnan(st4[:, 0])
+                    continue
+                better = ready & ~np.isnan(sc) & (sc < best[0])
+                for j, v in enumerate((sc, z_h, z_l)):
+                    best[j] = np.where(better, v, best[j])
+                best[3] = np.where(better[:, None], st4, best[3])
+                best[4] = np.where(better, sj, best[4])
+            score, z_hr, z_ln, st4, used_slot = best
+            hr_med, ln_med = st4[:, 0], st4[:, 2]
+            exercise = np.where(ready, h >= s.exercise_hr_ratio * bl.stats[ui, si, 0], h >= s.exercise_hr_bpm)
             move = moving[rows] | exercise
             # recovery: a window starting before (end of the user's last movement window + recovery)
             m = len(rows)
@@ -231,10 +251,6 @@ class Detector:
             gend = gstarts + glen - 1
             self._motion_until_ns[ui[gstarts]] = np.where(lm[gend] >= gstarts, t1[np.maximum(lm[gend], 0)] + rec_ns, self._motion_until_ns[ui[gstarts]])
             suppressed = move | recovering
-            z_hr = (h - hr_med) / hr_sd
-            z_ln = (ln - ln_med) / ln_sd
-            # Mean of the available evidence: HR up and ln RMSSD down (HR-only: HR alone).
-            score = np.where(np.isnan(z_ln), z_hr, 0.5 * (z_hr - z_ln))
             ins = insufficient[rows]
             st = np.where(
                 ins, INSUFFICIENT, np.where(~ready, CALIBRATING, np.where(suppressed, SUPPRESSED, np.where(score >= s.score_enter, ELEVATED, OK)))
@@ -262,13 +278,14 @@ class Detector:
             out["hr_z"][rows] = z_hr
             out["ln_rmssd_z"][rows] = z_ln
             out["score"][rows] = score
+            slot_used[rows] = used_slot
             alert_all[rows] = alert
             ep_start_all[rows] = ep_start
 
         feats = features_frame(f, self._names, s)
         windows = feats.with_columns(
             *(pl.Series(k, v, pl.Float64).fill_nan(None) for k, v in out.items()),
-            pl.Series("baseline_slot", slot, pl.Int64),
+            pl.Series("baseline_slot", slot_used, pl.Int64),
             pl.Series("state", STATES[state], pl.String),
         ).select(list(WINDOW_SCHEMA))
         alerts = []
