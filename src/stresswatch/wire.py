@@ -1,0 +1,203 @@
+"""Compact binary ingest payload (``SWB``, version 1): a sample batch as columns of fixed-width numbers.
+
+Pure bytes in, bytes out; no I/O. :func:`decode` raises only :class:`~stresswatch.errors.ParseError`,
+whatever the bytes. The JSON payload of :class:`stresswatch.ingest.IngestBatch` carries the same
+fields; this one is about 3x smaller and decodes into numpy arrays without a per-sample Python
+object (measured in ``benchmarks/bench_ingest_wire.py``; layout in ``docs/INGEST.md``).
+
+A payload starts with the magic bytes ``FF 53 57`` (``0xFF "SW"``). ``0xFF`` never occurs in UTF-8
+text, so no JSON payload can start like this: the receiver tells the formats apart by the
+first byte, over MQTT 3.1.1 as well as 5, without a content-type property.
+
+Layout (little-endian)::
+
+    offset  size  field
+    0       3     magic FF 53 57
+    3       1     version = 1
+    4       1     time_encoding: 0 = n x int64 ns since the epoch; 1 = int64 t0 + (n-1) x int32 deltas
+    5       1     time_exp: deltas are in units of 10**time_exp ns (0..9; 0 when time_encoding = 0)
+    6       1     value_encoding: 0 = float64; 1 = float32 (used only when lossless)
+    7       1     reserved, 0
+    8       8     seq (uint64)
+    16      4     n samples (uint32, <= MAX_SAMPLES)
+    20      2     user length (bytes), 22: stream_id length, 24: source length (uint16 each)
+    26      ...   user, stream_id, source (UTF-8), then the time, metric (n x uint8) and value columns
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ParseError
+
+MAGIC = b"\xffSW"
+VERSION = 1
+MAX_SAMPLES = 100_000  # same bound as the JSON format (ingest.MAX_BATCH_SAMPLES)
+MAX_STREAM_ID = 64
+# Wire codes are part of the format: append only, never renumber.
+METRICS: tuple[str, ...] = ("rr_ms", "hr_bpm", "steps", "motion")
+METRIC_CODE = {m: i for i, m in enumerate(METRICS)}
+
+_HEADER = struct.Struct("<3sBBBBBQIHHH")
+HEADER_BYTES = _HEADER.size  # 26
+TIME_ABSOLUTE, TIME_DELTA32 = 0, 1
+VALUE_F64, VALUE_F32 = 0, 1
+_I32 = np.iinfo(np.int32)
+_SAFE_NS = 2**62  # reconstructed times must stay well inside int64
+
+
+@dataclass(frozen=True)
+class WireBatch:
+    """A decoded batch: the header strings and three equal-length columns."""
+
+    user: str
+    stream_id: str
+    seq: int
+    source: str
+    time_ns: np.ndarray  # int64
+    metric_code: np.ndarray  # uint8, index into METRICS
+    value: np.ndarray  # float64
+
+    @property
+    def metrics(self) -> list[str]:
+        return [METRICS[c] for c in self.metric_code.tolist()]
+
+
+def is_binary(payload: bytes) -> bool:
+    """Whether ``payload`` is meant for this decoder: its first byte is 0xFF, which UTF-8 (so
+    JSON) never contains; the decoder then checks the rest of the magic and the version."""
+    return payload[:1] == b"\xff"
+
+
+def encode(
+    *,
+    user: str,
+    stream_id: str,
+    seq: int,
+    source: str,
+    time_ns: np.ndarray | list[int],
+    metric_code: np.ndarray | list[int],
+    value: np.ndarray | list[float],
+) -> bytes:
+    """Encode one batch, choosing the smallest lossless time and value encodings.
+
+    Raises ``ValueError`` for input the format cannot carry (this is the sender's bug, not
+    malformed bytes): columns of different lengths, too many samples, an unknown metric code,
+    non-finite values, strings too long, a negative seq.
+    """
+    t = np.asarray(time_ns, dtype=np.int64)
+    m = np.asarray(metric_code, dtype=np.int64)
+    v = np.asarray(value, dtype=np.float64)
+    n = len(t)
+    if not n == len(m) == len(v):
+        raise ValueError("time_ns, metric_code and value must have the same length")
+    if n > MAX_SAMPLES:
+        raise ValueError(f"at most {MAX_SAMPLES} samples per batch")
+    if n and (m.min() < 0 or m.max() >= len(METRICS)):
+        raise ValueError("unknown metric code")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values must be finite")
+    if n and np.abs(t).max() >= _SAFE_NS:
+        raise ValueError("time_ns out of range")
+    if not 0 <= seq < 2**64:
+        raise ValueError("seq must fit an unsigned 64-bit integer")
+    strings = [s.encode() for s in (user, stream_id, source)]
+    if not strings[0] or not strings[1] or len(stream_id) > MAX_STREAM_ID or any(len(s) > 0xFFFF for s in strings):
+        raise ValueError("user and stream_id must be non-empty; stream_id at most 64 characters; strings < 64 KiB")
+
+    time_enc, exp, time_bytes = TIME_ABSOLUTE, 0, t.astype("<i8").tobytes()
+    if n >= 1:
+        d = np.diff(t)
+        # largest power-of-ten unit dividing every delta keeps int32 deltas lossless and in range
+        for e in (9, 6, 3, 0):
+            unit = 10**e
+            if d.size and np.any(d % unit):
+                continue
+            q = d // unit
+            if q.size == 0 or (q.min() >= _I32.min and q.max() <= _I32.max):
+                time_enc, exp = TIME_DELTA32, e
+                time_bytes = t[:1].astype("<i8").tobytes() + q.astype("<i4").tobytes()
+                break
+    with np.errstate(over="ignore"):  # a value beyond float32's range simply stays float64
+        v32 = v.astype(np.float32)
+    if np.array_equal(v32.astype(np.float64), v):
+        value_enc, value_bytes = VALUE_F32, v32.astype("<f4").tobytes()
+    else:
+        value_enc, value_bytes = VALUE_F64, v.astype("<f8").tobytes()
+    header = _HEADER.pack(MAGIC, VERSION, time_enc, exp, value_enc, 0, seq, n, *(len(s) for s in strings))
+    return b"".join((header, *strings, time_bytes, m.astype(np.uint8).tobytes(), value_bytes))
+
+
+def decode(payload: bytes, *, source: str = "ingest") -> WireBatch:
+    """Decode a payload; anything malformed raises :class:`ParseError` naming the field.
+
+    ``source`` names where the bytes came from (the MQTT topic) in the error.
+    """
+    buf = bytes(payload)
+
+    def bad(message: str, field: str, position: int | None = None) -> ParseError:
+        return ParseError(message, source=source, position=position, field=field)
+
+    if len(buf) < HEADER_BYTES:
+        raise bad(f"payload of {len(buf)} bytes is shorter than the {HEADER_BYTES}-byte header", "header")
+    magic, version, time_enc, exp, value_enc, reserved, seq, n, lu, ls, lsrc = _HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise bad("not a binary ingest payload (magic FF 53 57 missing)", "magic", 0)
+    if version != VERSION:
+        raise bad(f"unsupported version {version} (this reader knows {VERSION})", "version", 3)
+    if time_enc not in (TIME_ABSOLUTE, TIME_DELTA32):
+        raise bad(f"unknown time encoding {time_enc}", "time_encoding", 4)
+    if exp > 9 or (time_enc == TIME_ABSOLUTE and exp != 0):
+        raise bad(f"time exponent {exp} out of range", "time_exp", 5)
+    if value_enc not in (VALUE_F64, VALUE_F32):
+        raise bad(f"unknown value encoding {value_enc}", "value_encoding", 6)
+    if reserved:
+        raise bad("reserved byte must be 0", "reserved", 7)
+    if n > MAX_SAMPLES:
+        raise bad(f"{n} samples exceed the limit of {MAX_SAMPLES}", "n", 16)
+    if lu == 0 or ls == 0 or ls > MAX_STREAM_ID * 4:
+        raise bad("user and stream_id must be non-empty (stream_id at most 64 characters)", "user" if lu == 0 else "stream_id", 20)
+    time_bytes = 8 * n if time_enc == TIME_ABSOLUTE else (8 + 4 * (n - 1) if n else 0)
+    value_bytes = (8 if value_enc == VALUE_F64 else 4) * n
+    expected = HEADER_BYTES + lu + ls + lsrc + time_bytes + n + value_bytes
+    if len(buf) != expected:
+        raise bad(f"payload is {len(buf)} bytes; its header describes {expected}", "length")
+    pos = HEADER_BYTES
+    strings = []
+    for name, length in (("user", lu), ("stream_id", ls), ("source", lsrc)):
+        try:
+            strings.append(buf[pos : pos + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise bad("not valid UTF-8", name, pos) from None
+        pos += length
+    user, stream_id, src = strings
+    if len(stream_id) > MAX_STREAM_ID:
+        raise bad("stream_id longer than 64 characters", "stream_id", HEADER_BYTES + lu)
+    if time_enc == TIME_ABSOLUTE:
+        t = np.frombuffer(buf, "<i8", n, pos).astype(np.int64)
+    elif n == 0:
+        t = np.zeros(0, np.int64)
+    else:
+        t0 = int(np.frombuffer(buf, "<i8", 1, pos)[0])
+        d = np.frombuffer(buf, "<i4", n - 1, pos + 8).astype(np.int64) * (10**exp)
+        approx = float(t0) + np.concatenate(([0.0], np.cumsum(d, dtype=np.float64)))
+        if abs(t0) >= _SAFE_NS or (approx.size and np.abs(approx).max() >= _SAFE_NS):
+            raise bad("times out of range", "time", pos)
+        t = np.empty(n, np.int64)
+        t[0] = t0
+        np.cumsum(d, out=t[1:])
+        t[1:] += t0
+    if n and np.abs(t).max() >= _SAFE_NS:
+        raise bad("times out of range", "time", pos)
+    pos += time_bytes
+    codes = np.frombuffer(buf, np.uint8, n, pos).copy()
+    if n and int(codes.max()) >= len(METRICS):
+        raise bad(f"unknown metric code {int(codes.max())}", "metric", pos + int(np.argmax(codes >= len(METRICS))))
+    pos += n
+    v = np.frombuffer(buf, "<f8" if value_enc == VALUE_F64 else "<f4", n, pos).astype(np.float64)
+    if not np.all(np.isfinite(v)):
+        raise bad("values must be finite", "value", pos)
+    return WireBatch(user, stream_id, int(seq), src, t, codes, v)
