@@ -9,6 +9,9 @@ Wire format (``schema_version`` 1): a JSON object (pydantic :class:`IngestBatch`
 
     {"schema_version": 1, "user": "alice", "stream_id": "…", "seq": 7, "source": "ble_hrs/…",
      "time_ns": [...], "metric": ["rr_ms", ...], "value": [...]}
+
+The same batch may also arrive in the compact binary format of :mod:`stresswatch.wire`
+(first bytes ``FF 53 57``); :meth:`IngestBatch.decode` accepts both (docs/INGEST.md).
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from .alerts.topics import Topics
 from .alerts.transport import connect
 from .errors import ParseError, TransportError
 from .model import SAMPLES_SCHEMA, Metric
+from . import wire
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH_SAMPLES = 100_000
+_METRICS = tuple(Metric(m) for m in wire.METRICS)
 
 
 class IngestBatch(BaseModel):
@@ -78,9 +83,33 @@ class IngestBatch(BaseModel):
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
 
+    def encode_binary(self) -> bytes:
+        """The same batch in the compact binary format (:mod:`stresswatch.wire`)."""
+        return wire.encode(
+            user=self.user,
+            stream_id=self.stream_id,
+            seq=self.seq,
+            source=self.source,
+            time_ns=self.time_ns,
+            metric_code=[wire.METRIC_CODE[m.value] for m in self.metric],
+            value=self.value,
+        )
+
+    @classmethod
+    def from_wire(cls, b: wire.WireBatch) -> IngestBatch:
+        """From a decoded binary batch (already checked against this model's constraints)."""
+        metrics = [_METRICS[c] for c in b.metric_code.tolist()]
+        return cls.model_construct(
+            schema_version=1, user=b.user, stream_id=b.stream_id, seq=b.seq, source=b.source,
+            time_ns=b.time_ns.tolist(), metric=metrics, value=b.value.tolist(),
+        )  # fmt: skip
+
     @classmethod
     def decode(cls, payload: bytes, *, topic: str = "ingest") -> IngestBatch:
-        """Parse a payload; anything malformed raises :class:`ParseError` naming the field."""
+        """Parse a payload, JSON or binary (:mod:`stresswatch.wire`, told apart by its first
+        byte); anything malformed raises :class:`ParseError` naming the field."""
+        if wire.is_binary(payload):
+            return cls.from_wire(wire.decode(payload, source=topic))
         try:
             return cls.model_validate_json(payload)
         except ValidationError as exc:
