@@ -90,15 +90,14 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
             console.print(f"[green]consent[/] {user} -> worker {WORKER}, shown as {st.display_name}, sees {visibility.value}")
         console.print("[yellow]no consent[/] carol: her alerts must be withheld")
 
-        received = threading.Event()
+        received = threading.Event()  # set whenever an alert arrives; the condition is checked below
         sent_ids: set[str] = set()
         got: list[Alert] = []
 
         def on_alert(alert: Alert) -> None:
             _print_alert(alert)
             got.append(alert)
-            if sent_ids and sent_ids <= {a.alert_id for a in got}:
-                received.set()
+            received.set()
 
         worker = WorkerClient(url, WORKER, on_alert, topics=topics, protocol=protocol)
         stack.callback(worker.close)
@@ -133,9 +132,15 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
                     time.sleep(BATCH_S / speed)
         pipeline.finish()
         report = pipeline.report
-        if sent_ids and not received.wait(wait_s):
-            missing = len(sent_ids - {a.alert_id for a in got})
-            raise TransportError(f"worker did not receive {missing} of {len(sent_ids)} alert(s) within {wait_s:g} s", url=url)
+        # The worker may receive an alert before its outcome is recorded here (another thread),
+        # so wait on the condition, not on a single notification.
+        deadline = time.monotonic() + wait_s
+        while not sent_ids <= {a.alert_id for a in got}:
+            if time.monotonic() > deadline:
+                missing = len(sent_ids - {a.alert_id for a in got})
+                raise TransportError(f"worker did not receive {missing} of {len(sent_ids)} alert(s) within {wait_s:g} s", url=url)
+            received.wait(0.1)
+            received.clear()
 
         table = Table(title="stresswatch demo", show_header=False)
         table.add_row("people", str(len(report.users)))
