@@ -150,3 +150,33 @@ def test_engine_alerts_only_consenting_users_and_records_acks(mosquitto, tmp_pat
     assert json.loads(retained(mosquitto.port, TOPICS.engine_status))["status"] == "offline"
     # samples of the consenting user were stored, the other's not
     assert SampleStore(state).users() == ["alice"]
+
+
+def test_unacknowledged_alert_escalates_to_the_group_on_the_engines_scheduler(mosquitto, tmp_path, rr_stream):
+    """apscheduler ticks drive escalation in the running engine (real clock, 1 s policy)."""
+    url = mosquitto.url
+    settings = settings_for(url, tmp_path / "engine", escalate_after_s=1, renotify_after_s=3600, max_reminders=0)
+    settings = settings.model_copy(update={"groups": {"team-north": ["kim", "lee"]}})
+    publish_consent(url, "alice", tmp_path / "alice.sqlite", recipients=["sam", "team-north"])
+    got: dict[str, list] = {w: [] for w in ("sam", "kim", "lee", "zoe")}
+    clients = [WorkerClient(url, w, got[w].append) for w in got]
+    eng, th = start_engine(settings, url)
+    try:
+        publish_stream(url, rr_stream("alice", int(time.time()) // 30 * 30 - 3600, 1, seed=3))
+        assert wait_for(lambda: len(got["sam"]) == 1)
+        assert wait_for(lambda: len(got["kim"]) == 1 and len(got["lee"]) == 1, 20)
+        a = got["sam"][0]
+        assert got["kim"][0].alert_id == got["lee"][0].alert_id == a.alert_id
+        assert (a.notice, got["kim"][0].notice) == (0, 1)
+        # kim takes it: no more notices to anyone
+        clients[1].ack(a.alert_id)
+        with Outbox(tmp_path / "engine" / "stresswatch.sqlite") as ob:
+            assert wait_for(lambda: ob.get(a.alert_id).acked_by == "kim")
+            assert ob.get(a.alert_id).targets == ("sam", "kim", "lee")
+        time.sleep(1.5)
+        assert [len(got[w]) for w in ("sam", "kim", "lee", "zoe")] == [1, 1, 1, 0]
+    finally:
+        eng.request_stop()
+        th.join(20)
+        for c in clients:
+            c.close()

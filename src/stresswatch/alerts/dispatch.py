@@ -111,7 +111,7 @@ class Dispatcher:
         return rec
 
     def _first_notice(self, rec: AlertRecord, d: AlertDecision, now: datetime) -> AlertRecord:
-        gate = decide(self.ledger.state(d.user), d, now)
+        gate = decide(self.ledger.state(d.user), d, now, queued_at=rec.queued_at)
         if gate.deferred and gate.retry_at is not None:
             return self.outbox.save(apply(rec, Deferred(gate.verdict.value, gate.retry_at)), "deferred", now, detail=gate.verdict.value)
         steps = route(gate.recipients, self.groups) if gate.allowed else []
@@ -139,7 +139,7 @@ class Dispatcher:
             if dl.id in self._inflight:
                 continue
             decision = self.outbox.decision(dl.alert_id)
-            gate = decide(self.ledger.state(dl.user), decision, now)  # SPEC: consent at send time
+            gate = decide(self.ledger.state(dl.user), decision, now, queued_at=dl.queued_at)  # SPEC: consent at send time
             if not gate.allowed:
                 self._not_now(dl.alert_id, gate.verdict, gate.retry_at, now)
                 continue
@@ -206,7 +206,7 @@ class Dispatcher:
                 self._first_notice(rec, d, now)
                 n += 1
                 continue
-            gate = decide(self.ledger.state(rec.user), d, now)
+            gate = decide(self.ledger.state(rec.user), d, now, queued_at=rec.queued_at)
             if not gate.allowed:
                 self._not_now(rec.alert_id, gate.verdict, gate.retry_at, now)
                 continue

@@ -64,6 +64,7 @@ class AlertRecord:
     note: str | None = None
     resolved_by: str | None = None
     resolved_at: datetime | None = None
+    queued_at: datetime | None = None  # when the engine raised it (wall clock)
 
     @property
     def notice(self) -> int:

@@ -98,11 +98,12 @@ class Delivery:
     user: str
     worker: str
     notice: int
+    queued_at: datetime
 
 
 _RECORD_COLS = (
     "alert_id, user, state, verdict, step, reminders, targets, last_sent_at, due_at, acked_by, acked_at,"
-    " outcome, note, resolved_by, resolved_at"
+    " outcome, note, resolved_by, resolved_at, created_at"
 )
 
 
@@ -123,6 +124,7 @@ def _record(r: tuple[Any, ...]) -> AlertRecord:
         note=r[12],
         resolved_by=r[13],
         resolved_at=_dt(r[14]),
+        queued_at=_dt(r[15]),
     )
 
 
@@ -270,11 +272,11 @@ class Outbox:
     # -- deliveries --------------------------------------------------------------------
     def pending(self, limit: int = 10_000) -> list[Delivery]:
         rows = self._db.execute(
-            "SELECT d.id, d.alert_id, a.user, d.worker, d.notice FROM deliveries d JOIN alerts a USING (alert_id)"
+            "SELECT d.id, d.alert_id, a.user, d.worker, d.notice, a.created_at FROM deliveries d JOIN alerts a USING (alert_id)"
             " WHERE d.delivered_at IS NULL AND d.dropped IS NULL ORDER BY d.id LIMIT ?",
             (limit,),
         ).fetchall()
-        return [Delivery(*r) for r in rows]
+        return [Delivery(*r[:5], datetime.fromisoformat(r[5])) for r in rows]
 
     def mark_delivered(self, ids: list[int], now: datetime) -> None:
         if not ids:

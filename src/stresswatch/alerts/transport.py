@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -80,9 +80,11 @@ class BrokerAddress:
     tls: bool
     username: str | None
     password: str | None
+    ca_file: str | None = None  # TLS: trust this CA (PEM) instead of the system's
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
+        """``mqtt://[user[:password]@]HOST[:PORT]`` or ``mqtts://...[?cafile=/path/ca.pem]``."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise TransportError("expected mqtt://HOST:PORT or mqtts://HOST:PORT", url=url)
@@ -91,12 +93,17 @@ class BrokerAddress:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
             raise TransportError("invalid port", url=url) from None
+        query = parse_qs(parts.query)
+        ca_file = query.get("cafile", [None])[-1]
+        if ca_file and not tls:
+            raise TransportError("cafile is for TLS: use mqtts://", url=url.split("?")[0])
         return cls(
             parts.hostname,
             port,
             tls,
             unquote(parts.username) if parts.username else None,
             unquote(parts.password) if parts.password else None,
+            ca_file,
         )
 
     def __str__(self) -> str:  # never print credentials
@@ -117,15 +124,18 @@ def connect(
     will: tuple[str, bytes] | None = None,
     on_message: object | None = None,
     on_reconnect: Callable[[mqtt.Client, bool], None] | None = None,
+    ca_file: str | None = None,
 ) -> mqtt.Client:
     """A connected paho client with its network loop running, or :class:`TransportError`.
 
     ``persistent_session`` keeps subscriptions and queued QoS 1 messages across reconnects
     (MQTT 5: clean start off with a session expiry; 3.1.1: clean session off). After a lost
     connection paho reconnects by itself (backing off up to 5 s) and then calls
-    ``on_reconnect(client, session_present)``.
+    ``on_reconnect(client, session_present)``. For ``mqtts://`` the server certificate is
+    checked against ``ca_file`` (or the URL's ``?cafile=``), else the system's CAs.
     """
     addr = BrokerAddress.parse(url)
+    ca_file = ca_file or addr.ca_file
     username = username or addr.username
     password = password or addr.password
     versions = {"auto": [mqtt.MQTTv5, mqtt.MQTTv311], "5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}[protocol]
@@ -138,7 +148,10 @@ def connect(
         if username:
             client.username_pw_set(username, password)
         if addr.tls:
-            client.tls_set()
+            try:
+                client.tls_set(ca_certs=ca_file)
+            except (OSError, ValueError) as exc:  # unreadable or not a PEM CA file
+                raise TransportError(f"TLS CA file {ca_file}: {exc}", url=str(addr)) from None
         if will:
             client.will_set(will[0], will[1], qos=1, retain=True)
         if on_message is not None:
@@ -178,6 +191,22 @@ def connect(
         if "protocol" not in last_error.lower():
             break  # refused for a reason other than the version: do not retry with another
     raise TransportError(f"connection refused: {last_error}", url=str(addr))
+
+
+class _PahoReceipt:
+    """paho's MQTTMessageInfo raises from ``is_published`` for a message published while
+    disconnected; here that is simply "not acknowledged (yet)": the outbox publishes it again."""
+
+    __slots__ = ("info",)
+
+    def __init__(self, info: mqtt.MQTTMessageInfo) -> None:
+        self.info = info
+
+    def is_published(self) -> bool:
+        try:
+            return self.info.is_published()
+        except (RuntimeError, ValueError):
+            return False
 
 
 def _reconnected(hook: Callable[[mqtt.Client, bool], None] | None) -> Callable[..., None] | None:
@@ -259,7 +288,7 @@ class MqttTransport:
         if len(self._pending) >= 10_000:  # a long-running engine: forget what was acknowledged
             self._pending = [i for i in self._pending if not i.is_published()]
         self._pending.append(info)
-        return info
+        return _PahoReceipt(info)
 
     def flush(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s

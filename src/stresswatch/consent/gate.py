@@ -41,11 +41,20 @@ class GateDecision:
         return self.verdict is Verdict.DEFERRED_QUIET_HOURS
 
 
-def decide(state: ConsentState | None, alert: AlertDecision, now: datetime) -> GateDecision:
-    """May this alert go out now, to whom, and showing what?"""
+def decide(
+    state: ConsentState | None, alert: AlertDecision, now: datetime, *, queued_at: datetime | None = None
+) -> GateDecision:
+    """May this alert go out now, to whom, and showing what?
+
+    ``queued_at``: when the alert entered the outbox. An alert queued before the user's last
+    withdrawal is never sent, even if the user granted again since: withdrawal drops what
+    was waiting, and a new grant applies to new alerts only.
+    """
     if state is None or state.status is Status.NONE:
         return GateDecision(Verdict.WITHHELD_NO_CONSENT)
     if state.status is Status.REVOKED:
+        return GateDecision(Verdict.WITHHELD_REVOKED)
+    if queued_at is not None and state.withdrawn_at is not None and queued_at <= state.withdrawn_at:
         return GateDecision(Verdict.WITHHELD_REVOKED)
     if state.expired(now):
         return GateDecision(Verdict.WITHHELD_EXPIRED)

@@ -2,12 +2,13 @@
 
 **Export** gathers, for one user, everything the project keeps: consent history (with the
 exact text of every version they agreed to), alert history (each alert's lifecycle), and
-samples as Open mHealth data points. The Open mHealth writer lives here, in the core, on
-purpose: export is a legal duty of the core and must work with no adapter installed, and the
-core never imports an adapter by name. It writes the public OMH schemas (``omh:heart-rate:2.0``,
-``omh:rr-interval:1.0``, ``omh:step-count:2.0``; motion, which has no OMH schema, as
-``stresswatch:motion:1.0``) so any OMH reader, including the project's own openmhealth
-source, can read it back.
+samples. Samples with an Open mHealth schema (``hr_bpm``, ``rr_ms``) are written as IEEE
+1752.1 / Open mHealth data points by the ``openmhealth`` writer registered in the
+``stresswatch.exporters`` entry-point group (the openmhealth adapter's ``to_omh``). One
+writer, next to the reader and the schemas it validates against, so an export reads back
+through ``stresswatch import openmhealth``; the core reaches it by entry point, never by
+name. Samples without an OMH schema (steps, motion), or all samples if no writer is
+installed, are exported as plain rows of the samples schema: nothing is left out.
 
 **Erasure** removes the user from every store: consent ledger rows, alert rows (alerts,
 deliveries, lifecycle events), stored samples and the persisted detector state. The ledger is
@@ -21,9 +22,9 @@ payloads; see docs/CONSENT.md.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,31 +37,26 @@ from .ledger import ConsentLedger
 from .state import CONSENT_TEXTS
 
 EXPORT_SCHEMA_VERSION = 1
-_OMH_NS = uuid.UUID("0a4b7c5e-2f1d-5e8a-9b3c-7d6e5f4a3b21")
-# metric -> (namespace, schema name, version, body key, unit)
-OMH_SCHEMAS: dict[str, tuple[str, str, str, str, str]] = {
-    "hr_bpm": ("omh", "heart-rate", "2.0", "heart_rate", "beats/min"),
-    "rr_ms": ("omh", "rr-interval", "1.0", "rr_interval", "ms"),
-    "steps": ("omh", "step-count", "2.0", "step_count", "steps"),
-    "motion": ("stresswatch", "motion", "1.0", "motion", "g"),
-}
+EXPORTERS_ENTRY_POINT_GROUP = "stresswatch.exporters"
+OMH_METRICS = ("hr_bpm", "rr_ms")
+
+OmhWriter = Callable[[pl.DataFrame], list[dict[str, Any]]]
 
 
-def omh_datapoints(samples: pl.DataFrame, *, created: datetime) -> Iterator[dict[str, Any]]:
-    """Samples (samples schema) as Open mHealth data points. Ids are stable (UUIDv5 of the row)."""
-    created_s = created.astimezone(timezone.utc).isoformat()
-    times = samples.get_column("time").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_list()
-    for t, (user, _, metric, value, source) in zip(times, samples.iter_rows()):
-        ns, name, version, key, unit = OMH_SCHEMAS[metric]
-        yield {
-            "header": {
-                "id": str(uuid.uuid5(_OMH_NS, f"{user}|{t}|{metric}|{value!r}|{source}")),
-                "creation_date_time": created_s,
-                "schema_id": {"namespace": ns, "name": name, "version": version},
-                "acquisition_provenance": {"source_name": source},
-            },
-            "body": {key: {"value": value, "unit": unit}, "effective_time_frame": {"date_time": t}},
-        }
+def omh_writer() -> OmhWriter | None:
+    """The registered Open mHealth writer (frames -> data points), or None."""
+    for ep in entry_points(group=EXPORTERS_ENTRY_POINT_GROUP):
+        if ep.name == "openmhealth":
+            try:
+                return ep.load()  # type: ignore[no-any-return]
+            except Exception:  # noqa: BLE001 - a broken plug-in: export plain rows instead
+                return None
+    return None
+
+
+def _plain_rows(frame: pl.DataFrame) -> Iterator[dict[str, Any]]:
+    f = frame.with_columns(pl.col("time").dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ"))
+    yield from f.iter_rows(named=True)
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -129,15 +125,29 @@ def export_user(
         "consent_history": consent,
         "alerts": alerts,
     }
+    writer = omh_writer()
+    head["samples_format"] = "openmhealth" if writer else "stresswatch-samples-v1"
     text = json.dumps(head, indent=1)
-    out.write(text[: text.rindex("}")].rstrip() + ',\n "samples": [')
+    out.write(text[: text.rindex("}")].rstrip())
     n = 0
-    for path in store.files(user) if store is not None else []:
-        frame = pl.read_parquet(path)
-        for dp in omh_datapoints(frame, created=now):
-            out.write(("\n  " if n == 0 else ",\n  ") + json.dumps(dp, separators=(",", ":")))
-            n += 1
-    out.write("\n ]\n}\n")
+    files = store.files(user) if store is not None else []
+    for section in ("samples", "other_samples"):
+        out.write(f',\n "{section}": [')
+        first = True
+        for path in files:
+            frame = pl.read_parquet(path)
+            if writer is None:
+                items: Iterator[dict[str, Any]] | list[dict[str, Any]] = _plain_rows(frame) if section == "samples" else []
+            elif section == "samples":
+                items = writer(frame.filter(pl.col("metric").is_in(OMH_METRICS)))
+            else:
+                items = _plain_rows(frame.filter(~pl.col("metric").is_in(OMH_METRICS)))
+            for item in items:
+                out.write(("\n  " if first else ",\n  ") + json.dumps(item, separators=(",", ":")))
+                first = False
+                n += 1
+        out.write("\n ]")
+    out.write("\n}\n")
     return {"consent_events": len(consent), "alerts": len(alerts), "samples": n}
 
 

@@ -142,6 +142,7 @@ class ConsentState:
     history: tuple[ConsentEvent, ...] = field(default=(), repr=False)
     quiet_hours: QuietHours | None = None
     expires_at: datetime | None = None
+    withdrawn_at: datetime | None = None  # the last revocation, kept across a later grant
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -177,4 +178,5 @@ def fold(user: str, events: list[ConsentEvent] | tuple[ConsentEvent, ...]) -> Co
             state = replace(state, status=Status.ACTIVE, since=ev.at)
         elif ev.action is Action.REVOKE:
             state = ConsentState(user, Status.REVOKED, (), Visibility.REACH_OUT, state.display_name, ev.at, ev.text_version)
-    return replace(state, history=tuple(events))
+    withdrawn = [ev.at for ev in events if ev.action is Action.REVOKE]
+    return replace(state, history=tuple(events), withdrawn_at=max(withdrawn) if withdrawn else None)
