@@ -100,6 +100,72 @@ def beat_times_ns(start_date: str, times: list[str]) -> list[int | None]:
     return out
 
 
+_DAY_NS = 86_400 * 10**9
+# The same grammar as _TIME_OF_DAY, for polars (Rust regex); [0-9] so both agree on digits.
+_TOD_POLARS = (
+    r"^(?P<pre>午前|午後|上午|下午|오전|오후)?\s*(?P<h>[0-9]{1,2})[:.](?P<m>[0-9]{2})[:.](?P<s>[0-9]{2})(?:[.,](?P<f>[0-9]{1,6}))?"
+    r"\s*(?P<post>[AaPp]\.?\s?[Mm]\.?)?$"
+)
+
+
+def _rr_from_beats(chunk: AppleChunk, user: str, rejected: Counter[str]) -> pl.DataFrame:
+    """Vectorised :func:`beat_times_ns` + successive differences for every beat of a chunk."""
+    if not chunk.beat_text:
+        return samples_frame(user, [], "rr_ms", [], "apple_health")
+    rec = pl.DataFrame({"start": chunk.sdnn_start, "source": chunk.sdnn_source}, schema={"start": pl.String, "source": pl.String})
+    rec = rec.with_columns(
+        start_ns=pl.col("start").str.to_datetime(_START_FORMAT, time_unit="ns", strict=False).dt.epoch("ns"),
+        offset_ns=pl.col("start").str.extract(r"([+-][0-9]{2})[0-9]{2}$").cast(pl.Int64, strict=False) * 3600 * 10**9
+        + pl.col("start").str.extract(r"([+-])[0-9]{2}([0-9]{2})$", 2).cast(pl.Int64, strict=False)
+        * 60
+        * 10**9
+        * pl.when(pl.col("start").str.extract(r"([+-])[0-9]{4}$") == "-").then(-1).otherwise(1),
+    ).with_row_index("rec")
+    g = (
+        pl.DataFrame({"text": chunk.beat_text, "rec": chunk.beat_record}, schema={"text": pl.String, "rec": pl.UInt32})
+        .with_columns(pl.col("text").str.replace_all("[\u202f\u00a0]", " ").str.strip_chars().str.extract_groups(_TOD_POLARS).alias("g"))
+        .unnest("g")
+        .join(rec, on="rec", how="left", maintain_order="left")
+    )
+    h = pl.col("h").cast(pl.Int64, strict=False)
+    m = pl.col("m").cast(pl.Int64, strict=False)
+    sec = pl.col("s").cast(pl.Int64, strict=False)
+    marker = pl.col("post").is_not_null() | pl.col("pre").is_not_null()
+    pm = pl.col("pre").is_in(sorted(_PM_PREFIX)) | pl.col("post").str.starts_with("P") | pl.col("post").str.starts_with("p")
+    hour = pl.when(marker).then(h % 12 + pl.when(pm.fill_null(False)).then(12).otherwise(0)).otherwise(h)
+    ok = h.is_not_null() & (~marker | ((h >= 1) & (h <= 12))) & (h <= 23) & (m <= 59) & (sec <= 60)
+    frac_ns = pl.col("f").fill_null("0").str.pad_end(9, "0").cast(pl.Int64, strict=False)
+    tod_ns = (hour * 3600 + m * 60 + sec) * 10**9 + frac_ns
+    local_start = pl.col("start_ns") + pl.col("offset_ns")
+    beat_local = (local_start // _DAY_NS) * _DAY_NS + tod_ns
+    # the day that puts the beat nearest the record's start (records cross midnight)
+    k = ((local_start - beat_local) / _DAY_NS).round(0).clip(-1, 1).cast(pl.Int64)
+    beats = g.with_columns(
+        t=pl.when(ok & pl.col("start_ns").is_not_null() & pl.col("offset_ns").is_not_null())
+        .then(beat_local + k * _DAY_NS - pl.col("offset_ns"))
+        .otherwise(None)
+    )
+    # microseconds, as the scalar path rounds
+    beats = beats.with_columns(t=(pl.col("t") / 1000).round(0).cast(pl.Int64) * 1000)
+    bad = int(beats.get_column("t").null_count())
+    if bad:
+        rejected["apple_health beat: time of day or record startDate does not parse"] += bad
+        beats = beats.filter(pl.col("t").is_not_null())
+    # ms to the microsecond (beat times are whole microseconds; polars divides by multiplying)
+    rr = beats.with_columns(rr=((pl.col("t") - pl.col("t").shift(1).over("rec")) / 1e6).round(3)).filter(pl.col("rr").is_not_null())
+    n = rr.height
+    return pl.DataFrame(
+        {
+            "user": pl.repeat(user, n, dtype=pl.String, eager=True),
+            "time": rr.get_column("t").cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"),
+            "metric": pl.repeat("rr_ms", n, dtype=pl.String, eager=True),
+            "value": rr.get_column("rr").cast(pl.Float64),
+            "source": rr.get_column("source"),
+        },
+        schema=SAMPLES_SCHEMA,
+    )
+
+
 @dataclass
 class AppleChunk:
     """Raw values collected since the last :meth:`AppleHealthParser.take`."""
@@ -107,14 +173,16 @@ class AppleChunk:
     hr_date: list[str] = field(default_factory=list)
     hr_value: list[str] = field(default_factory=list)
     hr_source: list[str] = field(default_factory=list)
-    rr_time_ns: list[int] = field(default_factory=list)
-    rr_ms: list[float] = field(default_factory=list)
-    rr_source: list[str] = field(default_factory=list)
+    beat_text: list[str] = field(default_factory=list)  # time-of-day strings, all records
+    beat_record: list[int] = field(default_factory=list)  # index into sdnn_start / sdnn_source
+    sdnn_start: list[str] = field(default_factory=list)
+    sdnn_source: list[str] = field(default_factory=list)
     rejected: Counter[str] = field(default_factory=Counter)
 
     @property
     def rows(self) -> int:
-        return len(self.hr_date) + len(self.rr_ms)
+        """Heart rates plus beats: a bound on the rows this chunk turns into."""
+        return len(self.hr_date) + len(self.beat_text)
 
 
 class AppleHealthParser:
@@ -128,7 +196,7 @@ class AppleHealthParser:
         self._p = expat.ParserCreate()
         self._p.buffer_text = False
         self._p.StartElementHandler = self._start
-        self._p.EndElementHandler = self._end
+        self._p.EndElementHandler = None  # set only inside an SDNN record: most elements need no end call
         self._chunk = AppleChunk()
         self._devices: dict[str, str] = {}
         self._root_seen = False
@@ -168,6 +236,7 @@ class AppleHealthParser:
                 self._sdnn_start = attrs.get("startDate", "")
                 self._sdnn_source = self._device(attrs)
                 self._beats = []
+                self._p.EndElementHandler = self._end
         elif name == "InstantaneousBeatsPerMinute" and self._sdnn_start is not None:
             self._beats.append(attrs.get("time", ""))
 
@@ -177,19 +246,15 @@ class AppleHealthParser:
 
     def _flush_beats(self) -> None:
         c = self._chunk
-        times = beat_times_ns(self._sdnn_start or "", self._beats)
-        prev: int | None = None
-        for t in times:
-            if t is None:
-                c.rejected["apple_health beat: time of day or record startDate does not parse"] += 1
-                continue
-            if prev is not None:
-                c.rr_time_ns.append(t)
-                c.rr_ms.append((t - prev) / 1e6)
-                c.rr_source.append(self._sdnn_source)
-            prev = t
+        if self._beats:
+            rec = len(c.sdnn_start)
+            c.sdnn_start.append(self._sdnn_start or "")
+            c.sdnn_source.append(self._sdnn_source)
+            c.beat_text.extend(self._beats)
+            c.beat_record.extend([rec] * len(self._beats))
         self._sdnn_start = None
         self._beats = []
+        self._p.EndElementHandler = None
 
     def _raise(self, exc: expat.ExpatError) -> None:
         raise ParseError(
@@ -245,10 +310,8 @@ def chunk_to_frame(chunk: AppleChunk, user: str) -> tuple[pl.DataFrame, Counter[
         if k:
             rejected[reason] += k
             hr = hr.filter(~bad)
-    rr = samples_frame(user, chunk.rr_time_ns, "rr_ms", chunk.rr_ms, "apple_health").with_columns(
-        pl.Series("source", chunk.rr_source, dtype=pl.String) if chunk.rr_source else pl.col("source")
-    )
-    return pl.concat([hr, rr.select(list(SAMPLES_SCHEMA))]), rejected
+    rr = _rr_from_beats(chunk, user, rejected)
+    return pl.concat([hr, rr]), rejected
 
 
 class AppleHealthSource(ExportSource):
@@ -264,7 +327,7 @@ class AppleHealthSource(ExportSource):
 
     def _emit(self, chunk: AppleChunk) -> pl.DataFrame:
         frame, rejected = chunk_to_frame(chunk, self.user)
-        self.report.read += chunk.rows + sum(chunk.rejected.values())
+        self.report.read += frame.height + sum(rejected.values())
         self.report.rejected.update(rejected)
         return plausible(frame, self.report, label="apple_health").sort("time", maintain_order=True)
 

@@ -211,3 +211,41 @@ def test_openmhealth_mutated_points(data):
         list(src.parse(InputFile("x.json", 0, lambda: io.BytesIO(json.dumps(points).encode()))))
 
     only_parse_errors(run)
+
+
+@FAST
+@given(
+    st.sampled_from(["2022-12-01 18:14:47 +0100", "2022-12-01 23:59:58 -0530", "2023-03-26 00:00:01 +0000", "bad"]),
+    st.lists(
+        st.one_of(
+            st.builds(
+                lambda h, m, s, f, sep, mark: f"{h}:{m:02d}:{s:02d}{f}{sep}{mark}",
+                st.integers(0, 25), st.integers(0, 61), st.integers(0, 61),
+                st.sampled_from(["", ".5", ".94", ",52", ".123456"]),
+                st.sampled_from(["", " ", "\u202f", "\xa0"]),
+                st.sampled_from(["", "AM", "PM", "pm", "a.m."]),
+            ),
+            st.text(max_size=12),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_apple_health_vectorised_beats_equal_the_scalar_definition(start: str, times: list[str]):
+    from stresswatch_adapters.apple_health import AppleChunk, _rr_from_beats
+    from collections import Counter
+
+    scalar = beat_times_ns(start, times)
+    expected = []
+    prev = None
+    for t in scalar:
+        if t is None:
+            continue
+        if prev is not None:
+            expected.append((t, round((t - prev) / 1e6, 3)))
+        prev = t
+    chunk = AppleChunk(beat_text=times, beat_record=[0] * len(times), sdnn_start=[start], sdnn_source=["s"])
+    rejected: Counter[str] = Counter()
+    got = _rr_from_beats(chunk, "u", rejected)
+    assert list(zip(got["time"].dt.epoch("ns").to_list(), got["value"].to_list())) == expected
+    assert sum(rejected.values()) == sum(t is None for t in scalar)
