@@ -156,11 +156,32 @@ def clean_rr(seg: np.ndarray, rr_ms: np.ndarray, settings: DetectorSettings) -> 
     return prepare_beats(np.asarray(seg, np.int64), np.asarray(rr_ms, np.float64), BeatCarry.empty(1), settings).kept
 
 
+PREPARE_BLOCK = 1 << 15  # rows per block: temporaries stay in cache and in the allocator's heap
+
+
 def prepare_beats(key: np.ndarray, rr: np.ndarray, carry: BeatCarry, s: DetectorSettings) -> Beats:
     """Clean RR and compute successive differences; rows sorted by window key, then time.
 
-    ``carry`` (indexed by user) holds each user's beats from earlier batches and is updated.
+    ``carry`` (indexed by user) holds each user's beats from earlier batches and is updated;
+    it also carries the state from one block of rows to the next.
     """
+    rr = np.asarray(rr, np.float64)
+    n = len(rr)
+    if n <= PREPARE_BLOCK:
+        return _prepare_block(key, rr, carry, s)
+    kept = np.empty(n, bool)
+    d = np.empty(n)
+    has_d = np.empty(n, bool)
+    for lo in range(0, n, PREPARE_BLOCK):
+        hi = min(lo + PREPARE_BLOCK, n)
+        b = _prepare_block(key[lo:hi], rr[lo:hi], carry, s)
+        kept[lo:hi] = b.kept
+        d[lo:hi] = b.d
+        has_d[lo:hi] = b.has_d
+    return Beats(key, rr, kept, d, has_d)
+
+
+def _prepare_block(key: np.ndarray, rr: np.ndarray, carry: BeatCarry, s: DetectorSettings) -> Beats:
     n = len(rr)
     if n == 0:
         return Beats.empty()
