@@ -41,7 +41,7 @@ def run(spec: CohortSpec, settings: DetectorSettings):
     observed = pl.DataFrame({"user": samples.get_column("user").unique().sort()}).with_columns(
         pl.lit(begin).alias("start"), pl.lit(end).alias("end")
     )
-    return evaluate(alerts, labels, observed), windows, samples, elapsed
+    return evaluate(alerts, labels, observed), windows, samples, elapsed, (alerts, labels, observed)
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         over[k] = type(DetectorSettings.model_fields[k].default)(v)
     settings = DetectorSettings(**over)
     spec = CohortSpec(users=a.users, days=a.days, seed=a.seed)
-    ev, windows, samples, elapsed = run(spec, settings)
+    ev, windows, samples, elapsed, (alerts, labels, observed) = run(spec, settings)
     beats = int((samples.get_column("metric") == "rr_ms").sum())
     print(f"cohort: {spec.users} users x {spec.days} days, seed {spec.seed}, warm-up {spec.warmup_days} days; "
           f"{samples.height:,} samples ({beats:,} beats); detector {elapsed:.2f} s; settings overrides {over or 'none'}")
@@ -68,6 +68,16 @@ def main() -> None:
               "false_alerts_per_user_day", "false_alerts_per_calm_user_day", "median_delay_s", "p90_delay_s"):
         v = o[k]
         print(f"| {k} | {v:.3f} | {TARGETS.get(k, '')} |" if isinstance(v, float) else f"| {k} | {v} | {TARGETS.get(k, '')} |")
+    print("\nby data source (people with motion data, chest strap without, HR-only watch):\n")
+    print("| source | people | episodes | recall | precision | false alerts / user-day | on calm days | median delay s |\n|---|---|---|---|---|---|---|---|")
+    src = samples.group_by("user").agg(pl.col("source").first())
+    for name in ("sim/steps", "sim/strap", "sim/hr_only"):
+        people = src.filter(pl.col("source") == name).get_column("user")
+        if people.len() == 0:
+            continue
+        e = evaluate(alerts, labels, observed.filter(pl.col("user").is_in(people.implode()))).overall
+        print(f"| {name.removeprefix('sim/')} | {people.len()} | {e['episodes']} | {e['recall']:.2f} | {e['precision']:.2f} | "
+              f"{e['false_alerts_per_user_day']:.2f} | {e['false_alerts_per_calm_user_day']:.2f} | {e['median_delay_s']:.0f} |")
     print()
     kinds = samples.group_by("user").agg(pl.col("source").first().str.replace("sim/", "").alias("source"))
     cols = ["user", "source", "episodes", "detected", "alerts", "false_alerts", "recall", "precision", "false_alerts_per_user_day", "median_delay_s"]
