@@ -48,7 +48,7 @@ from stresswatch.model import SAMPLES_SCHEMA
 
 HR_TYPE = "HKQuantityTypeIdentifierHeartRate"
 SDNN_TYPE = "HKQuantityTypeIdentifierHeartRateVariabilitySDNN"
-CHUNK_ROWS = 250_000
+CHUNK_ROWS = 100_000
 READ_BYTES = 1 << 20
 
 _HARDWARE = re.compile(r"hardware:(.+?)(?:, \w+:|>)")
