@@ -46,7 +46,7 @@ def test_binary_is_much_smaller_than_json_for_a_live_batch():
     b = realistic()
     binary, text = b.encode_binary(), b.encode()
     assert binary[:3] == wire.MAGIC and text[:1] == b"{"
-    assert len(binary) * 2.5 < len(text)  # ~9-10 bytes per beat against ~40 in JSON
+    assert len(binary) * 3 < len(text)  # ~9 bytes per beat against ~40 in JSON
 
 
 def test_times_on_whole_milliseconds_use_int32_deltas_and_big_gaps_stay_exact():
@@ -58,10 +58,19 @@ def test_times_on_whole_milliseconds_use_int32_deltas_and_big_gaps_stay_exact():
     assert small[4] == wire.TIME_DELTA32 and wire.decode(small).time_ns.tolist() == ms
 
 
-def test_values_that_float32_cannot_hold_are_sent_as_float64():
-    v = [812.5, 0.1]
-    payload = wire.encode(user="u", stream_id="s", seq=0, source="", time_ns=[T0, T0 + 1], metric_code=[0, 0], value=v)
-    assert payload[6] == wire.VALUE_F64 and wire.decode(payload).value.tolist() == v
+@pytest.mark.parametrize(
+    ("values", "encoding"),
+    [
+        ([812.5, 1003.1, 72.0, 0.0], wire.VALUE_I16),  # RR to 0.1 ms, bpm, steps: 2 bytes each
+        ([849.609375, 1000.0], wire.VALUE_F32),  # BLE RR: multiples of 1000/1024 ms
+        ([812.123456789, 1.0], wire.VALUE_F64),
+        ([40000.0], wire.VALUE_F32),  # beyond int16
+    ],
+)
+def test_values_use_the_smallest_lossless_encoding(values, encoding):
+    n = len(values)
+    payload = wire.encode(user="u", stream_id="s", seq=0, source="", time_ns=list(range(T0, T0 + n)), metric_code=[0] * n, value=values)
+    assert payload[6] == encoding and wire.decode(payload).value.tolist() == values
 
 
 @pytest.mark.parametrize(
@@ -74,6 +83,7 @@ def test_values_that_float32_cannot_hold_are_sent_as_float64():
         (lambda p: p + b"\x00", "length"),
         (lambda p: p[:4] + b"\x07" + p[5:], "time_encoding"),
         (lambda p: p[:6] + b"\x09" + p[7:], "value_encoding"),
+        (lambda p: p[:7] + b"\x09" + p[8:], "value_exp"),
         (lambda p: p[: wire.HEADER_BYTES] + b"\xff" + p[wire.HEADER_BYTES + 1 :], "user"),
     ],
 )
@@ -84,7 +94,7 @@ def test_malformed_payloads_name_the_field(mutate, field):
 
 
 def test_unknown_metric_code_and_non_finite_values_are_refused():
-    good = wire.encode(user="u", stream_id="s", seq=0, source="", time_ns=[T0], metric_code=[0], value=[800.0])
+    good = wire.encode(user="u", stream_id="s", seq=0, source="", time_ns=[T0], metric_code=[0], value=[849.609375])  # float32
     metric_at = len(good) - 4 - 1
     with pytest.raises(ParseError, match="metric code"):
         wire.decode(good[:metric_at] + b"\x09" + good[metric_at + 1 :])

@@ -2,8 +2,9 @@
 
 Pure bytes in, bytes out; no I/O. :func:`decode` raises only :class:`~stresswatch.errors.ParseError`,
 whatever the bytes. The JSON payload of :class:`stresswatch.ingest.IngestBatch` carries the same
-fields; this one is about 3x smaller and decodes into numpy arrays without a per-sample Python
-object (measured in ``benchmarks/bench_ingest_wire.py``; layout in ``docs/INGEST.md``).
+fields; this one is 4-7x smaller and decodes into numpy arrays without a per-sample Python
+object (measured in ``benchmarks/load/bench_wire.py``; layout and versioning in ``docs/INGEST.md``).
+Every encoding choice is lossless: the decoded batch equals the encoded one exactly.
 
 A payload starts with the magic bytes ``FF 53 57`` (``0xFF "SW"``). ``0xFF`` never occurs in UTF-8
 text, so no JSON payload can start like this: the receiver tells the formats apart by the
@@ -16,8 +17,8 @@ Layout (little-endian)::
     3       1     version = 1
     4       1     time_encoding: 0 = n x int64 ns since the epoch; 1 = int64 t0 + (n-1) x int32 deltas
     5       1     time_exp: deltas are in units of 10**time_exp ns (0..9; 0 when time_encoding = 0)
-    6       1     value_encoding: 0 = float64; 1 = float32 (used only when lossless)
-    7       1     reserved, 0
+    6       1     value_encoding: 0 = float64; 1 = float32; 2 = int16 in units of 10**-value_exp
+    7       1     value_exp: decimal digits of an int16 value (0..4; 0 otherwise)
     8       8     seq (uint64)
     16      4     n samples (uint32, <= MAX_SAMPLES)
     20      2     user length (bytes), 22: stream_id length, 24: source length (uint16 each)
@@ -44,7 +45,9 @@ METRIC_CODE = {m: i for i, m in enumerate(METRICS)}
 _HEADER = struct.Struct("<3sBBBBBQIHHH")
 HEADER_BYTES = _HEADER.size  # 26
 TIME_ABSOLUTE, TIME_DELTA32 = 0, 1
-VALUE_F64, VALUE_F32 = 0, 1
+VALUE_F64, VALUE_F32, VALUE_I16 = 0, 1, 2
+MAX_VALUE_EXP = 4
+_I16 = np.iinfo(np.int16)
 _I32 = np.iinfo(np.int32)
 _SAFE_NS = 2**62  # reconstructed times must stay well inside int64
 
@@ -121,13 +124,21 @@ def encode(
                 time_enc, exp = TIME_DELTA32, e
                 time_bytes = t[:1].astype("<i8").tobytes() + q.astype("<i4").tobytes()
                 break
-    with np.errstate(over="ignore"):  # a value beyond float32's range simply stays float64
-        v32 = v.astype(np.float32)
-    if np.array_equal(v32.astype(np.float64), v):
-        value_enc, value_bytes = VALUE_F32, v32.astype("<f4").tobytes()
+    value_enc, vexp, value_bytes = VALUE_F64, 0, v.astype("<f8").tobytes()
+    # smallest lossless: int16 decimals (RR rounded to 0.1 ms, bpm, steps), float32 (BLE's 1/1024 s RR), float64
+    big = n and float(np.abs(v).max()) > _I16.max
+    for e in () if big else range(MAX_VALUE_EXP + 1):
+        scale = 10.0**e
+        q = np.rint(v * scale)
+        if (not n or float(np.abs(q).max()) <= _I16.max) and np.array_equal(q / scale, v):
+            value_enc, vexp, value_bytes = VALUE_I16, e, q.astype("<i2").tobytes()
+            break
     else:
-        value_enc, value_bytes = VALUE_F64, v.astype("<f8").tobytes()
-    header = _HEADER.pack(MAGIC, VERSION, time_enc, exp, value_enc, 0, seq, n, *(len(s) for s in strings))
+        with np.errstate(over="ignore"):  # a value beyond float32's range simply stays float64
+            v32 = v.astype(np.float32)
+        if np.array_equal(v32.astype(np.float64), v):
+            value_enc, value_bytes = VALUE_F32, v32.astype("<f4").tobytes()
+    header = _HEADER.pack(MAGIC, VERSION, time_enc, exp, value_enc, vexp, seq, n, *(len(s) for s in strings))
     return b"".join((header, *strings, time_bytes, m.astype(np.uint8).tobytes(), value_bytes))
 
 
@@ -143,7 +154,7 @@ def decode(payload: bytes, *, source: str = "ingest") -> WireBatch:
 
     if len(buf) < HEADER_BYTES:
         raise bad(f"payload of {len(buf)} bytes is shorter than the {HEADER_BYTES}-byte header", "header")
-    magic, version, time_enc, exp, value_enc, reserved, seq, n, lu, ls, lsrc = _HEADER.unpack_from(buf)
+    magic, version, time_enc, exp, value_enc, vexp, seq, n, lu, ls, lsrc = _HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise bad("not a binary ingest payload (magic FF 53 57 missing)", "magic", 0)
     if version != VERSION:
@@ -152,16 +163,16 @@ def decode(payload: bytes, *, source: str = "ingest") -> WireBatch:
         raise bad(f"unknown time encoding {time_enc}", "time_encoding", 4)
     if exp > 9 or (time_enc == TIME_ABSOLUTE and exp != 0):
         raise bad(f"time exponent {exp} out of range", "time_exp", 5)
-    if value_enc not in (VALUE_F64, VALUE_F32):
+    if value_enc not in (VALUE_F64, VALUE_F32, VALUE_I16):
         raise bad(f"unknown value encoding {value_enc}", "value_encoding", 6)
-    if reserved:
-        raise bad("reserved byte must be 0", "reserved", 7)
+    if vexp > (MAX_VALUE_EXP if value_enc == VALUE_I16 else 0):
+        raise bad(f"value exponent {vexp} out of range", "value_exp", 7)
     if n > MAX_SAMPLES:
         raise bad(f"{n} samples exceed the limit of {MAX_SAMPLES}", "n", 16)
     if lu == 0 or ls == 0 or ls > MAX_STREAM_ID * 4:
         raise bad("user and stream_id must be non-empty (stream_id at most 64 characters)", "user" if lu == 0 else "stream_id", 20)
     time_bytes = 8 * n if time_enc == TIME_ABSOLUTE else (8 + 4 * (n - 1) if n else 0)
-    value_bytes = (8 if value_enc == VALUE_F64 else 4) * n
+    value_bytes = {VALUE_F64: 8, VALUE_F32: 4, VALUE_I16: 2}[value_enc] * n
     expected = HEADER_BYTES + lu + ls + lsrc + time_bytes + n + value_bytes
     if len(buf) != expected:
         raise bad(f"payload is {len(buf)} bytes; its header describes {expected}", "length")
@@ -197,7 +208,10 @@ def decode(payload: bytes, *, source: str = "ingest") -> WireBatch:
     if n and int(codes.max()) >= len(METRICS):
         raise bad(f"unknown metric code {int(codes.max())}", "metric", pos + int(np.argmax(codes >= len(METRICS))))
     pos += n
-    v = np.frombuffer(buf, "<f8" if value_enc == VALUE_F64 else "<f4", n, pos).astype(np.float64)
+    if value_enc == VALUE_I16:
+        v = np.frombuffer(buf, "<i2", n, pos) / 10.0**vexp
+    else:
+        v = np.frombuffer(buf, "<f8" if value_enc == VALUE_F64 else "<f4", n, pos).astype(np.float64)
     if not np.all(np.isfinite(v)):
         raise bad("values must be finite", "value", pos)
     return WireBatch(user, stream_id, int(seq), src, t, codes, v)
