@@ -196,3 +196,15 @@ def test_stream_batches_are_contiguous_time_ordered_and_equal_one_pass(tmp_path,
     assert whole.select("time", "metric", "value").equals(readings_to_samples(items, user="u").select("time", "metric", "value"))
     assert [g[2] for g in box.gaps()] == ["disconnected"]
     box.close()
+
+
+def test_a_device_other_than_the_enrolled_one_is_never_connected():
+    rec = read_recording(FIXTURES / "session_5min.ble.jsonl")
+    client = ReplayClient(rec)
+    session = HrsSession(client, "AA:BB:CC:DD:EE:FF")
+
+    async def go():
+        return [item async for item in session.run()]
+
+    assert asyncio.run(go()) == []
+    assert client.connects == 0 and session.state.attempt > 3  # kept scanning with backoff, then the recording ended

@@ -23,6 +23,12 @@ OnNotify = Callable[[bytes, int], None]  # (value, arrival time ns)
 OnDisconnect = Callable[[int], None]  # (time ns)
 
 
+def mask_address(address: str) -> str:
+    """Device addresses identify a person's strap: keep only the last two bytes for display."""
+    parts = address.split(":")
+    return "…:" + ":".join(parts[-2:]) if len(parts) > 2 else "…" + address[-4:]
+
+
 class BleError(StresswatchError):
     """The radio or the device failed (no adapter, connection refused, characteristic missing)."""
 
@@ -115,7 +121,8 @@ class BleakHrsClient(HrsClient):
         try:
             await client.connect()
         except (BleakError, OSError, asyncio.TimeoutError) as exc:
-            raise BleError(f"cannot connect: {exc}") from None
+            reason = str(exc).replace(address, mask_address(address)) or type(exc).__name__
+            raise BleError(f"cannot connect to {mask_address(address)}: {reason}") from None
         self._client = client
 
     async def read_body_sensor_location(self) -> bytes | None:
@@ -270,4 +277,7 @@ class ReplayClient(HrsClient):
             self._pump.cancel()
 
     async def finished(self) -> bool:
-        return self._advertising_at() is None and not self._connected
+        if self._connected:
+            return False
+        past_the_end = not self._events or self.clock.now_ns() > self._events[-1].t_ns
+        return past_the_end or self._advertising_at() is None

@@ -22,7 +22,7 @@ from stresswatch.alerts.topics import Topics
 from stresswatch.cli._common import AppContext, console, console_err, pass_app
 from stresswatch.errors import ConfigError, ParseError, StorageError, TransportError
 
-from .client import BleakHrsClient, BleError, DeviceInfo, HrsClient, ReplayClient
+from .client import BleakHrsClient, BleError, DeviceInfo, HrsClient, ReplayClient, mask_address
 from .outbox import Outbox
 from .parser import HEART_RATE_SERVICE_UUID, parse_heart_rate_measurement
 from .recording import SUFFIX, RecordingWriter, read_recording
@@ -31,12 +31,6 @@ from .stream import DurablePublisher, IngestStreamer
 
 DEVICE_FILE = "ble_device.json"
 BUFFER_FILE = "ble_stream_buffer.sqlite"
-
-
-def _mask(address: str) -> str:
-    """Device addresses identify a person's strap: show only the last two bytes by default."""
-    parts = address.split(":")
-    return "…:" + ":".join(parts[-2:]) if len(parts) > 2 else "…" + address[-4:]
 
 
 def _client(replay: Path | None, speed: float = 0.0) -> HrsClient:
@@ -113,7 +107,7 @@ def pair(
     table = Table("#", "name", "RSSI (dBm)", "address", "services")
     for i, d in enumerate(devices, start=1):
         services = ", ".join("Heart Rate (180D)" if s.lower() == HEART_RATE_SERVICE_UUID else s for s in d.services)
-        table.add_row(str(i), d.name or "?", str(d.rssi_dbm if d.rssi_dbm is not None else "?"), d.address if show_addresses else _mask(d.address), services)
+        table.add_row(str(i), d.name or "?", str(d.rssi_dbm if d.rssi_dbm is not None else "?"), d.address if show_addresses else mask_address(d.address), services)
     console.print(table)
     if choose is None:
         choose = 1 if len(devices) == 1 else click.prompt("Device number", type=click.IntRange(1, len(devices)))
@@ -158,10 +152,13 @@ async def _verify(client: HrsClient, device: DeviceInfo, verify_s: float) -> str
 
 
 def _enrolled_or_fail(app: AppContext, device: str | None, replay: Path | None) -> tuple[str, dict[str, Any]]:
+    if replay is not None:
+        recorded = read_recording(replay).address
+        if device and device.upper() != recorded.upper():
+            raise ConfigError(f"--device {mask_address(device)} is not the recorded device ({mask_address(recorded)})")
+        return recorded, {}
     if device:
         return device, {}
-    if replay is not None:
-        return read_recording(replay).address, {}
     enrolled = load_enrolled(app)
     if enrolled is None:
         raise ConfigError("no paired device: run `stresswatch pair` first (or pass --device ADDRESS)")

@@ -43,7 +43,7 @@ class BackoffPolicy:
     scan_timeout_s: float = 10.0
 
     def delay_s(self, attempt: int) -> float:
-        return min(self.cap_s, self.base_s * 2 ** max(attempt - 1, 0))
+        return min(self.cap_s, self.base_s * 2 ** min(max(attempt - 1, 0), 62))  # attempts grow without bound
 
 
 # ---- events -----------------------------------------------------------------------------
