@@ -126,3 +126,79 @@ def synthetic_rr(user: str, start_s: int, cycles: int, *, seed: int = 0, window_
 @pytest.fixture(scope="session")
 def rr_stream():
     return synthetic_rr
+
+
+# -- the project's own broker, from `stresswatch broker config` output -------------------------
+@dataclass
+class SecureBroker:
+    """A Mosquitto running the directory `stresswatch broker config` wrote, with accounts
+    provisioned through `stresswatch broker add-*` (passwords kept here for the tests)."""
+
+    dir: Path
+    process: MosquittoProcess
+    port: int | None
+    tls_port: int | None
+    passwords: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def tls_url(self, cafile: Path) -> str:
+        return f"mqtts://127.0.0.1:{self.tls_port}?cafile={cafile}"
+
+    def add(self, role: str, account_id: str) -> str:
+        """Provision through the CLI; a running broker picks it up after :meth:`reload`."""
+        from stresswatch.cli import main
+
+        password = f"pw-{account_id}-{len(self.passwords)}"
+        pw_file = self.dir.parent / f"{role}-{len(self.passwords)}.pw"
+        pw_file.write_text(password + "\n")
+        assert main(["broker", f"add-{role}", account_id, "--dir", str(self.dir), "--password-file", str(pw_file)]) == 0
+        self.passwords[account_id] = password
+        return password
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto rereads the password file and the ACL."""
+        import signal
+
+        assert self.process.proc is not None
+        self.process.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+
+
+ACCOUNTS = {"stresswatch-engine": "engine", "sam": "worker", "kim": "worker", "alice": "user", "bob": "user"}
+
+
+@pytest.fixture
+def make_secure_broker(tmp_path: Path) -> Iterator[object]:
+    """``make_secure_broker(*config_args, accounts=ACCOUNTS)``: run `broker config --out`,
+    provision ``accounts``, start mosquitto on it. Stopped after the test."""
+    from stresswatch.cli import main
+
+    started: list[SecureBroker] = []
+
+    def make(*config_args: str, accounts: dict[str, str] = ACCOUNTS, plaintext: bool = True) -> SecureBroker:
+        d = tmp_path / f"broker{len(started)}"
+        port = free_port() if plaintext else None
+        tls_port = free_port() if "--tls-cert" in config_args else None
+        args = ["broker", "config", "--out", str(d)]
+        args += ["--port", str(port)] if port else ["--no-plaintext"]
+        args += ["--tls-port", str(tls_port)] if tls_port else []
+        assert main([*args, *config_args]) == 0
+        broker = SecureBroker(d, MosquittoProcess(port or tls_port or 0, d / "mosquitto.conf", d / "data"), port, tls_port, {})
+        for account_id, role in accounts.items():
+            broker.add(role, account_id)
+        broker.process.start()
+        started.append(broker)
+        return broker
+
+    yield make
+    for b in started:
+        b.process.stop()
+
+
+@pytest.fixture
+def secure_broker(make_secure_broker) -> SecureBroker:
+    """The generated broker on loopback, with an engine, workers sam and kim, users alice and bob."""
+    return make_secure_broker()

@@ -12,6 +12,7 @@ import click
 from ..errors import StresswatchError
 from ._common import AppContext
 from .alerts import alerts
+from .broker import broker
 from .consent import consent
 from .demo import demo
 from .engine import engine
@@ -45,7 +46,7 @@ def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...])
     ctx.obj = AppContext(config_path, overrides)
 
 
-for command in (demo, replay, consent, alerts, import_, engine, export, erase):
+for command in (demo, replay, consent, alerts, import_, engine, export, erase, broker):
     cli.add_command(command)
 
 COMMANDS_ENTRY_POINT_GROUP = "stresswatch.commands"
