@@ -27,7 +27,7 @@ from .outbox import Outbox
 from .parser import HEART_RATE_SERVICE_UUID, parse_heart_rate_measurement
 from .recording import SUFFIX, RecordingWriter, read_recording
 from .session import Gap, HrsSession
-from .stream import DurablePublisher, IngestStreamer
+from .stream import DurablePublisher, IngestStreamer, StreamStats
 
 DEVICE_FILE = "ble_device.json"
 BUFFER_FILE = "ble_stream_buffer.sqlite"
@@ -241,7 +241,7 @@ def stream(
         outbox.close()
 
 
-async def _stream(client: HrsClient, address: str, streamer: IngestStreamer, publisher: DurablePublisher):  # type: ignore[no-untyped-def]
+async def _stream(client: HrsClient, address: str, streamer: IngestStreamer, publisher: DurablePublisher) -> StreamStats:
     session = HrsSession(client, address)
     _install_stop(session.stop)
 
