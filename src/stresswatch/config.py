@@ -48,7 +48,9 @@ class MqttSettings(_Section):
 class DetectorSettings(_Section):
     """Defaults follow short-term HRV practice (Task Force 1996; Shaffer & Ginsberg 2017)."""
 
-    window_s: int = Field(default=300, ge=30, description="5-min windows: the standard short-term HRV length")
+    window_s: int = Field(
+        default=300, ge=60, multiple_of=60, description="5-min windows: the standard short-term HRV length (whole minutes)"
+    )
     rr_min_ms: float = Field(default=300.0, gt=0, description="below: not a physiological beat (200 bpm)")
     rr_max_ms: float = Field(default=2000.0, gt=0, description="above: a missed beat (30 bpm)")
     rr_max_change: float = Field(

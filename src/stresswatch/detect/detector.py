@@ -27,7 +27,10 @@ from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowStat
 from . import episodes
 from .baseline import Baselines, user_phase
 from .episodes import EpisodeState
-from .features import NS, BeatCarry, Beats, Others, aggregate, encode_users, features_frame, split_rows, to_columns
+from .features import NS, BeatCarry, Beats, Others, Partials, block_partials, combine, encode_users, features_frame, split_rows, to_columns
+
+MINUTE_NS = 60 * NS
+LOW32 = 0xFFFFFFFF
 
 STATES = np.array([s.value for s in (WindowState.INSUFFICIENT_DATA, WindowState.CALIBRATING, WindowState.SUPPRESSED_MOTION, WindowState.OK, WindowState.ELEVATED)])
 INSUFFICIENT, CALIBRATING, SUPPRESSED, OK, ELEVATED = range(5)
@@ -48,7 +51,13 @@ def _empty_windows() -> pl.DataFrame:
 class _Chunk:
     beats: Beats
     others: Others
-    min_w: int  # smallest window index in the chunk (skip it cheaply while nothing can finish)
+    min_w: int  # smallest minute index in the chunk (skip it cheaply while nothing can finish)
+
+
+@dataclass
+class _PChunk:
+    partials: Partials
+    min_w: int  # smallest window index in the chunk
 
 
 class Detector:
@@ -58,9 +67,10 @@ class Detector:
         self.settings = s = settings or DetectorSettings()
         self._users: dict[str, int] = {}
         self._names = pl.Series("user", [], pl.String)
-        self._chunks: list[_Chunk] = []
+        self._chunks: list[_Chunk] = []  # prepared rows of minute blocks not yet finished
+        self._pchunks: list[_PChunk] = []  # reduced minute blocks of windows not yet finished
         self._watermark_ns = np.zeros(0, np.int64)
-        self._closed_w = np.zeros(0, np.int64)  # windows with index below this are finished
+        self._closed_w = np.zeros(0, np.int64)  # minute blocks with index below this are reduced
         self._motion_until_ns = np.zeros(0, np.int64)
         self.carry = BeatCarry.empty()
         self.baselines = Baselines.empty(s.baseline_slots, s.baseline_windows)
@@ -108,70 +118,97 @@ class Detector:
         u = encode_users(batch.get_column("user"), self._users)
         self._grow()
         cols = to_columns(batch, u, s)
-        uk = cols.key >> 32
+        uk = cols.block >> 32
         # each user's newest sample is the last of its run (rows sorted by user, time)
         ends = np.append(np.flatnonzero(uk[1:] != uk[:-1]), len(uk) - 1)
         np.maximum.at(self._watermark_ns, uk[ends], cols.t[ends])
-        late = (cols.key & 0xFFFFFFFF) < self._closed_w[uk]
+        late = (cols.block & LOW32) < self._closed_w[uk]
         if late.any():
             self.late_samples += int(late.sum())
-            keep = ~late
-            cols = type(cols)(cols.key[keep], cols.t[keep], cols.code[keep], cols.value[keep])
+            cols = cols.take(np.flatnonzero(~late))
         if len(cols.key):
             beats, others = split_rows(cols, self.carry, s)
-            self._chunks.append(_Chunk(beats, others, int((cols.key & 0xFFFFFFFF).min())))
-        # finished: window end <= the user's newest sample
-        limit_w = self._watermark_ns // (s.window_s * NS)
-        return self._finish(limit_w)
+            self._chunks.append(_Chunk(beats, others, int((cols.block & LOW32).min())))
+        # finished: block / window end <= the user's newest sample
+        return self._finish(self._watermark_ns // MINUTE_NS, self._watermark_ns // (s.window_s * NS))
 
     def flush(self) -> DetectorOutput:
         """Finish every open window (end of a replay)."""
-        return self._finish(np.full(len(self._users), np.iinfo(np.int64).max // 2))
+        big = np.full(len(self._users), np.iinfo(np.int64).max // 2)
+        return self._finish(big, big)
 
     def advance(self, now_ns: int, grace_s: int = 60) -> DetectorOutput:
         """Finish windows that ended more than ``grace_s`` before ``now_ns`` (live engine tick)."""
-        w_ns = self.settings.window_s * NS
-        limit = (int(now_ns) - grace_s * NS) // w_ns  # windows with index < limit have ended grace_s ago
-        return self._finish(np.full(len(self._users), limit, np.int64))
+        t = int(now_ns) - grace_s * NS
+        n = len(self._users)
+        return self._finish(np.full(n, t // MINUTE_NS, np.int64), np.full(n, t // (self.settings.window_s * NS), np.int64))
 
     # -- internals -----------------------------------------------------------------------
-    def _finish(self, limit_w: np.ndarray) -> DetectorOutput:
-        """Finish every buffered window with index < ``limit_w[user]``."""
-        if not self._chunks:
+    def _finish(self, limit_m: np.ndarray, limit_w: np.ndarray) -> DetectorOutput:
+        """Reduce buffered minute blocks with index < ``limit_m[user]``, then finish windows
+        with index < ``limit_w[user]``."""
+        s = self.settings
+        if self._chunks:
+            top = int(limit_m.max()) if len(limit_m) else NEVER
+            done_b: list[Beats] = []
+            done_o: list[Others] = []
+            keep: list[_Chunk] = []
+            for c in self._chunks:
+                if c.min_w >= top:
+                    keep.append(c)
+                    continue
+                fb = (c.beats.key & LOW32) < limit_m[c.beats.key >> 32]
+                fo = (c.others.key & LOW32) < limit_m[c.others.key >> 32]
+                if fb.all() and fo.all():
+                    done_b.append(c.beats)
+                    done_o.append(c.others)
+                    continue
+                done_b.append(c.beats.take(fb))
+                done_o.append(c.others.take(fo))
+                rest_b, rest_o = c.beats.take(~fb), c.others.take(~fo)
+                if len(rest_b.key) or len(rest_o.key):
+                    mins = [int((k & LOW32).min()) for k in (rest_b.key, rest_o.key) if len(k)]
+                    keep.append(_Chunk(rest_b, rest_o, min(mins)))
+            self._chunks = keep
+            if done_b:
+                beats = Beats.concat(done_b)
+                others = Others.concat(done_o)
+                if len(done_b) > 1:  # chunks interleave users: stable sort keeps time order in a block
+                    beats = beats.take(np.argsort(beats.key, kind="stable"))
+                    others = others.take(np.argsort(others.key, kind="stable"))
+                if len(beats.key) or len(others.key):
+                    p = block_partials(beats, others, s)
+                    np.maximum.at(self._closed_w, p.key >> 32, (p.key & LOW32) + 1)
+                    per = s.window_s // 60
+                    self._pchunks.append(_PChunk(p, int((p.key & LOW32).min()) // per))
+        if not self._pchunks:
             return DetectorOutput(_empty_windows())
+        per = s.window_s // 60
         top = int(limit_w.max()) if len(limit_w) else NEVER
-        done_b: list[Beats] = []
-        done_o: list[Others] = []
-        keep: list[_Chunk] = []
-        for c in self._chunks:
+        done: list[Partials] = []
+        pkeep: list[_PChunk] = []
+        for c in self._pchunks:
             if c.min_w >= top:
-                keep.append(c)
+                pkeep.append(c)
                 continue
-            fb = (c.beats.key & 0xFFFFFFFF) < limit_w[c.beats.key >> 32]
-            fo = (c.others.key & 0xFFFFFFFF) < limit_w[c.others.key >> 32]
-            if fb.all() and fo.all():
-                done_b.append(c.beats)
-                done_o.append(c.others)
+            k = c.partials.key
+            f = (k & LOW32) // per < limit_w[k >> 32]
+            if f.all():
+                done.append(c.partials)
                 continue
-            done_b.append(c.beats.take(fb))
-            done_o.append(c.others.take(fo))
-            rest_b, rest_o = c.beats.take(~fb), c.others.take(~fo)
-            if len(rest_b.key) or len(rest_o.key):
-                mins = [int((k & 0xFFFFFFFF).min()) for k in (rest_b.key, rest_o.key) if len(k)]
-                keep.append(_Chunk(rest_b, rest_o, min(mins)))
-        self._chunks = keep
-        if not done_b:
+            done.append(c.partials.take(f))
+            rest = c.partials.take(~f)
+            if len(rest.key):
+                pkeep.append(_PChunk(rest, int((rest.key & LOW32).min()) // per))
+        self._pchunks = pkeep
+        if not done:
             return DetectorOutput(_empty_windows())
-        beats = Beats.concat(done_b)
-        others = Others.concat(done_o)
-        if len(done_b) > 1:  # chunks interleave users: stable sort keeps time order in a window
-            beats = beats.take(np.argsort(beats.key, kind="stable"))
-            others = others.take(np.argsort(others.key, kind="stable"))
-        if len(beats.key) == 0 and len(others.key) == 0:
+        p = Partials.concat(done)
+        if len(done) > 1:
+            p = p.take(np.argsort(p.key, kind="stable"))
+        if len(p.key) == 0:
             return DetectorOutput(_empty_windows())
-        f = aggregate(beats, others, self.settings)
-        np.maximum.at(self._closed_w, f["u"], f["w"] + 1)
-        return self._decide(f)
+        return self._decide(combine(p, s))
 
     def _decide(self, f: dict[str, np.ndarray]) -> DetectorOutput:
         s = self.settings
@@ -314,9 +351,10 @@ class Detector:
 
     # -- save / restore ------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """Serialise all state (engine restart) as one .npz: per-user arrays and the buffered rows."""
+        """Serialise all state (engine restart) as one .npz: per-user arrays and the buffers."""
         beats = Beats.concat([c.beats for c in self._chunks]) if self._chunks else Beats.empty()
         others = Others.concat([c.others for c in self._chunks]) if self._chunks else Others.empty()
+        parts = Partials.concat([c.partials for c in self._pchunks]) if self._pchunks else Partials.empty()
         arrays = {
             "users": np.array(list(self._users), dtype=str),
             "watermark": self._watermark_ns,
@@ -326,11 +364,14 @@ class Detector:
             "chunk_min_w": np.array([c.min_w for c in self._chunks], np.int64),
             "chunk_len_b": np.array([len(c.beats.key) for c in self._chunks], np.int64),
             "chunk_len_o": np.array([len(c.others.key) for c in self._chunks], np.int64),
+            "pchunk_min_w": np.array([c.min_w for c in self._pchunks], np.int64),
+            "pchunk_len": np.array([len(c.partials.key) for c in self._pchunks], np.int64),
             **{f"carry_{f.name}": getattr(self.carry, f.name) for f in fields(self.carry)},
             **{f"bl_{f.name}": getattr(self.baselines, f.name) for f in fields(self.baselines)},
             **{f"ep_{f.name}": getattr(self.episodes, f.name) for f in fields(self.episodes)},
             **{f"b_{f.name}": getattr(beats, f.name) for f in fields(beats)},
             **{f"o_{f.name}": getattr(others, f.name) for f in fields(others)},
+            **{f"p_{f.name}": getattr(parts, f.name) for f in fields(parts)},
         }
         out = io.BytesIO()
         np.savez(out, **arrays)
@@ -351,12 +392,15 @@ class Detector:
         d.episodes = EpisodeState(*(z[f"ep_{f.name}"].copy() for f in fields(EpisodeState)))
         beats = Beats(*(z[f"b_{f.name}"].copy() for f in fields(Beats)))
         others = Others(*(z[f"o_{f.name}"].copy() for f in fields(Others)))
+        parts = Partials(*(z[f"p_{f.name}"].copy() for f in fields(Partials)))
         cb = np.concatenate([[0], np.cumsum(z["chunk_len_b"])])
         co = np.concatenate([[0], np.cumsum(z["chunk_len_o"])])
         d._chunks = [
             _Chunk(beats.take(slice(cb[i], cb[i + 1])), others.take(slice(co[i], co[i + 1])), int(m))
             for i, m in enumerate(z["chunk_min_w"])
         ]
+        cp = np.concatenate([[0], np.cumsum(z["pchunk_len"])])
+        d._pchunks = [_PChunk(parts.take(slice(cp[i], cp[i + 1])), int(m)) for i, m in enumerate(z["pchunk_min_w"])]
         return d
 
 

@@ -108,10 +108,9 @@ class Beats:
 
 @dataclass
 class Others:
-    """Non-RR rows: window key, minute within the window, metric code, value."""
+    """Non-RR rows: block key (user << 32 | epoch minute), metric code, value."""
 
     key: np.ndarray
-    minute: np.ndarray
     code: np.ndarray
     value: np.ndarray
 
@@ -126,7 +125,7 @@ class Others:
 
     @staticmethod
     def empty() -> Others:
-        return Others(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0))
+        return Others(np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0))
 
 
 def _prev_in_window(key: np.ndarray, r: np.ndarray, carry_r: np.ndarray, carry_k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,26 +158,33 @@ def clean_rr(seg: np.ndarray, rr_ms: np.ndarray, settings: DetectorSettings) -> 
 PREPARE_BLOCK = 1 << 15  # rows per block: temporaries stay in cache and in the allocator's heap
 
 
-def prepare_beats(key: np.ndarray, rr: np.ndarray, carry: BeatCarry, s: DetectorSettings) -> Beats:
-    """Clean RR and compute successive differences; rows sorted by window key, then time.
+def prepare_beats(
+    key: np.ndarray, rr: np.ndarray, carry: BeatCarry, s: DetectorSettings, block_key: np.ndarray | None = None
+) -> Beats:
+    """Clean RR and compute successive differences; rows sorted by window ``key``, then time.
 
     ``carry`` (indexed by user) holds each user's beats from earlier batches and is updated;
-    it also carries the state from one block of rows to the next.
+    it also carries the state from one block of rows to the next. The returned rows are keyed
+    by ``block_key`` (the minute block) when given.
     """
     rr = np.asarray(rr, np.float64)
     n = len(rr)
     if n <= PREPARE_BLOCK:
-        return _prepare_block(key, rr, carry, s)
-    kept = np.empty(n, bool)
-    d = np.empty(n)
-    has_d = np.empty(n, bool)
-    for lo in range(0, n, PREPARE_BLOCK):
-        hi = min(lo + PREPARE_BLOCK, n)
-        b = _prepare_block(key[lo:hi], rr[lo:hi], carry, s)
-        kept[lo:hi] = b.kept
-        d[lo:hi] = b.d
-        has_d[lo:hi] = b.has_d
-    return Beats(key, rr, kept, d, has_d)
+        b = _prepare_block(key, rr, carry, s)
+    else:
+        kept = np.empty(n, bool)
+        d = np.empty(n)
+        has_d = np.empty(n, bool)
+        for lo in range(0, n, PREPARE_BLOCK):
+            hi = min(lo + PREPARE_BLOCK, n)
+            part = _prepare_block(key[lo:hi], rr[lo:hi], carry, s)
+            kept[lo:hi] = part.kept
+            d[lo:hi] = part.d
+            has_d[lo:hi] = part.has_d
+        b = Beats(key, rr, kept, d, has_d)
+    if block_key is not None:
+        b.key = block_key
+    return b
 
 
 def _prepare_block(key: np.ndarray, rr: np.ndarray, carry: BeatCarry, s: DetectorSettings) -> Beats:
@@ -242,15 +248,55 @@ def _blocks(starts: np.ndarray, n: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+@dataclass
+class Partials:
+    """Per (user, minute block): the sums a window's features are combined from.
+
+    Blocks are canonical (epoch minutes), and a block is reduced only once all its rows are
+    in, so these are identical whatever the chunking of the input; combining the blocks of a
+    window in minute order is then identical too. A window close combines at most
+    ``window_s / 60`` rows per user instead of re-reading every beat.
+    """
+
+    key: np.ndarray  # user << 32 | epoch minute
+    n_raw: np.ndarray
+    n_kept: np.ndarray
+    sum_rr: np.ndarray
+    sum_inv: np.ndarray
+    m2: np.ndarray  # sum of squared deviations of kept RR from the block's own mean
+    n_d: np.ndarray
+    ss_d: np.ndarray
+    n_big: np.ndarray
+    n_hr: np.ndarray
+    sum_hr: np.ndarray
+    steps: np.ndarray
+    motion_sum: np.ndarray
+    n_motion: np.ndarray
+
+    def take(self, idx: np.ndarray | slice) -> Partials:
+        return Partials(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    @staticmethod
+    def concat(parts: list[Partials]) -> Partials:
+        if len(parts) == 1:
+            return parts[0]
+        return Partials(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Partials)))
+
+    @staticmethod
+    def empty() -> Partials:
+        i, f = np.zeros(0, np.int64), np.zeros(0)
+        return Partials(i, i, i, f, f, f, i, f, i, i, f, f, f, i)
+
+
 def rr_stats(b: Beats, starts: np.ndarray) -> dict[str, np.ndarray]:
-    """Per segment (rows ``starts[i]`` up to the next start): counts and HRV features."""
+    """Per segment of beats (rows ``starts[i]`` up to the next start): counts and sums."""
     n = len(b.rr)
     nseg = len(starts)
     n_raw = np.diff(np.append(starts, n)).astype(np.int64)
     n_kept = np.empty(nseg, np.int64)
     sum_rr = np.empty(nseg)
     sum_inv = np.empty(nseg)
-    ss_dev = np.empty(nseg)
+    m2 = np.empty(nseg)
     n_d = np.empty(nseg, np.int64)
     ss_d = np.empty(nseg)
     n_big = np.empty(nseg, np.int64)
@@ -259,10 +305,8 @@ def rr_stats(b: Beats, starts: np.ndarray) -> dict[str, np.ndarray]:
         rr = b.rr[r0:r1]
         kept = b.kept[r0:r1]
         d = b.d[r0:r1]
-        k8 = kept.view(np.int8)
-        nk = np.add.reduceat(k8, st, dtype=np.int64)
-        rk = np.where(kept, rr, 0.0)
-        srr = np.add.reduceat(rk, st)
+        nk = np.add.reduceat(kept.view(np.int8), st, dtype=np.int64)
+        srr = np.add.reduceat(np.where(kept, rr, 0.0), st)
         inv = np.divide(60000.0, rr, out=np.zeros(len(rr)), where=kept)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = srr / nk
@@ -271,113 +315,122 @@ def rr_stats(b: Beats, starts: np.ndarray) -> dict[str, np.ndarray]:
         n_kept[s0:s1] = nk
         sum_rr[s0:s1] = srr
         sum_inv[s0:s1] = np.add.reduceat(inv, st)
-        ss_dev[s0:s1] = np.add.reduceat(dev * dev, st)
+        m2[s0:s1] = np.add.reduceat(dev * dev, st)
         n_d[s0:s1] = np.add.reduceat(b.has_d[r0:r1].view(np.int8), st, dtype=np.int64)
         ss_d[s0:s1] = np.add.reduceat(d * d, st)
         n_big[s0:s1] = np.add.reduceat((np.abs(d) > 50.0).view(np.int8), st, dtype=np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        hr = sum_inv / n_kept
-        sdnn = np.sqrt(ss_dev / (n_kept - 1))
-        rmssd = np.sqrt(ss_d / n_d)
-        pnn50 = n_big / n_d
-        ln_rmssd = np.log(rmssd)
-    hr[n_kept < 1] = np.nan
-    sdnn[n_kept < 2] = np.nan
-    rmssd[n_d < 1] = np.nan
-    pnn50[n_d < 1] = np.nan
-    ln_rmssd[~np.isfinite(ln_rmssd)] = np.nan
-    return {
-        "n_raw": n_raw,
-        "n_beats": n_kept,
-        "sum_rr": sum_rr,
-        "hr_rr": hr,
-        "rmssd_ms": rmssd,
-        "ln_rmssd": ln_rmssd,
-        "sdnn_ms": sdnn,
-        "pnn50": pnn50,
-    }
+    return {"n_raw": n_raw, "n_kept": n_kept, "sum_rr": sum_rr, "sum_inv": sum_inv, "m2": m2, "n_d": n_d, "ss_d": ss_d, "n_big": n_big}
 
 
 def other_stats(o: Others, starts: np.ndarray, s: DetectorSettings) -> dict[str, np.ndarray]:
-    """Per segment of non-RR rows: valid HR readings (count, mean, minutes covered), steps, motion."""
-    n = len(o.value)
+    """Per segment of non-RR rows: valid HR readings (count, sum), steps, motion (sum, count)."""
+    if len(o.value) == 0:
+        i, f = np.zeros(0, np.int64), np.zeros(0)
+        return {"n_hr": i, "sum_hr": f, "steps": f, "motion_sum": f, "n_motion": i}
     hr_lo, hr_hi = 60000.0 / s.rr_max_ms, 60000.0 / s.rr_min_ms
-    is_hr = (o.code == 1) & (o.value >= hr_lo) & (o.value <= hr_hi)
-    is_steps = o.code == 2
-    is_motion = o.code == 3
     v = o.value
-    n_hr = np.add.reduceat(is_hr.view(np.int8), starts, dtype=np.int64) if n else np.zeros(0, np.int64)
-    if not n:
-        z = np.zeros(0)
-        return {"n_hr": n_hr, "hr_samples": z, "hr_minutes": n_hr.copy(), "steps": z, "motion": z}
-    sum_hr = np.add.reduceat(np.where(is_hr, v, 0.0), starts)
-    # distinct minutes holding a valid HR reading: rows are time-ordered within a segment
-    hm = np.flatnonzero(is_hr)
-    seg_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n)))
-    hseg, hmin = seg_of[hm], o.minute[hm]
-    newmin = np.ones(len(hm), bool)
-    if len(hm) > 1:
-        newmin[1:] = (hseg[1:] != hseg[:-1]) | (hmin[1:] != hmin[:-1])
-    hr_minutes = np.bincount(hseg[newmin], minlength=len(starts)).astype(np.int64)
-    steps = np.add.reduceat(np.where(is_steps, v, 0.0), starts)
-    n_motion = np.add.reduceat(is_motion.view(np.int8), starts, dtype=np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        hr_samples = sum_hr / n_hr
-        motion = np.add.reduceat(np.where(is_motion, v, 0.0), starts) / n_motion
-    return {"n_hr": n_hr, "hr_samples": hr_samples, "hr_minutes": hr_minutes, "steps": steps, "motion": motion}
+    is_hr = (o.code == 1) & (v >= hr_lo) & (v <= hr_hi)
+    is_motion = o.code == 3
+    return {
+        "n_hr": np.add.reduceat(is_hr.view(np.int8), starts, dtype=np.int64),
+        "sum_hr": np.add.reduceat(np.where(is_hr, v, 0.0), starts),
+        "steps": np.add.reduceat(np.where(o.code == 2, v, 0.0), starts),
+        "motion_sum": np.add.reduceat(np.where(is_motion, v, 0.0), starts),
+        "n_motion": np.add.reduceat(is_motion.view(np.int8), starts, dtype=np.int64),
+    }
 
 
 def window_key(u: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """One int64 per (user, window index), ordered as (user, window)."""
+    """One int64 per (user, window or minute index), ordered as (user, index)."""
     return (u.astype(np.int64) << 32) | (w.astype(np.int64) & 0xFFFFFFFF)
 
 
-def aggregate(beats: Beats, others: Others, s: DetectorSettings) -> dict[str, np.ndarray]:
-    """Window features for finished rows; each row set must be sorted by (user, window) with
-    time order kept inside each window. Returns arrays aligned on windows sorted by key."""
-    kb = beats.key
-    ko = others.key
+def block_partials(beats: Beats, others: Others, s: DetectorSettings) -> Partials:
+    """Reduce finished rows per minute block; each row set sorted by block key, time order
+    kept inside a block. Returns partials sorted by block key."""
+    kb, ko = beats.key, others.key
     sb, so = _segments(kb), _segments(ko)
     rs = rr_stats(beats, sb)
     os_ = other_stats(others, so, s)
     keys = np.union1d(kb[sb], ko[so])
-    nwin = len(keys)
+    nb = len(keys)
     ib = np.searchsorted(keys, kb[sb])
     io = np.searchsorted(keys, ko[so])
 
-    def place(vals: np.ndarray, at: np.ndarray, fill: float | int) -> np.ndarray:
-        out = np.full(nwin, fill, dtype=vals.dtype if vals.dtype != bool else np.int64)
+    def place(vals: np.ndarray, at: np.ndarray) -> np.ndarray:
+        out = np.zeros(nb, vals.dtype)
         out[at] = vals
         return out
 
-    n_beats = place(rs["n_beats"], ib, 0)
-    n_raw = place(rs["n_raw"], ib, 0)
-    sum_rr = place(rs["sum_rr"], ib, 0.0)
-    n_hr = place(os_["n_hr"], io, 0)
-    hr_minutes = place(os_["hr_minutes"], io, 0)
-    hr_samples = place(os_["hr_samples"], io, np.nan)
-    has_rr = n_beats > 0
+    return Partials(
+        keys,
+        *(place(rs[k], ib) for k in ("n_raw", "n_kept", "sum_rr", "sum_inv", "m2", "n_d", "ss_d", "n_big")),
+        *(place(os_[k], io) for k in ("n_hr", "sum_hr", "steps", "motion_sum", "n_motion")),
+    )
+
+
+def combine(p: Partials, s: DetectorSettings) -> dict[str, np.ndarray]:
+    """Window features from block partials sorted by block key; arrays aligned on windows
+    sorted by (user, window). SDNN combines block moments (Chan et al. 1979)."""
+    per = s.window_s // 60
+    u = p.key >> 32
+    minute = p.key & 0xFFFFFFFF
+    wkey = window_key(u, minute // per)
+    st = _segments(wkey)
+    nwin = len(st)
+    if nwin == 0:
+        keys = np.zeros(0, np.int64)
+    else:
+        keys = wkey[st]
+
+    def red(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, st) if nwin else np.zeros(0, x.dtype)
+
+    n_raw, n_kept, n_d, n_big, n_hr = red(p.n_raw), red(p.n_kept), red(p.n_d), red(p.n_big), red(p.n_hr)
+    sum_rr, sum_inv, ss_d = red(p.sum_rr), red(p.sum_inv), red(p.ss_d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sum_rr / n_kept
+        mean_b = p.sum_rr / p.n_kept
+        between = np.where(p.n_kept > 0, p.n_kept * (mean_b - np.repeat(mean, np.diff(np.append(st, len(p.key))))) ** 2, 0.0)
+        m2 = red(p.m2 + between)
+        hr_rr = sum_inv / n_kept
+        sdnn = np.sqrt(m2 / (n_kept - 1))
+        rmssd = np.sqrt(ss_d / n_d)
+        pnn50 = n_big / n_d
+        ln_rmssd = np.log(rmssd)
+        hr_samples = red(p.sum_hr) / n_hr
+        motion = red(p.motion_sum) / red(p.n_motion)
+    hr_rr[n_kept < 1] = np.nan
+    sdnn[n_kept < 2] = np.nan
+    rmssd[n_d < 1] = np.nan
+    pnn50[n_d < 1] = np.nan
+    ln_rmssd[~np.isfinite(ln_rmssd)] = np.nan
+    hr_minutes = red((p.n_hr > 0).astype(np.int64))
+    has_rr = n_kept > 0
     hr_ok = ~has_rr & (n_hr >= s.min_hr_samples)
-    minutes = s.window_s / 60.0
-    hr = np.where(has_rr, place(rs["hr_rr"], ib, np.nan), np.where(hr_ok, hr_samples, np.nan))
-    coverage = np.where(has_rr, np.minimum(sum_rr / (s.window_s * 1000.0), 1.0), np.clip(hr_minutes / minutes, 0.0, 1.0))
-    signal = np.where(has_rr, 0, np.where(hr_ok, 1, 2)).astype(np.int8)
+    hr = np.where(has_rr, hr_rr, np.where(hr_ok, hr_samples, np.nan))
+    coverage = np.where(has_rr, np.minimum(sum_rr / (s.window_s * 1000.0), 1.0), np.clip(hr_minutes / per, 0.0, 1.0))
     return {
         "key": keys,
-        "u": (keys >> 32).astype(np.int64),
+        "u": keys >> 32,
         "w": keys & 0xFFFFFFFF,
-        "n_beats": n_beats,
-        "n_rr_removed": n_raw - n_beats,
+        "n_beats": n_kept,
+        "n_rr_removed": n_raw - n_kept,
         "coverage": coverage,
         "hr_mean": hr,
-        "rmssd_ms": place(rs["rmssd_ms"], ib, np.nan),
-        "ln_rmssd": place(rs["ln_rmssd"], ib, np.nan),
-        "sdnn_ms": place(rs["sdnn_ms"], ib, np.nan),
-        "pnn50": place(rs["pnn50"], ib, np.nan),
-        "steps": place(os_["steps"], io, 0.0),
-        "motion": place(os_["motion"], io, np.nan),
-        "signal": signal,
+        "rmssd_ms": rmssd,
+        "ln_rmssd": ln_rmssd,
+        "sdnn_ms": sdnn,
+        "pnn50": pnn50,
+        "steps": red(p.steps),
+        "motion": motion,
+        "signal": np.where(has_rr, 0, np.where(hr_ok, 1, 2)).astype(np.int8),
     }
+
+
+def aggregate(beats: Beats, others: Others, s: DetectorSettings) -> dict[str, np.ndarray]:
+    """Window features of finished rows (block-keyed, sorted): blocks, then windows."""
+    return combine(block_partials(beats, others, s), s)
 
 
 SIGNALS = np.array(["rr", "hr_only", "none"])
@@ -402,12 +455,16 @@ def encode_users(col: pl.Series, known: dict[str, int], *, grow: bool = True) ->
 
 @dataclass
 class Columns:
-    """A samples batch as arrays sorted by (user, time): window key, time ns, metric code, value."""
+    """A samples batch as arrays sorted by (user, time): window key, block key, time ns, metric code, value."""
 
     key: np.ndarray
+    block: np.ndarray
     t: np.ndarray
     code: np.ndarray
     value: np.ndarray
+
+    def take(self, idx: np.ndarray) -> Columns:
+        return Columns(*(getattr(self, f.name)[idx] for f in fields(self)))
 
 
 def to_columns(samples: pl.DataFrame, u: np.ndarray, s: DetectorSettings) -> Columns:
@@ -425,22 +482,20 @@ def to_columns(samples: pl.DataFrame, u: np.ndarray, s: DetectorSettings) -> Col
         if back.any() and bool(np.any(back & (u[1:] == u[:-1]))):
             order = np.lexsort((t, u))
             u, t, code, value = u[order], t[order], code[order], value[order]
-    w = t // (s.window_s * NS)
-    return Columns(window_key(u, w), t, code, value)
+    minute = t // (60 * NS)
+    ub = u.astype(np.int64) << 32
+    return Columns(ub | (minute // (s.window_s // 60)), ub | minute, t, code, value)
 
 
 def split_rows(c: Columns, carry: BeatCarry, s: DetectorSettings) -> tuple[Beats, Others]:
-    """Prepared RR rows and other rows of sorted columns."""
+    """Prepared RR rows and other rows of sorted columns, keyed by minute block."""
     is_rr = c.code == 0
     if is_rr.all():
-        return prepare_beats(c.key, c.value, carry, s), Others.empty()
+        return prepare_beats(c.key, c.value, carry, s, c.block), Others.empty()
     ri = np.flatnonzero(is_rr)
     oi = np.flatnonzero(~is_rr)
-    beats = prepare_beats(c.key[ri], c.value[ri], carry, s)
-    ok = c.key[oi]
-    w_ns = s.window_s * NS
-    minute = (c.t[oi] - (ok & 0xFFFFFFFF) * w_ns) // (60 * NS)
-    return beats, Others(ok, minute, c.code[oi], c.value[oi])
+    beats = prepare_beats(c.key[ri], c.value[ri], carry, s, c.block[ri])
+    return beats, Others(c.block[oi], c.code[oi], c.value[oi])
 
 
 def window_features(samples: pl.DataFrame, settings: DetectorSettings) -> pl.DataFrame:
