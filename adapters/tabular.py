@@ -119,8 +119,13 @@ class MappedTableSource(ExportSource):
     """
 
     kind: ClassVar[str] = "table"
-    suffixes: ClassVar[tuple[str, ...]] = (".csv", ".tsv", ".txt", ".parquet")
+    # Chosen by kind only: a mapping is needed anyway, and .csv/.parquet belong to `samples`.
+    suffixes: ClassVar[tuple[str, ...]] = ()
     what: ClassVar[str] = "tables (*.csv, *.tsv, *.txt, *.parquet)"
+
+    @classmethod
+    def accept(cls, name: str) -> bool:
+        return name.lower().endswith((".csv", ".tsv", ".txt", ".parquet"))
 
     def __init__(self, path: Path, *, user: str | None = None, **options: Any) -> None:
         super().__init__(path, user=user, **options)

@@ -148,3 +148,20 @@ def test_default_root_is_the_configured_state_dir(tmp_path: Path, monkeypatch: p
     store.add(frame("alice", 1))
     assert (tmp_path / "state" / "samples").is_dir()
     assert os.listdir(tmp_path / "state" / "samples")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(0, 200), max_size=6), repeat=st.integers(0, 200))
+def test_adding_in_any_chunks_with_repeats_equals_one_add(tmp_path_factory: pytest.TempPathFactory, cuts: list[int], repeat: int):
+    whole = pl.concat([frame("alice", 120), frame("bob", 80, start=T0 - timedelta(days=40))])
+    one = SampleStore(tmp_path_factory.mktemp("one"))
+    one.add(whole)
+    many = SampleStore(tmp_path_factory.mktemp("many"))
+    bounds = sorted({0, whole.height, *[c % whole.height for c in cuts]})
+    total_added = 0
+    for a, b in zip(bounds, bounds[1:]):
+        total_added += many.add(whole.slice(a, b - a)).added
+    total_added += many.add(whole.slice(repeat % whole.height, 7)).added  # a repeat adds nothing
+    assert total_added == whole.height
+    for user in ("alice", "bob"):
+        assert many.read(user).equals(one.read(user))

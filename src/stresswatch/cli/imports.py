@@ -8,6 +8,7 @@ anywhere in the export stores (or sends) nothing.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -169,7 +170,6 @@ def import_(
     """
     if out is not None and publish:
         raise click.UsageError("--out and --publish exclude each other")
-    from .. import alerts  # noqa: F401  (fail early on a broken install, before parsing GBs)
     from ..alerts.topics import check_id
 
     try:
@@ -184,9 +184,6 @@ def import_(
         options["mapping"] = _parse_map(maps)
     source = registry.open(path, kind=kind, **{k: v for k, v in options.items() if v is not None})
     settings = app.settings
-
-    import tempfile
-
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if publish:
         tmp = tempfile.TemporaryDirectory(prefix="stresswatch-import-")
