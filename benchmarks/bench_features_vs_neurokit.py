@@ -56,7 +56,9 @@ def main() -> None:
     known: dict[str, int] = {}
     u = encode_users(samples.get_column("user"), known)
     beats, _ = split_rows(to_columns(samples, u, s), BeatCarry.empty(len(known)), s)
-    kept_key, kept_rr = beats.key[beats.kept], beats.rr[beats.kept]
+    block = beats.key[beats.kept]  # user << 32 | epoch minute
+    kept_key = ((block >> 32) << 32) | ((block & 0xFFFFFFFF) // (s.window_s // 60))
+    kept_rr = beats.rr[beats.kept]
     starts = np.flatnonzero(np.r_[True, kept_key[1:] != kept_key[:-1]])
     ends = np.r_[starts[1:], len(kept_key)]
     names = list(known)
