@@ -81,9 +81,9 @@ def demo_cohort() -> Path:
 
 # -- a fast synthetic stream for engine tests (alerts within minutes of data) ---------------
 FAST_DETECTOR = {
-    "window_s": 30,
+    "window_s": 60,
     "baseline_slots": 1,
-    "baseline_refresh_s": 30,
+    "baseline_refresh_s": 60,
     "baseline_windows": 10,
     "baseline_min_windows": 5,
     "sustain_windows": 1,
@@ -92,7 +92,7 @@ FAST_DETECTOR = {
 }
 
 
-def synthetic_rr(user: str, start_s: int, cycles: int, *, seed: int = 0, window_s: int = 30):
+def synthetic_rr(user: str, start_s: int, cycles: int, *, seed: int = 0, window_s: int = 60):
     """RR samples: 6 calm windows (60 bpm, high HRV), then per cycle 2 'stressed' windows
     (75 bpm, almost no HRV) and 6 calm ones. With FAST_DETECTOR each cycle raises one alert."""
     import numpy as np

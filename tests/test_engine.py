@@ -107,7 +107,7 @@ def retained(url_port: int, topic: str, timeout: float = 5.0) -> bytes | None:
 def test_engine_alerts_only_consenting_users_and_records_acks(mosquitto, tmp_path, rr_stream):
     url = mosquitto.url
     state = tmp_path / "engine"
-    start_s = int(time.time()) // 30 * 30 - 3 * 3600
+    start_s = int(time.time()) // 60 * 60 - 3 * 3600
     publish_consent(url, "alice", tmp_path / "alice.sqlite", recipients=["sam"])
     # bob granted then revoked: the engine must neither process nor alert about him
     publish_consent(url, "bob", tmp_path / "bob.sqlite", recipients=["sam"])
@@ -162,7 +162,7 @@ def test_unacknowledged_alert_escalates_to_the_group_on_the_engines_scheduler(mo
     clients = [WorkerClient(url, w, got[w].append) for w in got]
     eng, th = start_engine(settings, url)
     try:
-        publish_stream(url, rr_stream("alice", int(time.time()) // 30 * 30 - 3600, 1, seed=3))
+        publish_stream(url, rr_stream("alice", int(time.time()) // 60 * 60 - 3600, 1, seed=3))
         assert wait_for(lambda: len(got["sam"]) == 1)
         assert wait_for(lambda: len(got["kim"]) == 1 and len(got["lee"]) == 1, 20)
         a = got["sam"][0]
@@ -180,3 +180,17 @@ def test_unacknowledged_alert_escalates_to_the_group_on_the_engines_scheduler(mo
         th.join(20)
         for c in clients:
             c.close()
+
+
+def test_engine_refuses_an_unauthenticated_broker_off_loopback(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "STRESSWATCH_STORE__STATE_DIR": str(tmp_path)}
+    # .invalid never resolves: nothing is sent anywhere even if the check were missing
+    res = subprocess.run(
+        [sys.executable, "-m", "stresswatch.cli", "engine", "--broker", "mqtt://broker.invalid:1883"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert res.returncode == 78, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "without credentials" in res.stderr

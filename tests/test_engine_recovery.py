@@ -41,7 +41,7 @@ def streams(rr_stream, start_s):
 def halves(frame):
     cut = frame.item(frame.height // 2, "time")
     # cut on a window boundary so no window is split between the halves
-    cut_s = int(cut.timestamp()) // 30 * 30
+    cut_s = int(cut.timestamp()) // 60 * 60
     import polars as pl
 
     t = pl.col("time").dt.epoch("s")
@@ -56,7 +56,7 @@ def test_broker_stopped_or_killed_mid_stream(mosquitto, tmp_path, rr_stream, how
     sam = WorkerClient(url, "sam", lambda a: None, seen_path=tmp_path / "sam.sqlite")
     eng, th = start_engine(settings_for(url, tmp_path / "engine", resend_after_s=2.0), url)
     db = tmp_path / "engine" / "stresswatch.sqlite"
-    start_s = int(time.time()) // 30 * 30 - 3 * 3600
+    start_s = int(time.time()) // 60 * 60 - 3 * 3600
     parts = [halves(f) for f in streams(rr_stream, start_s)]
     try:
         for first, _ in parts:
@@ -114,7 +114,7 @@ def test_engine_killed_mid_stream_delivers_every_raised_alert_once(mosquitto, tm
     for u in USERS:
         publish_consent(url, u, tmp_path / "companion.sqlite", recipients=["sam"])
     sam = WorkerClient(url, "sam", lambda a: None, seen_path=tmp_path / "sam.sqlite")
-    start_s = int(time.time()) // 30 * 30 - 3 * 3600
+    start_s = int(time.time()) // 60 * 60 - 3 * 3600
     parts = [halves(f) for f in streams(rr_stream, start_s)]
     proc = spawn_engine(config)
     try:

@@ -42,7 +42,7 @@ def test_export_then_erase_everywhere(mosquitto, tmp_path, rr_stream):
         assert res.returncode == 0, res.stderr
     sam = WorkerClient(url, "sam", lambda a: None)
     eng, th = start_engine(settings_for(url, state), url)
-    start_s = int(time.time()) // 30 * 30 - 3 * 3600
+    start_s = int(time.time()) // 60 * 60 - 3 * 3600
     publish_stream(url, rr_stream("alice", start_s, 2, seed=1))
     publish_stream(url, rr_stream("bob", start_s, 1, seed=2))
     assert wait_for(lambda: len(sam.received) == 3)

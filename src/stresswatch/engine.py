@@ -24,6 +24,7 @@ from .alerts.lifecycle import EscalationPolicy, LifecycleError
 from .alerts.outbox import Outbox
 from .alerts.topics import Topics
 from .alerts.transport import MqttTransport, Transport
+from .broker import check_broker_security, private_client_id
 from .config import Settings
 from .consent.gate import GateDecision, Verdict, alert_wire, decide
 from .consent.ledger import ConsentLedger
@@ -32,7 +33,7 @@ from .consent.wire import decode_consent
 from .detect import Detector, DetectorOutput
 from .errors import ParseError, StresswatchError
 from .ingest import IngestBatch, IngestReceiver
-from .model import WINDOW_SCHEMA, AlertDecision
+from .model import SAMPLES_SCHEMA, WINDOW_SCHEMA, AlertDecision
 from .sources import Source
 from .store import SampleStore
 
@@ -132,6 +133,7 @@ class Pipeline:
         self.report = PipelineReport()
         self._keep_windows = keep_windows
         self._sink = sink
+        self._sink_many: Callable[[list[AlertDecision]], object] | None = None
 
     def process(self, batch: pl.DataFrame) -> DetectorOutput:
         """Feed one batch; send what it decided."""
@@ -160,6 +162,9 @@ class Pipeline:
         self.report.n_windows += out.windows.height
         if self._keep_windows and out.windows.height:
             self.report.windows.append(out.windows)
+        if self._sink_many is not None and out.alerts:
+            self._sink_many(list(out.alerts))  # one detector output: one outbox transaction
+            return out
         for decision in out.alerts:
             self._send(decision)
         return out
@@ -236,8 +241,12 @@ class Engine:
         protocol: str | None = None,
         clock: Clock = utc_now,
         state_dir: Path | None = None,
+        broker_conf: Path | None = None,
     ) -> None:
+        """``broker_conf``: the broker's mosquitto.conf, if the operator has it, for the
+        security check (no anonymous listener off loopback)."""
         self.settings = settings
+        self.broker_conf = broker_conf
         self.url = url
         self.protocol = protocol or settings.mqtt.protocol
         self.clock = clock
@@ -249,6 +258,8 @@ class Engine:
         self._stopping = threading.Event()
         self._status: dict[str, str] = {}
         self._samples: list[pl.DataFrame] = []
+        self._pending: list[IngestBatch] = []  # consented batches not yet given to the detector
+        self._pending_samples = 0
         self.dropped_batches = 0  # from users whose consent does not allow processing
         self.transport: MqttTransport | None = None
         self.receiver: IngestReceiver | None = None
@@ -266,9 +277,12 @@ class Engine:
         detector = Detector.from_bytes(blob, self.settings.detector) if blob else Detector(self.settings.detector)
         self.pipeline = Pipeline(detector, _NoTransport(), ledger=self.ledger, topics=self.topics, clock=self.clock)
         m = self.settings.mqtt
+        # Refuse an open broker off loopback before connecting (pure check, broker.py).
+        check_broker_security(self.url, m.username, conf=self.broker_conf)
         self.transport = MqttTransport(
             self.url,
-            client_id=m.client_id,
+            # persistent session: a client id only the holder of the password can present
+            client_id=private_client_id(m.client_id, m.password),
             username=m.username,
             password=m.password,
             protocol=self.protocol,
@@ -290,15 +304,16 @@ class Engine:
             resend_after_s=a.resend_after_s,
         )
         self.pipeline._sink = self.dispatcher.raise_alert
+        self.pipeline._sink_many = self.dispatcher.raise_alerts
         self.transport.subscribe([f"{self.topics.prefix}/consent/+", f"{self.topics.prefix}/acks/+"])
         self.receiver = IngestReceiver(
             self.url,
-            lambda batch: self._queue.put(lambda: self._on_batch(batch)),
+            lambda batch: self._queue.put(_BatchJob(self, batch)),
             topics=self.topics,
             username=m.username,
             password=m.password,
             protocol=self.protocol,
-            client_id=f"{m.client_id}-ingest",
+            client_id=private_client_id(f"{m.client_id}-ingest", m.password),
         )
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -339,12 +354,15 @@ class Engine:
                             break
                         if nxt is not None:
                             self._run_job(nxt)
+                self._flush_pending()
                 self.dispatcher.pump()
         finally:
             self.shutdown()
 
     def _run_job(self, job: Callable[[], None]) -> None:
         try:
+            if self._pending and not isinstance(job, _BatchJob):
+                self._flush_pending()  # every other job sees the batches received before it
             job()
         except StresswatchError as exc:
             log.warning("%s", exc)
@@ -363,6 +381,7 @@ class Engine:
                 break
             if job is not None:
                 self._run_job(job)
+        self._flush_pending()
         self.persist()
         if self.dispatcher is not None and self.transport is not None:
             self.dispatcher.pump()
@@ -399,17 +418,34 @@ class Engine:
         for user in self.ledger.users():
             self._publish_status(user, now, force=True)
 
+    # Batches are checked for consent one by one as they arrive, then given to the detector
+    # together: once per pass of the work loop (everything queued meanwhile), before any other
+    # job. The detector's cost is mostly per call, not per sample: one call per batch could
+    # not follow more than a few hundred users (benchmarks/load, docs/SCALING.md).
+    MAX_PENDING_SAMPLES = 2_000_000
+
     def _on_batch(self, batch: IngestBatch) -> None:
         now = self.clock()
         state = self.ledger.state(batch.user)
         if not state.allows_processing(now):  # SPEC: consent gates the whole engine
             self.dropped_batches += 1
             return
-        frame = batch.to_frame()
+        self._pending.append(batch)
+        self._pending_samples += len(batch.time_ns)
+        if self._pending_samples >= self.MAX_PENDING_SAMPLES:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if not self._pending:
+            return
+        batches, self._pending, self._pending_samples = self._pending, [], 0
+        frame = _frame_of(batches)
         self.pipeline.process(frame)
         if self.store is not None:
             self._samples.append(frame)
-        self._publish_status(batch.user, now)
+        now = self.clock()
+        for user in dict.fromkeys(b.user for b in batches):
+            self._publish_status(user, now)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """paho's thread: only enqueue."""
@@ -442,6 +478,8 @@ class Engine:
             log.warning("ignored ack from %s: %s", worker, exc)
 
     def _forget(self, user: str) -> None:
+        self._pending = [b for b in self._pending if b.user != user]
+        self._pending_samples = sum(len(b.time_ns) for b in self._pending)
         self.pipeline.detector = forget_user(self.pipeline.detector, user)
         self._samples = [f.filter(pl.col("user") != user) for f in self._samples]
 
@@ -476,6 +514,47 @@ class Engine:
         if self.transport is not None:
             body = json.dumps({"schema_version": 1, "status": status, "since": now.isoformat()}).encode()
             self.transport.publish(self.topics.status(user), body, qos=1, retain=True)
+
+
+class _BatchJob:
+    """A received batch on the engine's work queue (told apart from other jobs by its type)."""
+
+    __slots__ = ("engine", "batch")
+
+    def __init__(self, engine: Engine, batch: IngestBatch) -> None:
+        self.engine = engine
+        self.batch = batch
+
+    def __call__(self) -> None:
+        self.engine._on_batch(self.batch)
+
+
+def _frame_of(batches: list[IngestBatch]) -> pl.DataFrame:
+    """One samples frame of many batches (rows in arrival order; the detector sorts by user)."""
+    if len(batches) == 1:
+        return batches[0].to_frame()
+    users: list[str] = []
+    sources: list[str] = []
+    times: list[int] = []
+    metrics: list[str] = []
+    values: list[float] = []
+    for b in batches:
+        n = len(b.time_ns)
+        users += [b.user] * n
+        sources += [b.source] * n
+        times += b.time_ns
+        metrics += [m.value for m in b.metric]
+        values += b.value
+    return pl.DataFrame(
+        {
+            "user": users,
+            "time": pl.Series(times, dtype=pl.Int64).cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"),
+            "metric": metrics,
+            "value": pl.Series(values, dtype=pl.Float64),
+            "source": sources,
+        },
+        schema=SAMPLES_SCHEMA,
+    )
 
 
 class _NoTransport:

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
-from ..model import AlertDecision
+from ..model import Alert, AlertDecision
 from .acks import AckAction, AckMessage
 from .lifecycle import (
     Acknowledged,
@@ -40,7 +40,7 @@ from .lifecycle import (
     next_action,
     route,
 )
-from .outbox import Outbox
+from .outbox import Delivery, Outbox
 from .topics import Topics
 from .transport import Receipt, Transport
 
@@ -94,34 +94,60 @@ class Dispatcher:
 
     # -- raising -----------------------------------------------------------------------
     def raise_alert(self, d: AlertDecision, *, publish: bool = True) -> AlertRecord:
-        """Record the detector's decision (idempotent on ``alert_id``) and queue its first notice."""
-        now = self.clock()
-        new = self.outbox.record_raised(d, now)
-        rec = self.outbox.get(d.alert_id)
-        assert rec is not None
-        if new:
-            self.stats.raised += 1
-            last = self.outbox.last_sent_at(d.user, excluding=d.alert_id)
-            if self.policy.cooldown_s and last is not None and (now - last).total_seconds() < self.policy.cooldown_s:
-                rec = self.outbox.save(apply(rec, Suppressed(now)), "suppressed", now, detail="cooldown")
-            else:
-                rec = self._first_notice(rec, d, now)
-        if publish:
-            self.pump()
-        return rec
+        """Record the detector's decision (idempotent on ``alert_id``) and queue its first notice;
+        with ``publish``, publish it now (the gate ran in this call)."""
+        return self.raise_alerts([d], publish=publish)[0]
 
-    def _first_notice(self, rec: AlertRecord, d: AlertDecision, now: datetime) -> AlertRecord:
+    def raise_alerts(self, decisions: list[AlertDecision], *, publish: bool = True) -> list[AlertRecord]:
+        """:meth:`raise_alert` for several decisions (one detector output) in one transaction."""
+        now = self.clock()
+        out: list[AlertRecord] = []
+        ready: list[tuple[Delivery, Alert]] = []
+        with self.outbox.transaction():  # raised and first notices queued: one commit
+            for d in decisions:
+                new = self.outbox.record_raised(d, now)
+                rec = self.outbox.get(d.alert_id)
+                assert rec is not None
+                self.outbox.enqueued = []
+                payload: Alert | None = None
+                if new:
+                    self.stats.raised += 1
+                    last = self.outbox.last_sent_at(d.user, excluding=d.alert_id)
+                    if self.policy.cooldown_s and last is not None and (now - last).total_seconds() < self.policy.cooldown_s:
+                        rec = self.outbox.save(apply(rec, Suppressed(now)), "suppressed", now, detail="cooldown")
+                    else:
+                        rec, payload = self._first_notice(rec, d, now)
+                if payload is not None:
+                    ready.extend((dl, payload) for dl in self.outbox.enqueued)
+                out.append(rec)
+        if publish and ready:
+            # The gate ran in this call, on this thread, just now: publish without another read.
+            mono = self._mono()
+            for dl, payload in ready:
+                self._publish(dl, payload, mono)
+            self.collect_acks()
+        return out
+
+    def _publish(self, dl: Delivery, payload: Alert, mono: float) -> None:
+        receipt = self.transport.publish(
+            self.topics.alerts(dl.worker), alert_wire(payload, notice=dl.notice), qos=1, expiry_s=self.alert_expiry_s
+        )
+        self._inflight[dl.id] = _InFlight(receipt, mono, dl.alert_id, dl.worker)
+        self.stats.published += 1
+
+    def _first_notice(self, rec: AlertRecord, d: AlertDecision, now: datetime) -> tuple[AlertRecord, Alert | None]:
         gate = decide(self.ledger.state(d.user), d, now, queued_at=rec.queued_at)
         if gate.deferred and gate.retry_at is not None:
-            return self.outbox.save(apply(rec, Deferred(gate.verdict.value, gate.retry_at)), "deferred", now, detail=gate.verdict.value)
+            deferred = apply(rec, Deferred(gate.verdict.value, gate.retry_at))
+            return self.outbox.save(deferred, "deferred", now, detail=gate.verdict.value), None
         steps = route(gate.recipients, self.groups) if gate.allowed else []
         if not steps:
             verdict = gate.verdict.value if not gate.allowed else Verdict.WITHHELD_NO_RECIPIENT.value
             self.stats.withheld += 1
-            return self.outbox.save(apply(rec, Withheld(verdict, now)), "withheld", now, detail=verdict)
+            return self.outbox.save(apply(rec, Withheld(verdict, now)), "withheld", now, detail=verdict), None
         due = first_due(self.policy, len(steps), 0, now)
         nxt = apply(rec, Sent(steps[0], now, 0, False, due))
-        return self.outbox.save(nxt, "sent", now, detail=",".join(steps[0]), enqueue=steps[0])
+        return self.outbox.save(nxt, "sent", now, detail=",".join(steps[0]), enqueue=steps[0]), gate.payload
 
     # -- publishing --------------------------------------------------------------------
     def pump(self) -> int:
@@ -135,7 +161,7 @@ class Dispatcher:
                 del self._inflight[did]
                 self.stats.republished += 1
         published = 0
-        for dl in self.outbox.pending():
+        for dl in self.outbox.pending(exclude=len(self._inflight)):
             if dl.id in self._inflight:
                 continue
             decision = self.outbox.decision(dl.alert_id)
@@ -144,12 +170,8 @@ class Dispatcher:
                 self._not_now(dl.alert_id, gate.verdict, gate.retry_at, now)
                 continue
             assert gate.payload is not None
-            receipt = self.transport.publish(
-                self.topics.alerts(dl.worker), alert_wire(gate.payload, notice=dl.notice), qos=1, expiry_s=self.alert_expiry_s
-            )
-            self._inflight[dl.id] = _InFlight(receipt, mono, dl.alert_id, dl.worker)
+            self._publish(dl, gate.payload, mono)
             published += 1
-        self.stats.published += published
         self.collect_acks()
         return published
 
@@ -172,13 +194,15 @@ class Dispatcher:
         if not done:
             return 0
         now = self.clock()
-        self.outbox.mark_delivered([did for did, _ in done], now)
-        for did, f in done:
-            del self._inflight[did]
-            rec = self.outbox.get(f.alert_id)
-            if rec is not None and rec.state is AlertState.RAISED:
-                self.outbox.save(apply(rec, Delivered(f.worker, now)), "delivered", now, actor=f.worker)
-            if self._on_delivered:
+        with self.outbox.transaction():  # every PUBACK seen since the last call: one commit
+            self.outbox.mark_delivered([did for did, _ in done], now)
+            for did, f in done:
+                del self._inflight[did]
+                rec = self.outbox.get(f.alert_id)
+                if rec is not None and rec.state is AlertState.RAISED:
+                    self.outbox.save(apply(rec, Delivered(f.worker, now)), "delivered", now, actor=f.worker)
+        if self._on_delivered:
+            for _, f in done:
                 self._on_delivered(f.alert_id, f.worker)
         self.stats.delivered += len(done)
         return len(done)
@@ -203,7 +227,7 @@ class Dispatcher:
         for rec in self.outbox.due(now):
             d = self.outbox.decision(rec.alert_id)
             if rec.state is AlertState.RAISED and not rec.targets:
-                self._first_notice(rec, d, now)
+                self._first_notice(rec, d, now)  # queued; the pump below publishes it
                 n += 1
                 continue
             gate = decide(self.ledger.state(rec.user), d, now, queued_at=rec.queued_at)

@@ -12,6 +12,8 @@ Each change is one transaction, so a crash leaves either the old or the new row.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -134,6 +136,7 @@ class Outbox:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.enqueued: list[Delivery] = []  # deliveries added by the last save()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
@@ -146,6 +149,24 @@ class Outbox:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One SQLite transaction (BEGIN IMMEDIATE ... COMMIT); nested calls join the outer one.
+
+        The connection is in autocommit mode (``isolation_level=None``), so without this each
+        statement would commit on its own.
+        """
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def __enter__(self) -> Outbox:
         return self
@@ -160,7 +181,7 @@ class Outbox:
     def record_raised(self, d: AlertDecision, now: datetime) -> bool:
         """Store a raised alert; False if this alert_id is already stored (restart, replay)."""
         try:
-            with self._db:
+            with self.transaction():
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO alerts (alert_id, user, raised_at, episode_start, level, reasons, score,"
                     " created_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'raised')",
@@ -236,7 +257,7 @@ class Outbox:
     ) -> AlertRecord:
         """Persist a lifecycle change, its event row and any new deliveries, atomically."""
         try:
-            with self._db:
+            with self.transaction():
                 self._db.execute(
                     "UPDATE alerts SET state=?, verdict=?, step=?, reminders=?, targets=?, last_sent_at=?, due_at=?,"
                     " acked_by=?, acked_at=?, outcome=?, note=?, resolved_by=?, resolved_at=? WHERE alert_id=?",
@@ -247,11 +268,14 @@ class Outbox:
                         rec.alert_id,
                     ),
                 )  # fmt: skip
+                self.enqueued = []
                 for worker in enqueue:
-                    self._db.execute(
+                    cur = self._db.execute(
                         "INSERT OR IGNORE INTO deliveries (alert_id, worker, notice, enqueued_at) VALUES (?, ?, ?, ?)",
                         (rec.alert_id, worker, rec.notice, _iso(now)),
                     )
+                    if cur.rowcount:
+                        self.enqueued.append(Delivery(int(cur.lastrowid or 0), rec.alert_id, rec.user, worker, rec.notice, rec.queued_at or now))
                 self._event(rec.alert_id, rec.user, now, kind, actor, detail)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot save alert {rec.alert_id}: {exc}", path=self.path) from None
@@ -270,24 +294,26 @@ class Outbox:
         return [{"alert_id": r[0], "at": r[1], "kind": r[2], "actor": r[3], "detail": r[4]} for r in rows]
 
     # -- deliveries --------------------------------------------------------------------
-    def pending(self, limit: int = 10_000) -> list[Delivery]:
+    def pending(self, limit: int = 10_000, exclude: int = 0) -> list[Delivery]:
+        """Deliveries not yet acknowledged by the broker, oldest first (``limit`` plus room
+        for ``exclude`` rows the caller already has in flight)."""
         rows = self._db.execute(
             "SELECT d.id, d.alert_id, a.user, d.worker, d.notice, a.created_at FROM deliveries d JOIN alerts a USING (alert_id)"
             " WHERE d.delivered_at IS NULL AND d.dropped IS NULL ORDER BY d.id LIMIT ?",
-            (limit,),
+            (limit + exclude,),
         ).fetchall()
         return [Delivery(*r[:5], datetime.fromisoformat(r[5])) for r in rows]
 
     def mark_delivered(self, ids: list[int], now: datetime) -> None:
         if not ids:
             return
-        with self._db:
+        with self.transaction():
             self._db.executemany(
                 "UPDATE deliveries SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL", [(_iso(now), i) for i in ids]
             )
 
     def drop_pending(self, alert_id: str, reason: str) -> int:
-        with self._db:
+        with self.transaction():
             return self._db.execute(
                 "UPDATE deliveries SET dropped = ? WHERE alert_id = ? AND delivered_at IS NULL AND dropped IS NULL",
                 (reason, alert_id),
@@ -301,7 +327,7 @@ class Outbox:
 
     # -- detector state ----------------------------------------------------------------
     def save_detector(self, blob: bytes, now: datetime) -> None:
-        with self._db:
+        with self.transaction():
             self._db.execute(
                 "INSERT INTO detector_state (id, saved_at, blob) VALUES (1, ?, ?)"
                 " ON CONFLICT(id) DO UPDATE SET saved_at = excluded.saved_at, blob = excluded.blob",
@@ -315,7 +341,7 @@ class Outbox:
     # -- erasure -----------------------------------------------------------------------
     def erase(self, user: str, now: datetime) -> int:
         """Remove the user's alerts, deliveries and lifecycle events; keep an identity-free tombstone."""
-        with self._db:
+        with self.transaction():
             n = self._db.execute(
                 "DELETE FROM deliveries WHERE alert_id IN (SELECT alert_id FROM alerts WHERE user = ?)", (user,)
             ).rowcount

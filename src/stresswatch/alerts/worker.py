@@ -20,6 +20,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
+from ..broker import private_client_id
 from ..errors import StorageError, TransportError
 from ..model import Alert
 from .acks import AckAction, AckMessage
@@ -98,7 +99,8 @@ class WorkerClient:
         self.duplicates = 0
         self._client = connect(
             url,
-            client_id or f"stresswatch-worker-{worker}",
+            # a session only the password's holder can take over (broker.private_client_id)
+            client_id or private_client_id(f"stresswatch-worker-{worker}", password),
             username=username,
             password=password,
             protocol=protocol,

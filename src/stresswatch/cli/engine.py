@@ -26,15 +26,21 @@ Examples:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), help="TOML settings file (same as the global --config).")
 @click.option("--broker", metavar="URL", help="mqtt://HOST:PORT; overrides mqtt.url.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Overrides store.state_dir.")
+@click.option(
+    "--broker-conf",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The broker's mosquitto.conf: refuse to start if a listener off loopback allows anonymous clients.",
+)
 @pass_app
-def engine(app: AppContext, config_path: str | None, broker: str | None, state_dir: Path | None) -> None:
+def engine(app: AppContext, config_path: str | None, broker: str | None, state_dir: Path | None, broker_conf: Path | None) -> None:
     """Run the engine until SIGTERM or Ctrl-C.
 
     Receives consenting users' samples on {prefix}/ingest/{user}, runs the detector, sends
     alerts through a durable outbox with the consent gate checked at send time, records
     workers' acks, escalates unacknowledged alerts, and publishes {prefix}/engine/status
     (retained; "offline" as its last will) and {prefix}/status/{user}. With no mqtt.url it
-    starts an embedded broker on loopback.
+    starts an embedded broker on loopback. It refuses to start against a broker off loopback
+    without credentials (and, with --broker-conf, against an anonymous listener off loopback).
     """
     if config_path:
         app.config_path = config_path
@@ -46,8 +52,7 @@ def engine(app: AppContext, config_path: str | None, broker: str | None, state_d
             embedded = stack.enter_context(EmbeddedBroker(port=_first_run_port()))
             url, protocol = embedded.url, "3.1.1"
             console_err.print(f"embedded MQTT broker on {url} (loopback only; configure mqtt.url for Mosquitto)")
-        _check_security(settings, url)
-        eng = Engine(settings, url=url, protocol=protocol, state_dir=state_dir).start()
+        eng = Engine(settings, url=url, protocol=protocol, state_dir=state_dir, broker_conf=broker_conf).start()
         stop = lambda *_: eng.request_stop()  # noqa: E731
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -67,11 +72,3 @@ def _first_run_port() -> int | None:
             return None
     return 1883
 
-
-def _check_security(settings: object, url: str) -> None:
-    """The broker helper's pure check (refuses an unauthenticated non-loopback broker)."""
-    from .. import broker as broker_module
-
-    check = getattr(broker_module, "check_broker_security", None)
-    if check is not None:
-        check(settings, url)

@@ -12,6 +12,8 @@ leaves an identity-free tombstone (when, how many rows). See docs/CONSENT.md.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 import json
 import secrets
 import sqlite3
@@ -84,6 +86,24 @@ class ConsentLedger:
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One SQLite transaction (BEGIN IMMEDIATE ... COMMIT); nested calls join the outer one.
+
+        The connection is in autocommit mode (``isolation_level=None``), so without this each
+        statement would commit on its own.
+        """
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def __enter__(self) -> ConsentLedger:
         return self
 
@@ -93,7 +113,7 @@ class ConsentLedger:
     def append(self, event: ConsentEvent) -> ConsentEvent:
         """Store ``event`` once: an event whose ``event_id`` is already stored is not stored again."""
         try:
-            with self._db:
+            with self.transaction():
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO consent_events (user, action, at, via, text_version, recipients, visibility,"
                     " display_name, event_id, quiet_hours, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -148,7 +168,7 @@ class ConsentLedger:
     def erase(self, user: str, *, now: datetime) -> int:
         """Right to erasure: remove every row of ``user``; keep only an identity-free tombstone."""
         try:
-            with self._db:
+            with self.transaction():
                 self._db.execute("INSERT OR IGNORE INTO erasure_permit (user) VALUES (?)", (user,))
                 n = self._db.execute("DELETE FROM consent_events WHERE user = ?", (user,)).rowcount
                 self._db.execute("DELETE FROM erasure_permit WHERE user = ?", (user,))
