@@ -1,4 +1,7 @@
-"""Whole-detector batch throughput on the bundled demo cohort (skeleton baseline figure).
+"""Whole-detector batch throughput on the bundled demo cohort (4 users x 2 days; quick check).
+
+The detector issue's figures come from ``bench_detector.py`` (larger cohort, streaming tick)
+and ``bench_features_vs_neurokit.py``; this one stays as a small, fast smoke benchmark.
 
     python benchmarks/bench_pipeline.py [--repeat 3]
 

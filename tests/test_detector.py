@@ -295,3 +295,42 @@ def test_state_per_user_is_bounded_whatever_the_history():
     assert d.state_bytes_per_user() <= 4096
     assert d.baselines.hr.shape[1:] == (d.settings.baseline_slots, d.settings.baseline_windows)
     assert before > 0
+
+
+@pytest.mark.parametrize("cut", [2000, 9000])
+def test_forget_removes_one_user_and_leaves_the_others_identical(cut):
+    d = Detector(SMALL)
+    first = d.update(MIX[:cut])
+    d = d.forget("a")
+    assert "a" not in d.users
+    rest = MIX[cut:].filter(pl.col("user") != "a")
+    second = d.update(rest)
+    last = d.flush()
+    got = pl.concat([first.windows, second.windows, last.windows]).filter(pl.col("user") != "a").sort("user", "window_start")
+    assert got.equals(MIX_WINDOWS.filter(pl.col("user") != "a"))
+    # a new sample of the forgotten user starts from scratch (calibrating), not from old state
+    again = d.update(MIX.filter(pl.col("user") == "a")[:500]).windows
+    assert set(again["state"]) <= {"calibrating", "insufficient_data"}
+
+
+def test_state_survives_generic_per_user_row_deletion():
+    """Erasure code outside the detector may drop user i from every array whose first axis is
+    the user index (the engine's forget_user does): the result must be a valid detector."""
+    import io as _io
+
+    d = Detector(SMALL)
+    d.update(MIX[:5000])
+    z = dict(np.load(_io.BytesIO(d.to_bytes()), allow_pickle=False))
+    i = z["users"].tolist().index("b")
+    n = len(z["users"])
+    for k, arr in z.items():
+        if arr.ndim >= 1 and arr.shape[0] == n and k != "late":
+            z[k] = np.delete(arr, i, axis=0)
+    buf = _io.BytesIO()
+    np.savez(buf, **z)
+    restored = Detector.from_bytes(buf.getvalue(), SMALL)
+    assert restored.users == [u for u in d.users if u != "b"]
+    out = restored.update(MIX[5000:].filter(pl.col("user") != "b"))
+    tail = restored.flush()
+    got = pl.concat([out.windows, tail.windows])
+    assert "b" not in set(got["user"]) and got.height > 0

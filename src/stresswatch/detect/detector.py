@@ -29,7 +29,7 @@ from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowStat
 from . import episodes
 from .baseline import Baselines, user_phase
 from .episodes import EpisodeState
-from .features import NS, BeatCarry, Beats, Others, Partials, block_partials, combine, encode_users, features_frame, split_rows, to_columns
+from .features import NO_WINDOW, NS, BeatCarry, Beats, Others, Partials, block_partials, combine, encode_users, features_frame, split_rows, to_columns
 
 MINUTE_NS = 60 * NS
 LOW32 = 0xFFFFFFFF
@@ -352,37 +352,64 @@ class Detector:
         return DetectorOutput(windows.cast(WINDOW_SCHEMA).sort("user", "window_start"), alerts)
 
     # -- save / restore ------------------------------------------------------------------
-    def to_bytes(self) -> bytes:
-        """Serialise all state (engine restart) as one .npz: per-user arrays and the buffers."""
+    # Serialised form: arrays whose first axis is the user index (``users`` order) hold all
+    # per-user state; buffered rows and chunk bounds are stored as (1, k) arrays and refer to
+    # users by name (``row_users``), so dropping one user's row from every per-user array
+    # (as :meth:`forget` does, and as the engine's erasure did before it existed) stays valid.
+    _PER_USER = ("users", "watermark", "closed", "motion_until")
+
+    def _arrays(self) -> dict[str, np.ndarray]:
         beats = Beats.concat([c.beats for c in self._chunks]) if self._chunks else Beats.empty()
         others = Others.concat([c.others for c in self._chunks]) if self._chunks else Others.empty()
         parts = Partials.concat([c.partials for c in self._pchunks]) if self._pchunks else Partials.empty()
-        arrays = {
-            "users": np.array(list(self._users), dtype=str),
-            "watermark": self._watermark_ns,
-            "closed": self._closed_w,
-            "motion_until": self._motion_until_ns,
-            "late": np.array([self.late_samples]),
+        rows = {
+            "row_users": np.array(list(self._users), dtype=str),
             "chunk_min_w": np.array([c.min_w for c in self._chunks], np.int64),
             "chunk_len_b": np.array([len(c.beats.key) for c in self._chunks], np.int64),
             "chunk_len_o": np.array([len(c.others.key) for c in self._chunks], np.int64),
             "pchunk_min_w": np.array([c.min_w for c in self._pchunks], np.int64),
             "pchunk_len": np.array([len(c.partials.key) for c in self._pchunks], np.int64),
-            **{f"carry_{f.name}": getattr(self.carry, f.name) for f in fields(self.carry)},
-            **{f"bl_{f.name}": getattr(self.baselines, f.name) for f in fields(self.baselines)},
-            **{f"ep_{f.name}": getattr(self.episodes, f.name) for f in fields(self.episodes)},
             **{f"b_{f.name}": getattr(beats, f.name) for f in fields(beats)},
             **{f"o_{f.name}": getattr(others, f.name) for f in fields(others)},
             **{f"p_{f.name}": getattr(parts, f.name) for f in fields(parts)},
         }
+        return {
+            "users": np.array(list(self._users), dtype=str),
+            "watermark": self._watermark_ns,
+            "closed": self._closed_w,
+            "motion_until": self._motion_until_ns,
+            "late": np.array([self.late_samples]),
+            **{f"carry_{f.name}": getattr(self.carry, f.name) for f in fields(self.carry)},
+            **{f"bl_{f.name}": getattr(self.baselines, f.name) for f in fields(self.baselines)},
+            **{f"ep_{f.name}": getattr(self.episodes, f.name) for f in fields(self.episodes)},
+            **{k: v[None, ...] for k, v in rows.items()},
+        }
+
+    def to_bytes(self) -> bytes:
+        """Serialise all state (engine restart) as one .npz: per-user arrays and the buffers."""
         out = io.BytesIO()
-        np.savez(out, **arrays)
+        np.savez(out, **self._arrays())
         return out.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes, settings: DetectorSettings | None = None) -> Detector:
-        d = cls(settings)
         z = np.load(io.BytesIO(data), allow_pickle=False)
+        return cls._from_arrays({k: z[k] for k in z.files}, settings)
+
+    def forget(self, user: str) -> Detector:
+        """A detector without ``user``'s state (baseline, episode, buffered beats): erasure."""
+        if user not in self._users:
+            return self
+        i = self._users[user]
+        z = self._arrays()
+        per_user = [k for k in z if k in self._PER_USER or k.split("_", 1)[0] in ("carry", "bl", "ep")]
+        for k in per_user:
+            z[k] = np.delete(z[k], i, axis=0)
+        return self._from_arrays(z, self.settings)
+
+    @classmethod
+    def _from_arrays(cls, z: dict[str, np.ndarray], settings: DetectorSettings | None) -> Detector:
+        d = cls(settings)
         d._users = {str(x): i for i, x in enumerate(z["users"].tolist())}
         d._names = pl.Series("user", list(d._users), pl.String)
         d._watermark_ns = z["watermark"].copy()
@@ -390,19 +417,41 @@ class Detector:
         d._motion_until_ns = z["motion_until"].copy()
         d.late_samples = int(z["late"][0])
         d.carry = BeatCarry(*(z[f"carry_{f.name}"].copy() for f in fields(BeatCarry)))
+        own = np.arange(len(d._users), dtype=np.int64) << 32  # carried keys name their user: re-point them
+        for k in (d.carry.ir_key, d.carry.kept_key):
+            k[:] = np.where(k == NO_WINDOW, NO_WINDOW, own | (k & LOW32))
         d.baselines = Baselines(*(z[f"bl_{f.name}"].copy() for f in fields(Baselines)))
         d.episodes = EpisodeState(*(z[f"ep_{f.name}"].copy() for f in fields(EpisodeState)))
-        beats = Beats(*(z[f"b_{f.name}"].copy() for f in fields(Beats)))
-        others = Others(*(z[f"o_{f.name}"].copy() for f in fields(Others)))
-        parts = Partials(*(z[f"p_{f.name}"].copy() for f in fields(Partials)))
-        cb = np.concatenate([[0], np.cumsum(z["chunk_len_b"])])
-        co = np.concatenate([[0], np.cumsum(z["chunk_len_o"])])
-        d._chunks = [
-            _Chunk(beats.take(slice(cb[i], cb[i + 1])), others.take(slice(co[i], co[i + 1])), int(m))
-            for i, m in enumerate(z["chunk_min_w"])
-        ]
-        cp = np.concatenate([[0], np.cumsum(z["pchunk_len"])])
-        d._pchunks = [_PChunk(parts.take(slice(cp[i], cp[i + 1])), int(m)) for i, m in enumerate(z["pchunk_min_w"])]
+        if z["row_users"].shape[0] == 0:  # the only user was removed with every (1, k) array
+            return d
+        row = {k: v[0] for k, v in z.items() if v.ndim >= 1 and k not in d._PER_USER and k.startswith(("row_", "chunk_", "pchunk_", "b_", "o_", "p_"))}
+        old_names = row["row_users"].tolist()
+        remap = np.array([d._users.get(str(x), -1) for x in old_names] + [-1], np.int64)
+
+        def rekey(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            new_u = remap[key >> 32] if len(key) else np.zeros(0, np.int64)
+            return (new_u << 32) | (key & LOW32), new_u >= 0
+
+        beats = Beats(*(row[f"b_{f.name}"].copy() for f in fields(Beats)))
+        others = Others(*(row[f"o_{f.name}"].copy() for f in fields(Others)))
+        parts = Partials(*(row[f"p_{f.name}"].copy() for f in fields(Partials)))
+        beats.key, ok_b = rekey(beats.key)
+        others.key, ok_o = rekey(others.key)
+        parts.key, ok_p = rekey(parts.key)
+        cb = np.concatenate([[0], np.cumsum(row["chunk_len_b"])])
+        co = np.concatenate([[0], np.cumsum(row["chunk_len_o"])])
+        for i, m in enumerate(row["chunk_min_w"]):
+            sb, so = slice(cb[i], cb[i + 1]), slice(co[i], co[i + 1])
+            b = beats.take(sb).take(ok_b[sb])
+            o = others.take(so).take(ok_o[so])
+            if len(b.key) or len(o.key):
+                d._chunks.append(_Chunk(b, o, int(m)))
+        cp = np.concatenate([[0], np.cumsum(row["pchunk_len"])])
+        for i, m in enumerate(row["pchunk_min_w"]):
+            sp = slice(cp[i], cp[i + 1])
+            p = parts.take(sp).take(ok_p[sp])
+            if len(p.key):
+                d._pchunks.append(_PChunk(p, int(m)))
         return d
 
 
