@@ -252,3 +252,18 @@ def test_conf_parser_raises_only_config_error(text: str):
     except ConfigError:
         return
     assert facts  # mosquitto always has a listener
+
+
+def test_concurrent_provisioning_loses_no_account(tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = BrokerDir(tmp_path / "b")
+    d.write_config()
+    ids = [f"user{i}" for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        passwords = dict(zip(ids, pool.map(lambda i: d.add(Role.USER, i), ids)))
+    assert d.accounts() == {i: Role.USER for i in ids}
+    entries = dict(line.split(":", 1) for line in d.passwd.read_text().splitlines())
+    assert sorted(entries) == sorted(ids)
+    assert all(verify_password(passwords[i], entries[i]) for i in ids)
+    assert all(f"user {i}" in d.acl.read_text().splitlines() for i in ids)

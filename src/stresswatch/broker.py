@@ -23,7 +23,8 @@ import secrets
 import socket
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -376,7 +377,6 @@ class BrokerDir:
                 if not f.is_file():
                     raise ConfigError("no such file", source=f, field=name)
             tls = TlsListener(tls.port, tls.cert.resolve(), tls.key.resolve(), tls.ca.resolve(), tls.host)
-        accounts = self._accounts() if self.state.exists() else {}
         conf = mosquitto_conf(
             port=port,
             host=host,
@@ -388,10 +388,12 @@ class BrokerDir:
             plaintext=plaintext,
         )
         self.data.mkdir(parents=True, exist_ok=True)
-        if not self.passwd.exists():
-            atomic_write(self.passwd, "")
-        self._save(prefix, accounts)
-        atomic_write(self.conf, conf, mode=0o644)
+        with self._locked():
+            accounts = self._accounts() if self.state.exists() else {}
+            if not self.passwd.exists():
+                atomic_write(self.passwd, "")
+            self._save(prefix, accounts)
+            atomic_write(self.conf, conf, mode=0o644)
 
     # accounts
 
@@ -422,6 +424,24 @@ class BrokerDir:
         state = {"prefix": prefix, "accounts": {k: v.value for k, v in sorted(accounts.items())}}
         atomic_write(self.state, json.dumps(state, indent=2) + "\n")
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One provisioning command at a time per directory (no lost update of the files)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; provisioning is an operator's act
+            yield
+            return
+        if not self.path.is_dir():  # nothing to protect yet (write_config creates it)
+            yield
+            return
+        with open(self.path / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def _passwd_lines(self) -> list[str]:
         try:
             return [ln for ln in self.passwd.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -435,26 +455,28 @@ class BrokerDir:
         new password for an existing account of the same role.
         """
         check_account_id(account_id, role)
-        prefix, accounts = self._load()
-        existing = accounts.get(account_id)
-        if existing is not None and (existing is not role or not replace):
-            hint = " (use --replace to set a new password)" if existing is role else ""
-            raise ConfigError(f"{account_id!r} is already provisioned as a {existing.value}{hint}", field="id")
         password = password if password is not None else generate_password()
         entry = f"{account_id}:{hash_password(password)}"
-        lines = [ln for ln in self._passwd_lines() if ln.split(":", 1)[0] != account_id] + [entry]
-        self._save(prefix, {**accounts, account_id: role})
-        atomic_write(self.passwd, "\n".join(lines) + "\n")
+        with self._locked():
+            prefix, accounts = self._load()
+            existing = accounts.get(account_id)
+            if existing is not None and (existing is not role or not replace):
+                hint = " (use --replace to set a new password)" if existing is role else ""
+                raise ConfigError(f"{account_id!r} is already provisioned as a {existing.value}{hint}", field="id")
+            lines = [ln for ln in self._passwd_lines() if ln.split(":", 1)[0] != account_id] + [entry]
+            self._save(prefix, {**accounts, account_id: role})
+            atomic_write(self.passwd, "\n".join(lines) + "\n")
         return password
 
     def remove(self, account_id: str) -> Role:
-        prefix, accounts = self._load()
-        if account_id not in accounts:
-            raise ConfigError(f"no account {account_id!r}", field="id")
-        role = accounts.pop(account_id)
-        lines = [ln for ln in self._passwd_lines() if ln.split(":", 1)[0] != account_id]
-        atomic_write(self.passwd, "".join(ln + "\n" for ln in lines))
-        self._save(prefix, accounts)
+        with self._locked():
+            prefix, accounts = self._load()
+            if account_id not in accounts:
+                raise ConfigError(f"no account {account_id!r}", field="id")
+            role = accounts.pop(account_id)
+            lines = [ln for ln in self._passwd_lines() if ln.split(":", 1)[0] != account_id]
+            atomic_write(self.passwd, "".join(ln + "\n" for ln in lines))
+            self._save(prefix, accounts)
         return role
 
 
