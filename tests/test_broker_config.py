@@ -121,9 +121,11 @@ def test_provisioning_before_config_says_what_to_run(tmp_path: Path):
         (["--tls-cert", "x.crt"], "--tls-*"),
         (["--no-plaintext"], "--no-plaintext"),
         (["--tls-cert", "nope.crt", "--tls-key", "nope.key", "--tls-ca", "nope.ca"], "--tls-cert"),
+        (["--prefix", "clinic/#"], "--prefix"),
+        (["--host", "0.0.0.0 # all"], "--host"),
     ],
 )
-def test_tls_options_are_checked(args: list[str], field: str, tmp_path: Path):
+def test_config_options_are_checked(args: list[str], field: str, tmp_path: Path):
     res = sw("broker", "config", "--out", str(tmp_path / "b"), *args)
     assert res.returncode == 78 and field in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "b" / "mosquitto.conf").exists()

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from ..broker import DEFAULT_ENGINE_ID, BrokerDir, Role, TlsListener, is_loopback_host
+from ..config import MqttSettings
 from ..errors import ConfigError
 from ._common import AppContext, pass_app
 
@@ -94,6 +96,13 @@ def config(
         raise ConfigError("--no-plaintext needs a TLS listener (--tls-cert, --tls-key, --tls-ca)", field="--no-plaintext")
     if not no_plaintext and given and port == tls_port:
         raise ConfigError(f"--port and --tls-port are both {port}", field="--tls-port")
+    if not host or any(c.isspace() or c == "#" for c in host):
+        raise ConfigError(f"{host!r} is not an address to bind to", field="--host")
+    if prefix is not None:
+        try:
+            MqttSettings(prefix=prefix)
+        except ValidationError as exc:
+            raise ConfigError(exc.errors()[0]["msg"], field="--prefix") from None
     tls = TlsListener(tls_port, tls_cert, tls_key, tls_ca, host) if tls_cert and tls_key and tls_ca else None
     d = BrokerDir(out)
     d.write_config(
