@@ -169,6 +169,21 @@ def test_forged_alerts_from_a_user_or_a_worker_never_reach_a_worker(secure_broke
         sam.close()
 
 
+def test_only_the_engines_status_reaches_a_user(secure_broker):
+    b = secure_broker
+    bob = Inbox(b.url, "bob", b.passwords["bob"], [f"{P}/status/bob", f"{P}/engine/status"])
+    try:
+        publish(b, "alice", [(f"{P}/status/bob", b"forged-by-user"), (f"{P}/engine/status", b"forged-offline")])
+        publish(b, "bob", [(f"{P}/status/bob", b"forged-by-himself")])
+        publish(b, "sam", [(f"{P}/status/bob", b"forged-by-worker"), (f"{P}/engine/status", b"forged-by-worker")])
+        publish(b, ENGINE, [(f"{P}/status/bob", b"paused"), (f"{P}/engine/status", b"online")])
+        bob.wait_for(b"online")
+        time.sleep(0.3)
+        assert sorted(bob.payloads()) == [b"online", b"paused"]
+    finally:
+        bob.close()
+
+
 def test_roles_do_not_leak_through_the_id_patterns(secure_broker):
     """%u patterns apply to every account: the per-account deny lines keep a user from
     reading alerts on a topic named after it and a worker from reading a status."""
