@@ -334,3 +334,16 @@ def test_state_survives_generic_per_user_row_deletion():
     tail = restored.flush()
     got = pl.concat([out.windows, tail.windows])
     assert "b" not in set(got["user"]) and got.height > 0
+
+
+def test_state_from_an_incompatible_version_is_a_clear_storage_error():
+    import io as _io
+
+    from stresswatch.errors import StorageError
+
+    z = dict(np.load(_io.BytesIO(Detector(SMALL).to_bytes()), allow_pickle=False))
+    z.pop("format")
+    buf = _io.BytesIO()
+    np.savez(buf, **z)
+    with pytest.raises(StorageError, match="incompatible version"):
+        Detector.from_bytes(buf.getvalue(), SMALL)

@@ -70,6 +70,9 @@ class DetectorSettings(_Section):
     baseline_refresh_s: int = Field(
         default=3600, ge=1, description="median/MAD of a slot recomputed once per this period (staggered per user)"
     )
+    neighbour_hr_gap_bpm: float = Field(
+        default=4.0, ge=0, description="a neighbouring slot whose HR baseline differs this much may excuse a window (sleep/wake)"
+    )
     hr_scale_floor_bpm: float = Field(default=2.0, gt=0, description="least HR scale: 1 bpm must not be a large z")
     ln_rmssd_scale_floor: float = Field(default=0.08, gt=0, description="least ln RMSSD scale (~8 % RMSSD)")
     score_enter: float = Field(default=1.75, description="window is elevated at or above this score (robust SDs)")

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from ..config import DetectorSettings
+from ..errors import StorageError
 from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowState, alert_id_for
 from . import episodes
 from .baseline import Baselines, user_phase
@@ -37,6 +38,7 @@ LOW32 = 0xFFFFFFFF
 STATES = np.array([s.value for s in (WindowState.INSUFFICIENT_DATA, WindowState.CALIBRATING, WindowState.SUPPRESSED_MOTION, WindowState.OK, WindowState.ELEVATED)])
 INSUFFICIENT, CALIBRATING, SUPPRESSED, OK, ELEVATED = range(5)
 NEVER = np.iinfo(np.int64).min
+STATE_FORMAT = 2  # bump when the serialised layout changes
 
 
 @dataclass(frozen=True)
@@ -249,9 +251,10 @@ class Detector:
             bl.refresh(ui, period[rows], min_windows=s.baseline_min_windows, hr_floor=s.hr_scale_floor_bpm, ln_floor=s.ln_rmssd_scale_floor)
             h, ln = hr[rows], lnr[rows]
             t0, t1 = start_ns[rows], end_ns[rows]
-            # Score against the window's own time-of-day baseline and its neighbours, keeping
-            # the least alarming: waking up early or going to bed late compares an awake
-            # window with a sleeping slot, which is not stress (see docs/DETECTOR.md).
+            # Score against the window's own time-of-day baseline and, where a neighbouring
+            # slot's HR level differs, that neighbour too, keeping the least alarming: waking up
+            # early or going to bed late compares an awake window with a sleeping slot, which is
+            # not stress (see docs/DETECTOR.md).
             best = None
             for k, shift in enumerate((0, -1, 1)[: min(3, s.baseline_slots)]):
                 sj = (si + shift) % s.baseline_slots
@@ -262,9 +265,12 @@ class Detector:
                 sc = np.where(np.isnan(z_l), z_h, 0.5 * (z_h - z_l))
                 if best is None:
                     best = [sc, z_h, z_l, st4, sj]
-                    ready = ~np.isnan(st4[:, 0])
+                    own_hr = st4[:, 0]
+                    ready = ~np.isnan(own_hr)
                     continue
-                better = ready & ~np.isnan(sc) & (sc < best[0])
+                # only a neighbour whose HR level differs (asleep vs awake) may excuse a window
+                gap = np.abs(st4[:, 0] - own_hr) >= s.neighbour_hr_gap_bpm
+                better = ready & ~np.isnan(sc) & (sc < best[0]) & gap
                 for j, v in enumerate((sc, z_h, z_l)):
                     best[j] = np.where(better, v, best[j])
                 best[3] = np.where(better[:, None], st4, best[3])
@@ -374,6 +380,7 @@ class Detector:
             **{f"p_{f.name}": getattr(parts, f.name) for f in fields(parts)},
         }
         return {
+            "format": np.array(STATE_FORMAT),  # 0-d: never mistaken for a per-user array
             "users": np.array(list(self._users), dtype=str),
             "watermark": self._watermark_ns,
             "closed": self._closed_w,
@@ -409,6 +416,11 @@ class Detector:
 
     @classmethod
     def _from_arrays(cls, z: dict[str, np.ndarray], settings: DetectorSettings | None) -> Detector:
+        if "format" not in z or int(z["format"]) != STATE_FORMAT:
+            raise StorageError(
+                "detector state was saved by an incompatible version; remove it to recalibrate from new data",
+                path="detector state",
+            )
         d = cls(settings)
         d._users = {str(x): i for i, x in enumerate(z["users"].tolist())}
         d._names = pl.Series("user", list(d._users), pl.String)
