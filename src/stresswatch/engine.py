@@ -401,7 +401,25 @@ class Engine:
         self.pipeline.advance(now, self.settings.engine.grace_s)
         assert self.dispatcher is not None
         self.dispatcher.run_due()
-        for user in list(self._status):
+        self._sweep_status(now)
+
+    # Status is published when it changes. Consent changes arrive as jobs that publish it
+    # themselves, and a user's first batch or end of calibration is seen in _flush_pending; what
+    # only time changes (a consent expiring, a ledger written by another process) is found by
+    # this sweep, which re-reads a bounded slice of the users per tick (all of them per tick up
+    # to STATUS_SWEEP users): reading every user's consent every tick cost O(users) SQLite
+    # reads and was the largest cost at 3,000 users (docs/SCALING.md).
+    STATUS_SWEEP = 2_000
+
+    def _sweep_status(self, now: datetime) -> None:
+        users = list(self._status)
+        if len(users) <= self.STATUS_SWEEP:
+            chosen = users
+        else:
+            start = getattr(self, "_sweep_at", 0) % len(users)
+            chosen = (users[start:] + users[:start])[: self.STATUS_SWEEP]
+            self._sweep_at = start + self.STATUS_SWEEP
+        for user in chosen:
             self._publish_status(user, now)
 
     def persist(self) -> None:
@@ -444,8 +462,11 @@ class Engine:
         if self.store is not None:
             self._samples.append(frame)
         now = self.clock()
+        detector = self.pipeline.detector
         for user in dict.fromkeys(b.user for b in batches):
-            self._publish_status(user, now)
+            known = self._status.get(user)
+            if known is None or (known == "calibrating" and detector.baseline_ready(user)):
+                self._publish_status(user, now)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """paho's thread: only enqueue."""
