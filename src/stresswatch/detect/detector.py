@@ -126,7 +126,12 @@ class Detector:
         # each user's newest sample is the last of its run (rows sorted by user, time)
         ends = np.append(np.flatnonzero(uk[1:] != uk[:-1]), len(uk) - 1)
         np.maximum.at(self._watermark_ns, uk[ends], cols.t[ends])
-        late = (cols.block & LOW32) < self._closed_w[uk]
+        # a user's earliest row is its first (sorted): only if that one is late can any be
+        firsts = np.append(0, ends[:-1] + 1)
+        if np.any((cols.block[firsts] & LOW32) < self._closed_w[uk[firsts]]):
+            late = (cols.block & LOW32) < self._closed_w[uk]
+        else:
+            late = np.zeros(1, bool)
         if late.any():
             self.late_samples += int(late.sum())
             cols = cols.take(np.flatnonzero(~late))

@@ -483,7 +483,7 @@ def to_columns(samples: pl.DataFrame, u: np.ndarray, s: DetectorSettings) -> Col
             order = np.lexsort((t, u))
             u, t, code, value = u[order], t[order], code[order], value[order]
     minute = t // (60 * NS)
-    ub = u.astype(np.int64) << 32
+    ub = u << 32 if u.dtype == np.int64 else u.astype(np.int64) << 32
     return Columns(ub | (minute // (s.window_s // 60)), ub | minute, t, code, value)
 
 
