@@ -334,3 +334,13 @@ def test_plaintext_to_the_tls_port_fails(tls_broker):
     b = tls_broker
     with pytest.raises(TransportError, match="no CONNACK"):  # mosquitto drops the non-TLS bytes
         connect(f"mqtt://127.0.0.1:{b.tls_port}", "plain", username="sam", password=b.passwords["sam"], timeout_s=3)
+
+
+def test_the_live_check_refuses_a_broker_that_lets_anonymous_clients_in(mosquitto, secure_broker):
+    from stresswatch.broker import check_broker_refuses_anonymous
+    from stresswatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="accepts clients without a password"):
+        check_broker_refuses_anonymous(mosquitto.url, off_loopback_only=False)  # the anonymous test broker
+    check_broker_refuses_anonymous(secure_broker.url, off_loopback_only=False)  # the generated one
+    check_broker_refuses_anonymous(mosquitto.url)  # loopback: not probed (the demo's case)

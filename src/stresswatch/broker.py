@@ -629,3 +629,35 @@ def check_broker_security(
                     "and a password_file (stresswatch broker config writes both)",
                     source=conf,
                 )
+
+
+def check_broker_refuses_anonymous(url: str, *, timeout_s: float = 5.0, off_loopback_only: bool = True) -> None:
+    """The live counterpart of :func:`check_broker_security` (network I/O): connect to the
+    broker *without* credentials and raise :class:`ConfigError` if it lets us in.
+
+    This catches a broker that allows anonymous clients even though the engine itself has an
+    account. Loopback brokers are not probed unless ``off_loopback_only`` is false (the demo's
+    embedded broker is anonymous on loopback by design). A broker that cannot be reached
+    raises :class:`TransportError`, as connecting would.
+    """
+    from .alerts.transport import BrokerAddress, connect
+
+    addr = BrokerAddress.parse(url)
+    if off_loopback_only and is_loopback_host(addr.host):
+        return
+    anonymous = f"{addr.host}:{addr.port}"
+    query = f"?cafile={addr.ca_file}" if addr.ca_file else ""
+    probe_url = f"{'mqtts' if addr.tls else 'mqtt'}://{anonymous}{query}"
+    try:
+        client = connect(probe_url, f"stresswatch-probe-{secrets.token_hex(6)}", timeout_s=timeout_s)
+    except TransportError as exc:
+        if "refused" in str(exc):
+            return
+        raise
+    client.disconnect()
+    client.loop_stop()
+    raise ConfigError(
+        f"the broker at {addr} accepts clients without a password: refusing to send health alerts "
+        "through it (set allow_anonymous false; stresswatch broker config)",
+        field="mqtt.url",
+    )
