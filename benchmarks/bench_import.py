@@ -8,13 +8,13 @@ committed) with a realistic mix (heart rate every 2 min; step, energy and distan
 an HRV SDNN record with ~60 beats every 2 h), then, each in a fresh subprocess so peak RSS
 is its own:
 
-1. reference: ``xml.etree.ElementTree.iterparse`` over the file, clearing each element
-   (the plain streaming pass any Python importer starts from);
+1. reference: ``xml.etree.ElementTree.iterparse`` over the file with the usual
+   bounded-memory idiom (clear the root after each record), keeping no values;
 2. ``AppleHealthSource`` parse only (all chunks produced and dropped);
 3. the whole ``stresswatch import apple_health FILE --user bench --out DIR`` (parse, stage,
    merge into the Parquet store).
 
-Reports MB/s and peak RSS (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``) for each.
+Reports MB/s and peak RSS (each child's own ``getrusage(RUSAGE_SELF).ru_maxrss``) for each.
 
 fit: encodes a long activity (1 Hz records + hrv RR arrays) with the fixtures' FIT encoder,
 then times ``fitdecode`` iterating every frame (the decoder's own decode time, the
@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -108,14 +107,22 @@ def generate_export(path: Path, size_mb: int, seed: int = 1) -> dict[str, int]:
     return counts
 
 
+RSS = "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+
+# The usual bounded-memory iterparse idiom: clear each finished element and drop the
+# root's references to them (elem.clear() alone leaves an empty element per record).
 CHILD_REFERENCE = """
 import sys, time, xml.etree.ElementTree as ET
-t = time.perf_counter(); n = 0
-for event, elem in ET.iterparse(sys.argv[1], events=("end",)):
-    n += 1
-    elem.clear()
+t = time.perf_counter(); n = 0; root = None
+for event, elem in ET.iterparse(sys.argv[1], events=("start", "end")):
+    if root is None:
+        root = elem
+    if event == "end":
+        n += 1
+        if elem.tag == "Record":
+            root.clear()
 print(time.perf_counter() - t, n)
-"""
+""" + RSS
 
 CHILD_PARSE = """
 import sys, time
@@ -124,20 +131,31 @@ t = time.perf_counter()
 src = SourceRegistry.discover().open(sys.argv[1], kind="apple_health", user="bench")
 n = sum(f.height for f in src.batches())
 print(time.perf_counter() - t, n)
-"""
+""" + RSS
+
+CHILD_IMPORT = """
+import sys, time
+from stresswatch.cli import main
+t = time.perf_counter()
+code = main(sys.argv[1:])
+assert code == 0, code
+print(time.perf_counter() - t)
+""" + RSS
 
 
 def run_child(args: list[str]) -> tuple[float, str, float]:
-    """Run a child; return (wall s, its stdout, its peak RSS in MB)."""
+    """Run a child; return (wall s, its stdout without the last line, its own peak RSS in MB)."""
     env = dict(os.environ, POLARS_MAX_THREADS="1")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
-    out = subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out, err = proc.communicate()
+    # RUSAGE_CHILDREN is a maximum over all children so far: each child prints its own peak.
     wall = time.perf_counter() - t
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kb < before:  # ru_maxrss of children is the max over all of them
-        peak_kb = before
-    return wall, out, peak_kb / 1024
+    if proc.returncode:
+        raise RuntimeError(f"{args[:3]} failed: {err[-2000:]}")
+    lines = out.strip().splitlines()
+    rss_mb = float(lines[-1])
+    return wall, "\n".join(lines[:-1]), rss_mb
 
 
 def bench_apple(size_mb: int, workdir: Path) -> None:
@@ -155,7 +173,7 @@ def bench_apple(size_mb: int, workdir: Path) -> None:
     rows = []
     # Each measurement in its own child, the smallest first so ru_maxrss (a max over children) stays attributable.
     wall, out, rss = run_child([py, "-c", CHILD_REFERENCE, str(xml)])
-    rows.append(("reference: ElementTree.iterparse + clear (no values kept)", float(out.split()[0]), rss))
+    rows.append(("reference: ElementTree.iterparse, root cleared per record (no values kept)", float(out.split()[0]), rss))
     wall, out, rss = run_child([py, "-c", CHILD_PARSE, str(xml)])
     rows.append((f"AppleHealthSource parse only ({int(out.split()[1]):,} samples)", float(out.split()[0]), rss))
     store = workdir / "store"
@@ -163,8 +181,8 @@ def bench_apple(size_mb: int, workdir: Path) -> None:
         import shutil
 
         shutil.rmtree(store)
-    wall, out, rss = run_child([py, "-m", "stresswatch.cli", "import", "apple_health", str(xml), "--user", "bench", "--out", str(store), "--no-progress"])
-    rows.append(("`stresswatch import apple_health` (parse + stage + Parquet store)", wall, rss))
+    wall, out, rss = run_child([py, "-c", CHILD_IMPORT, "import", "apple_health", str(xml), "--user", "bench", "--out", str(store), "--no-progress"])
+    rows.append(("`stresswatch import apple_health` (parse + stage + Parquet store)", float(out.split()[-1]), rss))
     print(f"\nApple Health export.xml: {mb:,.0f} MB; {counts['hr']:,} heart-rate records, {counts['sdnn']:,} SDNN records "
           f"({counts['beats']:,} beats), {counts['other']:,} other records")
     print(f"date {date.today()}, {platform.processor() or platform.machine()}, Python {platform.python_version()}\n")
