@@ -81,7 +81,7 @@ def main() -> None:
     print()
     kinds = samples.group_by("user").agg(pl.col("source").first().str.replace("sim/", "").alias("source"))
     cols = ["user", "source", "episodes", "detected", "alerts", "false_alerts", "recall", "precision", "false_alerts_per_user_day", "median_delay_s"]
-    by = ev.by_user.join(kinds, on="user").select(cols)
+    by = ev.by_user.join(kinds, on="user").select(cols).sort("user")
     with pl.Config(tbl_rows=100, tbl_cols=20, tbl_formatting="MARKDOWN", float_precision=2, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True):
         print(by)
 
