@@ -162,7 +162,7 @@ def import_(
     time_unit: str,
     progress: bool | None,
 ) -> None:
-    """Import a vendor export (KIND: fit, fitbit, apple_health, openmhealth, table, samples).
+    """Import a vendor export. KIND is an installed adapter: {kinds}.
 
     PATH is one file, the unpacked export folder, or the export's zip. Importing the same
     data twice adds nothing; a file that cannot be read stores nothing. Prints rows read,
@@ -220,3 +220,15 @@ def import_(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _installed_kinds() -> str:
+    from importlib.metadata import entry_points
+
+    from ..sources import ENTRY_POINT_GROUP
+
+    # names only: listing them must not import every adapter's dependencies
+    return ", ".join(sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})) or "none"
+
+
+import_.help = (import_.help or "").replace("{kinds}", _installed_kinds())
