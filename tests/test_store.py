@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from stresswatch.errors import ParseError, StorageError
 from stresswatch.model import SAMPLES_SCHEMA
-from stresswatch.store import SampleStore
+import json
+
+from stresswatch.store import COMPACT_PARTS, KEY_COLUMNS, SampleStore
 
 T0 = datetime(2026, 3, 31, 23, 59, 0, tzinfo=timezone.utc)  # spans a month boundary
 
@@ -40,8 +42,8 @@ def test_add_then_read_round_trips_sorted_per_user(tmp_path: Path):
     assert got.schema == pl.Schema(SAMPLES_SCHEMA)
     assert got.equals(a)
     assert store.users() == ["alice", "bob"]
-    # one file per UTC month: the 120 s straddle 31 March / 1 April
-    assert [p.name for p in store.files("alice")] == ["2026-03.parquet", "2026-04.parquet"]
+    # partitioned by UTC month: the 120 s straddle 31 March / 1 April
+    assert [p.parent.name for p in store.files("alice")] == ["2026-03", "2026-04"]
 
 
 def test_adding_the_same_rows_twice_adds_nothing_and_keeps_files(tmp_path: Path):
@@ -106,15 +108,37 @@ def test_a_write_failure_in_the_middle_of_a_commit_changes_no_file(tmp_path: Pat
 def test_an_interrupted_commit_is_rolled_forward(tmp_path: Path):
     store = SampleStore(tmp_path)
     store.add(frame("alice", 10))
-    target = store.files("alice")[0]
-    newer = frame("alice", 30).filter(pl.col("time").dt.month() == 3)
-    tmp = target.with_name(".x.tmp")
-    newer.write_parquet(tmp)
-    (store.dir / ".journal-crash.json").write_text(f'[["{tmp}", "{target}"]]')
+    old_part = store.files("alice")[0]
+    # a compaction that crashed after writing its journal: new part in a temp file, old part to delete
+    merged = frame("alice", 30).filter(pl.col("time").dt.month() == 3)
+    tmp = old_part.with_name(".part-x.tmp")
+    merged.write_parquet(tmp)
+    final = old_part.with_name("part-99999999999999999999-crash.parquet")
+    (store.dir / ".journal-crash.json").write_text(json.dumps({"moves": [[str(tmp), str(final)]], "deletes": [str(old_part)]}))
     assert store.read("alice").height == 10  # readers never see temp files
     store.add(frame("carol", 1))  # any later write finishes the interrupted commit first
-    assert store.read("alice").filter(pl.col("time").dt.month() == 3).height == newer.height
+    assert store.read("alice").filter(pl.col("time").dt.month() == 3).height == merged.height
+    assert store.files("alice")[0] == final and not old_part.exists()
     assert not list(store.dir.glob(".journal-*"))
+
+
+def test_appends_write_only_new_rows_and_small_parts_are_compacted(tmp_path: Path):
+    store = SampleStore(tmp_path)
+    stream = frame("alice", 25, start=T0 - timedelta(hours=1))
+    store.add(stream.head(20))
+    first = store.files("alice")
+    assert len(first) == 1
+    # a live checkpoint overlapping the last 5 stored rows: one new part holding only the 5 new rows
+    store.add(stream.slice(15, 10))
+    parts = store.files("alice")
+    assert len(parts) == 2 and first[0] in parts
+    assert pl.read_parquet([p for p in parts if p != first[0]][0]).height == 5
+    for k in range(1, COMPACT_PARTS + 2):
+        store.add(frame("alice", 3, start=T0 - timedelta(minutes=50) + timedelta(seconds=10 * k)))
+    assert len(store.files("alice")) < COMPACT_PARTS
+    got = store.read("alice")
+    assert got.height == 25 + 3 * (COMPACT_PARTS + 1)
+    assert got["time"].is_sorted() and got.unique(subset=list(KEY_COLUMNS)).height == got.height
 
 
 def test_erase_removes_the_user_and_reports_rows(tmp_path: Path):

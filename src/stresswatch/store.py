@@ -2,10 +2,10 @@
 
 Layout (``root`` defaults to ``Settings().store.state_dir``)::
 
-    root/samples/<user>/<YYYY-MM>.parquet   one file per user per UTC calendar month
-    root/samples/.staging/<id>/...          an import being written (never read)
-    root/samples/.journal-<id>.json         renames of a commit in progress (rolled forward)
-    root/samples/.lock                      advisory lock serialising writers
+    root/samples/<user>/<YYYY-MM>/part-<n>.parquet  a user's samples of one UTC month, in parts
+    root/samples/.staging/<id>/...                  an import being written (never read)
+    root/samples/.journal-<id>.json                 renames/deletes of a commit (rolled forward)
+    root/samples/.lock                              advisory lock serialising writers
 
 ``<user>`` is the user id percent-encoded (``urllib.parse.quote(user, safe="")``, and a
 leading ``.`` as ``%2E``), so any id maps to one directory name and never to a path outside
@@ -24,9 +24,15 @@ Contracts:
   The list of renames is written to a journal before the first rename and every later
   store operation finishes an interrupted journal, so a crash between two renames is
   completed, not left half-done.
-* **Bounded memory.** Incoming data is staged in chunks (:meth:`SampleStore.stage`) and
-  merged one (user, month) partition at a time, so peak memory is set by the largest
-  partition, not by the size of an import. Files are sorted by ``time``.
+* **Cheap appends, bounded memory.** Incoming data is staged in chunks
+  (:meth:`SampleStore.stage`) and committed one (user, month) partition at a time. Only
+  rows not stored yet are written, as a new part file; to find them, only the stored rows
+  inside the new data's time range are read (Parquet statistics prune the rest), so a
+  live engine checkpoint costs the size of the checkpoint, not of the month. When a month
+  holds :data:`COMPACT_PARTS` small parts (< :data:`SMALL_PART_ROWS` rows each) they are
+  merged into one, so reads stay fast and a merge never holds more than
+  ``COMPACT_PARTS * SMALL_PART_ROWS`` rows. Parts are sorted by ``time``; :meth:`read`
+  returns a user's samples sorted by time.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +57,8 @@ from .model import SAMPLES_SCHEMA, empty_samples, validate_samples
 
 KEY_COLUMNS: tuple[str, ...] = ("user", "time", "metric", "value", "source")
 """The columns that identify a sample (the whole row; see the module docstring)."""
+COMPACT_PARTS = 8
+SMALL_PART_ROWS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,17 +136,20 @@ class SampleStore:
             fh.close()
 
     def _roll_forward(self) -> None:
-        """Finish the renames of a commit that was interrupted after its journal was written."""
+        """Finish a commit that was interrupted after its journal was written."""
         for journal in sorted(self.dir.glob(".journal-*.json")):
             try:
-                moves = json.loads(journal.read_text())
-            except (OSError, ValueError):
+                plan = json.loads(journal.read_text())
+                moves, deletes = plan["moves"], plan["deletes"]
+            except (OSError, ValueError, KeyError, TypeError):
                 journal.unlink(missing_ok=True)  # torn journal: written before any rename
                 continue
             for tmp, final in moves:
                 if Path(tmp).exists():
                     Path(final).parent.mkdir(parents=True, exist_ok=True)
                     os.replace(tmp, final)
+            for old in deletes:
+                Path(old).unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
 
     # -- writing --------------------------------------------------------------------------
@@ -158,7 +170,7 @@ class SampleStore:
             udir = self.dir / _user_dir_name(user)
             if not udir.exists():
                 return 0
-            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in udir.glob("*.parquet"))
+            rows = self.count(user)
             # Rename first so a crash mid-delete never leaves a readable partial history.
             trash = self.dir / f".erase-{uuid.uuid4().hex}"
             os.replace(udir, trash)
@@ -173,19 +185,20 @@ class SampleStore:
         if not self.dir.exists():
             return []
         return sorted(
-            unquote(p.name) for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith(".") and any(p.glob("*.parquet"))
+            unquote(p.name) for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith(".") and any(p.glob("*/part-*.parquet"))
         )
 
     def files(self, user: str) -> list[Path]:
+        """``user``'s Parquet files, month by month (each sorted by time; months do not overlap)."""
         udir = self.dir / _user_dir_name(user)
-        return sorted(udir.glob("[0-9]*.parquet")) if udir.exists() else []
+        return sorted(udir.glob("[0-9]*/part-*.parquet")) if udir.exists() else []
 
     def scan(self, user: str) -> pl.LazyFrame:
         """A lazy view of ``user``'s samples in time order (empty if none)."""
         files = self.files(user)
         if not files:
             return empty_samples().lazy()
-        return pl.scan_parquet(files).select(list(SAMPLES_SCHEMA))
+        return pl.scan_parquet(files).select(list(SAMPLES_SCHEMA)).sort("time", "metric", maintain_order=True)
 
     def read(self, user: str) -> pl.DataFrame:
         """All samples of ``user``, sorted by time, in the samples schema."""
@@ -253,35 +266,49 @@ class StagedAdd:
         store = self.store
         added = 0
         moves: list[tuple[str, str]] = []
+        deletes: list[str] = []
         try:
             with store._locked():
                 for (user, month), parts in sorted(self._parts.items()):
-                    final = store.dir / _user_dir_name(user) / f"{month}.parquet"
-                    old_rows = 0
-                    sources = [pl.read_parquet(p) for p in parts]
-                    if final.exists():
-                        old = pl.read_parquet(final)
-                        old_rows = old.height
-                        sources.insert(0, old)
-                    merged = (
-                        pl.concat(sources, how="vertical")
+                    pdir = store.dir / _user_dir_name(user) / month
+                    new = (
+                        pl.concat([pl.read_parquet(p) for p in parts], how="vertical")
                         .unique(subset=list(KEY_COLUMNS), keep="first", maintain_order=True)
                         .sort("time", "metric", maintain_order=True)
                     )
-                    del sources
-                    if merged.height == old_rows:
-                        continue  # nothing new: leave the file (and its mtime) alone
-                    added += merged.height - old_rows
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    moves.append((str(_write_parquet_atomic_tmp(merged, final)), str(final)))
-                    del merged
+                    stored = sorted(pdir.glob("part-*.parquet")) if pdir.exists() else []
+                    if stored:
+                        lo, hi = new.get_column("time").min(), new.get_column("time").max()
+                        overlap = (
+                            pl.scan_parquet(stored)
+                            .filter(pl.col("time").is_between(lo, hi))
+                            .select(list(KEY_COLUMNS))
+                            .collect()
+                        )
+                        if overlap.height:
+                            new = new.join(overlap.unique(), on=list(KEY_COLUMNS), how="anti", nulls_equal=True, maintain_order="left")
+                    if new.height == 0:
+                        continue  # nothing new: no file is touched
+                    added += new.height
+                    pdir.mkdir(parents=True, exist_ok=True)
+                    small = [p for p in stored if pq.ParquetFile(p).metadata.num_rows < SMALL_PART_ROWS]
+                    if new.height < SMALL_PART_ROWS and len(small) + 1 >= COMPACT_PARTS:
+                        new = pl.concat([*(pl.read_parquet(p) for p in small), new], how="vertical").sort(
+                            "time", "metric", maintain_order=True
+                        )
+                        deletes.extend(str(p) for p in small)
+                    final = pdir / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+                    moves.append((str(_write_parquet_atomic_tmp(new, final)), str(final)))
+                    del new
                 if moves:
                     journal = store.dir / f".journal-{uuid.uuid4().hex}.json"
                     jtmp = journal.with_suffix(".tmp")
-                    jtmp.write_text(json.dumps(moves))
+                    jtmp.write_text(json.dumps({"moves": moves, "deletes": deletes}))
                     os.replace(jtmp, journal)
                     for tmp, final_s in moves:
                         os.replace(tmp, final_s)
+                    for old in deletes:
+                        Path(old).unlink(missing_ok=True)
                     for d in {Path(f).parent for _, f in moves}:
                         _fsync_dir(d)
                     journal.unlink()
