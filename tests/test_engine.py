@@ -144,7 +144,7 @@ def test_engine_alerts_only_consenting_users_and_records_acks(mosquitto, tmp_pat
             assert kinds == ["raised", "sent", "delivered", "acknowledged", "resolved"]
     finally:
         eng.request_stop()
-        th.join(20)
+        th.join(60)
         sam.close()
     assert not th.is_alive()
     assert json.loads(retained(mosquitto.port, TOPICS.engine_status))["status"] == "offline"
@@ -177,7 +177,7 @@ def test_unacknowledged_alert_escalates_to_the_group_on_the_engines_scheduler(mo
         assert [len(got[w]) for w in ("sam", "kim", "lee", "zoe")] == [1, 1, 1, 0]
     finally:
         eng.request_stop()
-        th.join(20)
+        th.join(60)
         for c in clients:
             c.close()
 
@@ -194,3 +194,44 @@ def test_engine_refuses_an_unauthenticated_broker_off_loopback(tmp_path):
     )  # fmt: skip
     assert res.returncode == 78, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "without credentials" in res.stderr
+
+
+def test_worker_cli_watch_ack_resolve_round_trip(mosquitto, tmp_path, rr_stream):
+    """What a support worker types: `alerts watch`, `alerts ack`, `alerts resolve`."""
+    import os
+    import subprocess
+    import sys
+
+    url = mosquitto.url
+    env = {**os.environ, "STRESSWATCH_STORE__STATE_DIR": str(tmp_path / "worker")}
+
+    def cli(*args, timeout=60):
+        return subprocess.run([sys.executable, "-m", "stresswatch.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+    state = tmp_path / "engine"
+    publish_consent(url, "alice", tmp_path / "alice.sqlite", recipients=["sam"])
+    # sam's session exists before the alert (as after any earlier watch)
+    assert cli("alerts", "watch", "--worker", "sam", "--broker", url, "--timeout-s", "0.5").returncode == 0
+    eng, th = start_engine(settings_for(url, state), url)
+    try:
+        publish_stream(url, rr_stream("alice", int(time.time()) // 60 * 60 - 3600, 1, seed=4))
+        with Outbox(state / "stresswatch.sqlite") as ob:
+            assert wait_for(lambda: [r.state for r in ob.records()] == [AlertState.DELIVERED])
+            alert_id = ob.records()[0].alert_id
+        res = cli("alerts", "watch", "--worker", "sam", "--broker", url, "--count", "1", "--timeout-s", "20")
+        assert res.returncode == 0 and f"id={alert_id}" in res.stdout and "alice" not in res.stdout
+        # shown once: a second watch does not show it again (seen ids persist)
+        again = cli("alerts", "watch", "--worker", "sam", "--broker", url, "--timeout-s", "1")
+        assert alert_id not in again.stdout
+        assert cli("alerts", "ack", alert_id, "--worker", "sam", "--broker", url).returncode == 0
+        res = cli("alerts", "resolve", alert_id, "--worker", "sam", "--broker", url, "--outcome", "reached_out", "--note", "phoned")
+        assert res.returncode == 0, res.stderr
+        bad = cli("alerts", "resolve", alert_id, "--worker", "sam", "--broker", url, "--outcome", "maybe")
+        assert bad.returncode != 0
+        with Outbox(state / "stresswatch.sqlite") as ob:
+            assert wait_for(lambda: ob.get(alert_id).state is AlertState.RESOLVED)
+            r = ob.get(alert_id)
+            assert (r.acked_by, r.outcome, r.note, r.resolved_by) == ("sam", Outcome.REACHED_OUT, "phoned", "sam")
+    finally:
+        eng.request_stop()
+        th.join(60)

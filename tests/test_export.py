@@ -51,7 +51,8 @@ def test_export_then_erase_everywhere(mosquitto, tmp_path, rr_stream):
     sam.resolve(first, Outcome.REACHED_OUT, note="talked")
     assert wait_for(lambda: rows(db, "SELECT state FROM alerts WHERE alert_id = ?", first) == [("resolved",)])
     eng.request_stop()
-    th.join(30)
+    th.join(90)
+    assert not th.is_alive()  # shut down: state and buffered samples saved
 
     out = tmp_path / "alice.json"
     res = cli(state, "export", "--user", "alice", "--out", str(out))
@@ -78,7 +79,8 @@ def test_export_then_erase_everywhere(mosquitto, tmp_path, rr_stream):
     assert wait_for(lambda: retained(mosquitto.port, TOPICS.consent("alice"), timeout=0.5) is None)
     time.sleep(1.0)
     eng.request_stop()
-    th.join(30)
+    th.join(90)
+    assert not th.is_alive()
     assert rows(db, "SELECT COUNT(*) FROM consent_events WHERE user = 'alice'") == [(0,)]
     assert rows(db, "SELECT COUNT(*) FROM alerts WHERE user = 'alice'") == [(0,)]
     assert rows(db, "SELECT COUNT(*) FROM alert_events WHERE user = 'alice'") == [(0,)]

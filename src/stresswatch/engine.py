@@ -6,17 +6,16 @@ edges differ (the source it is fed, the transport it sends through, the clock).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from .alerts.dispatch import Dispatcher
@@ -28,7 +27,7 @@ from .broker import check_broker_security, private_client_id
 from .config import Settings
 from .consent.gate import GateDecision, Verdict, alert_wire, decide
 from .consent.ledger import ConsentLedger
-from .consent.state import Status
+from .consent.state import ConsentState, Status
 from .consent.wire import decode_consent
 from .detect import Detector, DetectorOutput
 from .errors import ParseError, StresswatchError
@@ -187,7 +186,7 @@ class Pipeline:
             self.on_alert(outcome)
 
 
-__all__ = ["ALERT_OUTCOME_SCHEMA", "AlertOutcome", "Engine", "Pipeline", "PipelineReport", "Verdict", "forget_user", "utc_now"]
+__all__ = ["ALERT_OUTCOME_SCHEMA", "AlertOutcome", "Engine", "Pipeline", "PipelineReport", "Verdict", "utc_now"]
 
 
 # -- the long-running service -------------------------------------------------------------
@@ -195,34 +194,6 @@ log = logging.getLogger("stresswatch.engine")
 
 ENGINE_ONLINE = b'{"schema_version":1,"status":"online"}'
 ENGINE_OFFLINE = b'{"schema_version":1,"status":"offline"}'
-
-
-def forget_user(detector: Detector, user: str) -> Detector:
-    """A detector without ``user``'s state (baseline, episode, open-window samples).
-
-    Works on the serialised form (:meth:`Detector.to_bytes`), whose per-user arrays are
-    indexed by the order of ``users``; the detector has no per-user removal of its own.
-    """
-    if user not in detector.users:
-        return detector
-    z = dict(np.load(io.BytesIO(detector.to_bytes()), allow_pickle=False))
-    users = z["users"].tolist()
-    i = users.index(user)
-    n = len(users)
-    out: dict[str, np.ndarray] = {}
-    for key, arr in z.items():
-        if key == "buffer":
-            buf = pl.read_ipc(io.BytesIO(arr.tobytes())).filter(pl.col("user") != user)
-            b = io.BytesIO()
-            buf.write_ipc(b)
-            out[key] = np.frombuffer(b.getvalue(), np.uint8)
-        elif arr.ndim >= 1 and arr.shape[0] == n and key != "late":
-            out[key] = np.delete(arr, i, axis=0)
-        else:
-            out[key] = arr
-    b = io.BytesIO()
-    np.savez(b, **out)
-    return Detector.from_bytes(b.getvalue(), detector.settings)
 
 
 class Engine:
@@ -258,6 +229,7 @@ class Engine:
         self._stopping = threading.Event()
         self._status: dict[str, str] = {}
         self._samples: list[pl.DataFrame] = []
+        self._consent_cache: dict[str, ConsentState] = {}
         self._pending: list[IngestBatch] = []  # consented batches not yet given to the detector
         self._pending_samples = 0
         self.dropped_batches = 0  # from users whose consent does not allow processing
@@ -354,7 +326,8 @@ class Engine:
                             break
                         if nxt is not None:
                             self._run_job(nxt)
-                self._flush_pending()
+                if self._pending and time.monotonic() - self._flushed_at >= self.FLUSH_S:
+                    self._flush_pending()
                 self.dispatcher.pump()
         finally:
             self.shutdown()
@@ -420,6 +393,7 @@ class Engine:
             chosen = (users[start:] + users[:start])[: self.STATUS_SWEEP]
             self._sweep_at = start + self.STATUS_SWEEP
         for user in chosen:
+            self._consent_cache.pop(user, None)
             self._publish_status(user, now)
 
     def persist(self) -> None:
@@ -437,15 +411,15 @@ class Engine:
             self._publish_status(user, now, force=True)
 
     # Batches are checked for consent one by one as they arrive, then given to the detector
-    # together: once per pass of the work loop (everything queued meanwhile), before any other
-    # job. The detector's cost is mostly per call, not per sample: one call per batch could
+    # together: every FLUSH_S (everything received meanwhile), and before any other job. The detector's cost is mostly per call, not per sample: one call per batch could
     # not follow more than a few hundred users (benchmarks/load, docs/SCALING.md).
     MAX_PENDING_SAMPLES = 2_000_000
+    FLUSH_S = 0.25  # at most this long in the pending list: part of the alert latency budget (1 s)
+    _flushed_at = 0.0
 
     def _on_batch(self, batch: IngestBatch) -> None:
         now = self.clock()
-        state = self.ledger.state(batch.user)
-        if not state.allows_processing(now):  # SPEC: consent gates the whole engine
+        if not self._may_process(batch.user, now):  # SPEC: consent gates the whole engine
             self.dropped_batches += 1
             return
         self._pending.append(batch)
@@ -453,10 +427,22 @@ class Engine:
         if self._pending_samples >= self.MAX_PENDING_SAMPLES:
             self._flush_pending()
 
+    def _may_process(self, user: str, now: datetime) -> bool:
+        """``ledger.state(user).allows_processing(now)``, from a per-user cache of the state
+        without its event history (a few hundred bytes a user): a ledger read per batch was a
+        fifth of the engine's time. Consent that reaches the engine (its consent topic, an
+        erasure) drops the entry at once; the status sweep drops the entries it visits, so a
+        ledger written by another process is seen within one sweep."""
+        cached = self._consent_cache.get(user)
+        if cached is None:
+            cached = self._consent_cache[user] = replace(self.ledger.state(user), history=())
+        return cached.allows_processing(now)
+
     def _flush_pending(self) -> None:
         if not self._pending:
             return
         batches, self._pending, self._pending_samples = self._pending, [], 0
+        self._flushed_at = time.monotonic()
         frame = _frame_of(batches)
         self.pipeline.process(frame)
         if self.store is not None:
@@ -485,6 +471,7 @@ class Engine:
         except ParseError as exc:
             log.warning("ignored consent message: %s", exc)
             return
+        self._consent_cache.pop(user, None)
         if self.ledger.extend(events):
             now = self.clock()
             if not self.ledger.state(user).allows_processing(now):
@@ -501,7 +488,7 @@ class Engine:
     def _forget(self, user: str) -> None:
         self._pending = [b for b in self._pending if b.user != user]
         self._pending_samples = sum(len(b.time_ns) for b in self._pending)
-        self.pipeline.detector = forget_user(self.pipeline.detector, user)
+        self.pipeline.detector = self.pipeline.detector.forget(user)
         self._samples = [f.filter(pl.col("user") != user) for f in self._samples]
 
     def erase_user(self, user: str) -> dict[str, int]:
@@ -511,6 +498,7 @@ class Engine:
         now = self.clock()
         self._forget(user)
         self._status.pop(user, None)
+        self._consent_cache.pop(user, None)
         removed = erase_stores(
             user, ledger=self.ledger, outbox=self.outbox, store=self.store, now=now, detector_settings=self.settings.detector
         )

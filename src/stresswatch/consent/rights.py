@@ -162,7 +162,6 @@ def erase_stores(
 ) -> dict[str, int]:
     """Remove ``user`` from every local store; returns rows removed per store."""
     from ..detect import Detector
-    from ..engine import forget_user  # the engine imports this module lazily: no cycle
 
     removed = {"consent_events": ledger.erase(user, now=now), "alerts": outbox.erase(user, now)}
     removed["samples"] = store.erase(user) if store is not None else 0
@@ -171,7 +170,7 @@ def erase_stores(
     if blob:
         detector = Detector.from_bytes(blob, detector_settings)
         if user in detector.users:
-            outbox.save_detector(forget_user(detector, user).to_bytes(), now)
+            outbox.save_detector(detector.forget(user).to_bytes(), now)
             removed["detector_state"] = 1
     return removed
 
