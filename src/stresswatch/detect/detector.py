@@ -30,7 +30,21 @@ from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowStat
 from . import episodes
 from .baseline import Baselines, user_phase
 from .episodes import EpisodeState
-from .features import NO_WINDOW, NS, BeatCarry, Beats, Others, Partials, block_partials, combine, encode_users, features_frame, split_rows, to_columns
+from .features import (
+    NO_WINDOW,
+    NS,
+    BeatCarry,
+    Beats,
+    Others,
+    Partials,
+    block_partials,
+    combine,
+    encode_users,
+    features_frame,
+    merge_order,
+    split_rows,
+    to_columns,
+)
 
 MINUTE_NS = 60 * NS
 LOW32 = 0xFFFFFFFF
@@ -182,9 +196,11 @@ class Detector:
             if done_b:
                 beats = Beats.concat(done_b)
                 others = Others.concat(done_o)
-                if len(done_b) > 1:  # chunks interleave users: stable sort keeps time order in a block
-                    beats = beats.take(np.argsort(beats.key, kind="stable"))
-                    others = others.take(np.argsort(others.key, kind="stable"))
+                if len(done_b) > 1:
+                    # Chunks interleave users; each user's rows are in time order across
+                    # chunks, so a stable sort by user alone restores (user, minute, time).
+                    beats = beats.take(merge_order([b.key >> 32 for b in done_b]))
+                    others = others.take(merge_order([o.key >> 32 for o in done_o]))
                 if len(beats.key) or len(others.key):
                     p = block_partials(beats, others, s)
                     np.maximum.at(self._closed_w, p.key >> 32, (p.key & LOW32) + 1)
@@ -214,7 +230,7 @@ class Detector:
             return DetectorOutput(_empty_windows())
         p = Partials.concat(done)
         if len(done) > 1:
-            p = p.take(np.argsort(p.key, kind="stable"))
+            p = p.take(merge_order([x.key >> 32 for x in done]))
         if len(p.key) == 0:
             return DetectorOutput(_empty_windows())
         return self._decide(combine(p, s))

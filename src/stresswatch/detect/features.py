@@ -453,6 +453,43 @@ def encode_users(col: pl.Series, known: dict[str, int], *, grow: bool = True) ->
     return col.cast(pl.Enum(list(known))).to_physical().to_numpy().astype(np.int64)
 
 
+def stable_user_order(u: np.ndarray) -> np.ndarray:
+    """Indices that sort rows by user code, keeping the order of each user's rows."""
+    u = np.asarray(u, np.int64)
+    if len(u) and int(u.max()) < 65536:
+        return np.argsort(u.astype(np.uint16), kind="stable")  # numpy: radix sort, O(n)
+    return np.argsort(u, kind="stable")
+
+
+def merge_order(users: list[np.ndarray]) -> np.ndarray:
+    """Order of the concatenation of pieces, each sorted by user, that sorts it by user and
+    keeps earlier pieces first within a user (a stable k-way merge). Small pieces are
+    inserted by binary search in O(n); comparable sizes fall back to a stable sort."""
+    total = sum(len(x) for x in users)
+    big = max(len(x) for x in users)
+    if total - big > total // 4:
+        return stable_user_order(np.concatenate(users))
+    order = np.arange(len(users[0]), dtype=np.int64)
+    merged = np.asarray(users[0], np.int64)
+    offset = len(merged)
+    for b in users[1:]:
+        m, n = len(b), len(merged)
+        if m == 0:
+            continue
+        pos = np.searchsorted(merged, b, side="right") + np.arange(m)
+        rest = np.ones(n + m, bool)
+        rest[pos] = False
+        new_order = np.empty(n + m, np.int64)
+        new_order[rest] = order
+        new_order[pos] = offset + np.arange(m)
+        new_merged = np.empty(n + m, np.int64)
+        new_merged[rest] = merged
+        new_merged[pos] = b
+        order, merged = new_order, new_merged
+        offset += m
+    return order
+
+
 @dataclass
 class Columns:
     """A samples batch as arrays sorted by (user, time): window key, block key, time ns, metric code, value."""
@@ -474,8 +511,8 @@ def to_columns(samples: pl.DataFrame, u: np.ndarray, s: DetectorSettings) -> Col
     value = samples.get_column("value").to_numpy()
     n = len(t)
     if n > 1 and not bool(np.all(u[1:] >= u[:-1])):
-        # Stable sort by user keeps each user's time order; radix sort for up to 65,536 users.
-        order = np.argsort(u.astype(np.uint16) if u.max() < 65536 else u, kind="stable")
+        # Stable sort by user keeps each user's time order (radix sort: O(n)).
+        order = stable_user_order(u)
         u, t, code, value = u[order], t[order], code[order], value[order]
     if n > 1:
         back = t[1:] < t[:-1]
