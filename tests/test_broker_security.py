@@ -60,15 +60,25 @@ class Inbox:
 
 
 def publish(broker, account: str, items: list[tuple[str, bytes]], *, retain: bool = False) -> None:
-    """Publish as ``account`` at QoS 1 and wait until the broker acknowledged each message:
-    after a PUBACK mosquitto has already routed (or refused) it."""
-    c = connect(broker.url, f"pub-{account}-{time.monotonic_ns()}", username=account, password=broker.passwords[account], timeout_s=5)
-    try:
-        for topic, payload in items:
-            c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-    finally:
-        c.disconnect()
-        c.loop_stop()
+    """Publish as ``account`` at QoS 1, one connection per message, and wait until the broker
+    acknowledged it: after a PUBACK mosquitto has already routed (or refused) the message.
+
+    Mosquitto 2.0.11 now and then drops the connection right after refusing a publish
+    (PUBACK 0x87; measured 3 in 60 here); then paho cannot report the PUBACK and the message
+    is sent again on a new connection (a refused message may so be tried twice: harmless).
+    """
+    for topic, payload in items:
+        for attempt in range(3):
+            c = connect(broker.url, f"pub-{account}-{time.monotonic_ns()}", username=account, password=broker.passwords[account], timeout_s=5)
+            try:
+                c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+            finally:
+                c.disconnect()
+                c.loop_stop()
 
 
 # -- authentication ---------------------------------------------------------------------------
