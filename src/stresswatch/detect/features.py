@@ -305,13 +305,20 @@ def rr_stats(b: Beats, starts: np.ndarray) -> dict[str, np.ndarray]:
         rr = b.rr[r0:r1]
         kept = b.kept[r0:r1]
         d = b.d[r0:r1]
-        nk = np.add.reduceat(kept.view(np.int8), st, dtype=np.int64)
-        srr = np.add.reduceat(np.where(kept, rr, 0.0), st)
-        inv = np.divide(60000.0, rr, out=np.zeros(len(rr)), where=kept)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = srr / nk
-        dev = (rr - np.repeat(mean, np.diff(np.append(st, r1 - r0)))) * kept
-        dev = np.nan_to_num(dev, copy=False)
+        lengths = np.diff(np.append(st, r1 - r0))
+        if kept.all():  # the common case: no masking passes
+            nk = lengths.astype(np.int64)
+            srr = np.add.reduceat(rr, st)
+            inv = 60000.0 / rr
+            dev = rr - np.repeat(srr / nk, lengths)
+        else:
+            nk = np.add.reduceat(kept.view(np.int8), st, dtype=np.int64)
+            srr = np.add.reduceat(np.where(kept, rr, 0.0), st)
+            inv = np.divide(60000.0, rr, out=np.zeros(len(rr)), where=kept)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = srr / nk
+            dev = (rr - np.repeat(mean, lengths)) * kept
+            dev = np.nan_to_num(dev, copy=False)
         n_kept[s0:s1] = nk
         sum_rr[s0:s1] = srr
         sum_inv[s0:s1] = np.add.reduceat(inv, st)
@@ -515,8 +522,8 @@ def to_columns(samples: pl.DataFrame, u: np.ndarray, s: DetectorSettings) -> Col
         order = stable_user_order(u)
         u, t, code, value = u[order], t[order], code[order], value[order]
     if n > 1:
-        back = t[1:] < t[:-1]
-        if back.any() and bool(np.any(back & (u[1:] == u[:-1]))):
+        bi = np.flatnonzero(t[1:] < t[:-1])  # time goes back: fine only where the user changes
+        if len(bi) and bool(np.any(u[bi] == u[bi + 1])):
             order = np.lexsort((t, u))
             u, t, code, value = u[order], t[order], code[order], value[order]
     minute = t // (60 * NS)
