@@ -269,3 +269,16 @@ def test_concurrent_provisioning_loses_no_account(tmp_path: Path):
     assert sorted(entries) == sorted(ids)
     assert all(verify_password(passwords[i], entries[i]) for i in ids)
     assert all(f"user {i}" in d.acl.read_text().splitlines() for i in ids)
+
+
+def test_broker_check_command(tmp_path: Path):
+    d = tmp_path / "b"
+    assert sw("broker", "config", "--out", str(d), "--host", "0.0.0.0").returncode == 0
+    ok = sw("broker", "check", "--conf", str(d / "mosquitto.conf"))
+    assert ok.returncode == 0 and "no anonymous access" in ok.stdout
+    open_conf = tmp_path / "open.conf"
+    open_conf.write_text("listener 1883\nallow_anonymous true\n")
+    bad = sw("broker", "check", "--conf", str(open_conf))
+    assert bad.returncode == 78 and "open.conf" in bad.stderr and "line 1" in bad.stderr
+    anon = sw("broker", "check", "--broker", "mqtt://10.1.2.3:1883")
+    assert anon.returncode == 78 and "without credentials" in anon.stderr

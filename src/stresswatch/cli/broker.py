@@ -29,6 +29,7 @@ Examples:
   stresswatch broker add-worker sam --dir broker/
   stresswatch broker add-user alice --dir broker/ --password-file alice.pw
   stresswatch broker list --dir broker/
+  stresswatch broker check --conf broker/mosquitto.conf --broker mqtt://10.0.0.5:1883 --live
   mosquitto -c broker/mosquitto.conf
 """
 
@@ -197,3 +198,23 @@ def list_(broker_dir: Path) -> None:
     """The accounts provisioned in DIR and their roles (never passwords)."""
     for account_id, role in BrokerDir(broker_dir).accounts().items():
         click.echo(f"{role.value:7} {account_id}")
+
+
+@broker.command(epilog=EPILOG)
+@click.option("--conf", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="The broker's mosquitto.conf.")
+@click.option("--broker", "url", metavar="URL", help="The URL the engine uses (default: mqtt.url).")
+@click.option("--live", is_flag=True, help="Also connect without credentials: an open broker off loopback is refused.")
+@pass_app
+def check(app: AppContext, conf: Path | None, url: str | None, live: bool) -> None:
+    """The checks the engine runs before it starts: no anonymous access off loopback."""
+    from ..broker import check_broker_refuses_anonymous, check_broker_security
+
+    m = app.settings.mqtt
+    url = url or m.url
+    if url is None and conf is None:
+        raise ConfigError("nothing to check: pass --conf and/or --broker (or set mqtt.url)", field="mqtt.url")
+    check_broker_security(url or "mqtt://127.0.0.1", m.username, conf=conf)
+    if live and url:
+        check_broker_refuses_anonymous(url)
+    checked = " and ".join(x for x in (str(conf) if conf else "", url or "") if x)
+    click.echo(f"ok: {checked}: no anonymous access off loopback")
