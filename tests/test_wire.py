@@ -52,10 +52,10 @@ def test_binary_is_much_smaller_than_json_for_a_live_batch():
 def test_times_on_whole_milliseconds_use_int32_deltas_and_big_gaps_stay_exact():
     t = [T0, T0 + 1000 * 10**6, T0 + 3_600 * 10**9, T0 + 3_600 * 10**9 + 1]
     payload = wire.encode(user="u", stream_id="s", seq=0, source="", time_ns=t, metric_code=[1] * 4, value=[60.0] * 4)
-    assert wire.decode(payload).time_ns.tolist() == t  # a 1-ns step and a 1-h gap: falls back to int64
+    assert wire.decode(payload).time_ns == t  # a 1-ns step and a 1-h gap: falls back to int64
     ms = [T0 + k * 10**6 for k in (0, 5, 3_000_000)]
     small = wire.encode(user="u", stream_id="s", seq=0, source="", time_ns=ms, metric_code=[1] * 3, value=[60.0] * 3)
-    assert small[4] == wire.TIME_DELTA32 and wire.decode(small).time_ns.tolist() == ms
+    assert small[4] == wire.TIME_DELTA32 and wire.decode(small).time_ns == ms
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_times_on_whole_milliseconds_use_int32_deltas_and_big_gaps_stay_exact():
 def test_values_use_the_smallest_lossless_encoding(values, encoding):
     n = len(values)
     payload = wire.encode(user="u", stream_id="s", seq=0, source="", time_ns=list(range(T0, T0 + n)), metric_code=[0] * n, value=values)
-    assert payload[6] == encoding and wire.decode(payload).value.tolist() == values
+    assert payload[6] == encoding and wire.decode(payload).value == values
 
 
 @pytest.mark.parametrize(
@@ -172,9 +172,9 @@ def test_round_trip_is_exact(b):
         return
     out = wire.decode(wire.encode(**b))
     assert (out.user, out.stream_id, out.seq, out.source) == (b["user"], b["stream_id"], b["seq"], b["source"])
-    assert out.time_ns.tolist() == b["time_ns"]
-    assert out.metric_code.tolist() == b["metric_code"]
-    assert out.value.tolist() == b["value"]
+    assert out.time_ns == b["time_ns"]
+    assert out.metric_code == b["metric_code"]
+    assert out.value == b["value"]
 
 
 # -- through a real Mosquitto -------------------------------------------------------------------

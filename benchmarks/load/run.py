@@ -144,14 +144,14 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
     broker = Broker(workdir, a.broker_autosave_s)
     workers = [f"w{k}" for k in range(a.workers)]
     res: dict = {"users": n_users, "batch_s": a.batch_s, "window_s": det_settings.window_s, "format": a.format,
-                 "broker_autosave": f"every {a.broker_autosave_s:g} s" if a.broker_autosave_s else "every change"}  # fmt: skip
+                 "protocol": a.protocol, "broker_autosave": f"every {a.broker_autosave_s:g} s" if a.broker_autosave_s else "every change"}  # fmt: skip
     engine = None
     clients: list[WorkerClient] = []
     procs: list[mp.Process] = []
     try:
         settings = Settings.model_validate(
             {
-                "mqtt": {"url": broker.url, "client_id": "swload-engine"},
+                "mqtt": {"url": broker.url, "client_id": "swload-engine", "protocol": a.protocol},
                 "detector": det_settings.model_dump(),
                 "store": {"state_dir": str(state)},
                 "engine": {"keep_samples": a.keep_samples},
@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="profile the engine's threads during the run (yappi; slows it)")
     ap.add_argument("--stop-after-failure", action="store_true", help="stop the series at the first N not sustained")
     ap.add_argument("--drain-s", type=float, default=60.0)
+    ap.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto", help="the engine's mqtt.protocol")
     ap.add_argument("--broker-autosave-s", type=float, help="Mosquitto saves its store every S seconds instead of after every change (the generated config)")
     ap.add_argument("--keep", action="store_true", help="keep the work directories (logs, stats)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/load/results"))

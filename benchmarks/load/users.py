@@ -73,7 +73,7 @@ def load_templates(count: int = 8, days: int = 4, seed: int = 20261126) -> tuple
     t = frame.get_column("time").dt.epoch("ns").to_numpy()
     code = np.array([wire.METRIC_CODE[m] for m in frame.get_column("metric").to_list()], np.uint8)
     start = int(t.min()) // DAY_NS * DAY_NS
-    off = np.concatenate([[0], np.cumsum(lens)])
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     return Templates(t, code, frame.get_column("value").to_numpy().astype(np.float64), off, start, names), frame
 
 
@@ -87,7 +87,7 @@ def synthetic_templates(count: int, start_ns: int, days: int = 3, seed: int = 1)
         keep = t < start_ns + days * DAY_NS
         ts.append(t[keep])
         vs.append(rr[keep])
-    off = np.concatenate([[0], np.cumsum([len(t) for t in ts])])
+    off = np.concatenate([[0], np.cumsum([len(t) for t in ts])]).astype(np.int64)
     t = np.concatenate(ts)
     return Templates(t, np.zeros(len(t), np.uint8), np.concatenate(vs), off, start_ns, [f"t{j}" for j in range(count)])
 

@@ -98,10 +98,10 @@ class IngestBatch(BaseModel):
     @classmethod
     def from_wire(cls, b: wire.WireBatch) -> IngestBatch:
         """From a decoded binary batch (already checked against this model's constraints)."""
-        metrics = [_METRICS[c] for c in b.metric_code.tolist()]
+        metrics = [_METRICS[c] for c in b.metric_code]
         return cls.model_construct(
             schema_version=1, user=b.user, stream_id=b.stream_id, seq=b.seq, source=b.source,
-            time_ns=b.time_ns.tolist(), metric=metrics, value=b.value.tolist(),
+            time_ns=b.time_ns, metric=metrics, value=b.value,
         )  # fmt: skip
 
     @classmethod
