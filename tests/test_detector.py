@@ -288,7 +288,7 @@ def test_advance_finishes_windows_like_flush():
 
 def test_state_per_user_is_bounded_whatever_the_history():
     d = Detector()
-    assert d.state_bytes_per_user() <= 4096
+    assert 3000 < d.state_bytes_per_user() <= 4096  # counted from the layout, even before any user
     d.update(SYN)
     before = len(d.to_bytes())
     d.flush()

@@ -23,6 +23,11 @@ import numpy as np
 MAD_TO_SD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
+def row_bytes(a: np.ndarray) -> int:
+    """Bytes one user occupies in a per-user array (first axis = user), even with no users."""
+    return int(a.itemsize * np.prod(a.shape[1:], dtype=np.int64))
+
+
 def user_phase(name: str, periods: int) -> int:
     """A stable per-user offset in 0..periods-1 (independent of arrival order)."""
     return zlib.crc32(name.encode("utf-8")) % periods
@@ -64,7 +69,8 @@ class Baselines:
             setattr(self, f.name, np.concatenate([getattr(self, f.name), getattr(fresh, f.name)]))
 
     def bytes_per_user(self) -> int:
-        return sum(getattr(self, f.name)[:1].nbytes for f in fields(self))
+        return sum(row_bytes(getattr(self, f.name)) for f in fields(self))
+
 
     def refresh(self, u: np.ndarray, period: np.ndarray, *, min_windows: int, hr_floor: float, ln_floor: float) -> None:
         """At the first window of a user's new refresh period, recompute the statistics of

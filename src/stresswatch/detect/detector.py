@@ -28,7 +28,7 @@ from ..config import DetectorSettings
 from ..errors import StorageError
 from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowState, alert_id_for
 from . import episodes
-from .baseline import Baselines, user_phase
+from .baseline import Baselines, row_bytes, user_phase
 from .episodes import EpisodeState
 from .features import (
     NO_WINDOW,
@@ -123,9 +123,9 @@ class Detector:
     def state_bytes_per_user(self) -> int:
         """Bytes of detector state per user, excluding the open-window sample buffer."""
         per = self.baselines.bytes_per_user()
-        per += sum(getattr(self.carry, f.name)[:1].nbytes for f in fields(self.carry))
-        per += sum(getattr(self.episodes, f.name)[:1].nbytes for f in fields(self.episodes))
-        return per + 3 * 8
+        per += sum(row_bytes(getattr(self.carry, f.name)) for f in fields(self.carry))
+        per += sum(row_bytes(getattr(self.episodes, f.name)) for f in fields(self.episodes))
+        return per + sum(row_bytes(a) for a in (self._watermark_ns, self._closed_w, self._motion_until_ns))
 
     # -- streaming API -------------------------------------------------------------------
     def update(self, batch: pl.DataFrame) -> DetectorOutput:
