@@ -109,6 +109,123 @@ def stats(lat_s: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "n": len(a)}
 
 
+class Mosquitto:
+    """A fresh broker (own data dir) per measurement, so one phase's persistence file does not
+    slow the next."""
+
+    def __init__(self, autosave: str) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-alerts-"))
+        self.port = free_port()
+        (self.tmp / "data").mkdir()
+        conf = mosquitto_conf(port=self.port, data_dir=self.tmp / "data", allow_anonymous=True, run_as=getpass.getuser())
+        if autosave == "interval":
+            conf = conf.replace("autosave_on_changes true\n", "").replace("autosave_interval 1\n", "autosave_interval 1800\n")
+        (self.tmp / "m.conf").write_text(conf)
+        self.proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.tmp / "m.conf")], stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def engine_phase(args: argparse.Namespace, sustained: bool) -> dict[str, float]:
+    """The real path: outbox (SQLite) -> gate (ledger read) -> MQTT -> worker client."""
+    broker = Mosquitto(args.autosave)
+    state = Path(tempfile.mkdtemp(prefix="bench-state-"))
+    try:
+        ledger = ConsentLedger(state / "state.sqlite")
+        for u in range(args.users):
+            ledger.grant(f"u{u}", ["sam"], now=T0)
+        outbox = Outbox(state / "state.sqlite")
+        transport = MqttTransport(broker.url, client_id="bench-engine")
+        disp = Dispatcher(
+            outbox, ledger, transport, clock=lambda: datetime.now(timezone.utc), topics=TOPICS,
+            policy=EscalationPolicy(cooldown_s=0), resend_after_s=30.0,
+        )  # fmt: skip
+        rx = Receiver(broker.url, "sam")
+        rx.reset(200)  # warm-up
+        for d in decisions(200, args.users, 10_000_000):
+            disp.raise_alert(d)
+        assert rx.done.wait(60)
+        if not sustained:
+            ds = decisions(args.n, args.users, 0)
+            rx.reset(args.n)
+            sent = paced(args.n, args.rate, lambda i: disp.raise_alert(ds[i]))
+            while not rx.done.wait(0.01):
+                disp.pump()
+            result = stats([rx.t[ds[i].alert_id] - sent[i] for i in range(args.n)])
+            result["offered_per_s"] = (args.n - 1) / (sent[args.n - 1] - sent[0])  # achieved, not asked
+        else:
+            ds = decisions(args.sustained_n, args.users, 1_000_000)
+            rx.reset(args.sustained_n)
+            t = time.perf_counter()
+            for k in range(0, len(ds), args.batch):  # as the engine does: one detector output at a time
+                disp.raise_alerts(ds[k : k + args.batch])
+            raised_s = time.perf_counter() - t
+            while not rx.done.wait(0.01):
+                disp.pump()
+            total_s = time.perf_counter() - t
+            disp.drain(30)
+            result = {
+                "alerts": args.sustained_n,
+                "alerts_per_s": args.sustained_n / total_s,
+                "raise_only_per_s": args.sustained_n / raised_s,
+                "all_marked_delivered": outbox.delivery_counts()["pending"] == 0,
+            }
+        rx.close()
+        transport.close()
+        outbox.close()
+        ledger.close()
+        return result
+    finally:
+        broker.close()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def reference_phase(args: argparse.Namespace, sustained: bool, payload_len: int) -> dict[str, float]:
+    """A bare paho publisher, QoS 1, same payload size: no outbox, no gate."""
+    broker = Mosquitto(args.autosave)
+    try:
+        rx = Receiver(broker.url, "sam")
+        raw = connect(broker.url, "bench-raw")
+        pad = "x" * max(0, payload_len - 40)
+
+        def send(tag: str) -> None:
+            raw.publish(TOPICS.alerts("sam"), json.dumps({"alert_id": tag, "pad": pad}).encode(), qos=1)
+
+        rx.reset(200)
+        for i in range(200):
+            send(f"warm-{i}")
+        assert rx.done.wait(60)
+        if not sustained:
+            rx.reset(args.n)
+            sent = paced(args.n, args.rate, lambda i: send(f"ref-{i}"))
+            assert rx.done.wait(120)
+            result = stats([rx.t[f"ref-{i}"] - sent[i] for i in range(args.n)])
+            result["offered_per_s"] = (args.n - 1) / (sent[args.n - 1] - sent[0])
+        else:
+            rx.reset(args.sustained_n)
+            t = time.perf_counter()
+            for i in range(args.sustained_n):
+                send(f"ref2-{i}")
+            assert rx.done.wait(300)
+            result = {"alerts_per_s": args.sustained_n / (time.perf_counter() - t)}
+        raw.disconnect()
+        raw.loop_stop()
+        rx.close()
+        return result
+    finally:
+        broker.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", type=float, default=1000.0)
@@ -124,103 +241,19 @@ def main() -> None:
         "interval: Mosquitto's own default (saves every 30 min), to see the broker's share",
     )
     args = ap.parse_args()
-    mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    tmp = Path(tempfile.mkdtemp(prefix="bench-alerts-"))
-    port = free_port()
-    (tmp / "data").mkdir()
-    conf = mosquitto_conf(port=port, data_dir=tmp / "data", allow_anonymous=True, run_as=getpass.getuser())
-    if args.autosave == "interval":
-        conf = conf.replace("autosave_on_changes true\n", "").replace("autosave_interval 1\n", "autosave_interval 1800\n")
-    (tmp / "m.conf").write_text(conf)
-    broker = subprocess.Popen([mosq, "-c", str(tmp / "m.conf")], stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    url = f"mqtt://127.0.0.1:{port}"
-    results: dict[str, object] = {}
-    try:
-        ledger = ConsentLedger(tmp / "state.sqlite")
-        for u in range(args.users):
-            ledger.grant(f"u{u}", ["sam"], now=T0)
-        outbox = Outbox(tmp / "state.sqlite")
-        transport = MqttTransport(url, client_id="bench-engine")
-        disp = Dispatcher(
-            outbox, ledger, transport, clock=lambda: datetime.now(timezone.utc), topics=TOPICS,
-            policy=EscalationPolicy(cooldown_s=0), resend_after_s=30.0,
-        )  # fmt: skip
-        rx = Receiver(url, "sam")
-        # warm-up
-        rx.reset(200)
-        for d in decisions(200, args.users, 10_000_000):
-            disp.raise_alert(d)
-        assert rx.done.wait(30)
+    sample = decisions(1, 1, 0)[0]
+    from stresswatch.consent.gate import alert_wire, decide
+    from stresswatch.consent.state import ConsentState, Status
 
-        # 1. latency at a fixed rate, engine path
-        ds = decisions(args.n, args.users, 0)
-        rx.reset(args.n)
-        sent = paced(args.n, args.rate, lambda i: disp.raise_alert(ds[i]))
-        while not rx.done.wait(0.01):
-            disp.pump()
-        lat = [rx.t[ds[i].alert_id] - sent[i] for i in range(args.n)]
-        results["engine_latency"] = stats(lat)
-        disp.pump()
-
-        # 1r. reference: bare paho at the same rate, same payload size
-        sample = outbox.decision(ds[0].alert_id)
-        from stresswatch.consent.gate import alert_wire, decide
-
-        body = alert_wire(decide(ledger.state(sample.user), sample, datetime.now(timezone.utc)).payload)
-        payload_len = len(body)
-        raw = connect(url, "bench-raw")
-        rx.reset(args.n)
-
-        def raw_send(i: int) -> None:
-            msg = json.dumps({"alert_id": f"ref-{i}", "pad": "x" * max(0, payload_len - 40)}).encode()
-            raw.publish(TOPICS.alerts("sam"), msg, qos=1)
-
-        sent = paced(args.n, args.rate, raw_send)
-        assert rx.done.wait(60)
-        results["reference_latency"] = stats([rx.t[f"ref-{i}"] - sent[i] for i in range(args.n)])
-
-        # 2. sustained rate, engine path (persistence on: SQLite outbox + Mosquitto autosave)
-        ds = decisions(args.sustained_n, args.users, 1_000_000)
-        rx.reset(args.sustained_n)
-        t = time.perf_counter()
-        for k in range(0, len(ds), args.batch):  # as the engine does: one detector output at a time
-            disp.raise_alerts(ds[k : k + args.batch])
-        raised_s = time.perf_counter() - t
-        while not rx.done.wait(0.01):
-            disp.pump()
-        total_s = time.perf_counter() - t
-        disp.drain(30)
-        results["engine_sustained"] = {
-            "alerts": args.sustained_n,
-            "alerts_per_s": args.sustained_n / total_s,
-            "raise_only_per_s": args.sustained_n / raised_s,
-            "delivered_marked": outbox.delivery_counts()["delivered"],
-        }
-
-        # 2r. reference: bare paho as fast as possible
-        rx.reset(args.sustained_n)
-        t = time.perf_counter()
-        for i in range(args.sustained_n):
-            raw.publish(TOPICS.alerts("sam"), json.dumps({"alert_id": f"ref2-{i}", "pad": "x" * max(0, payload_len - 40)}).encode(), qos=1)
-        assert rx.done.wait(120)
-        results["reference_sustained"] = {"alerts_per_s": args.sustained_n / (time.perf_counter() - t)}
-        raw.disconnect()
-        raw.loop_stop()
-        rx.close()
-        transport.close()
-        outbox.close()
-        ledger.close()
-    finally:
-        broker.terminate()
-        broker.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
-    results["machine"] = f"{platform.machine()} {platform.processor() or ''} Python {platform.python_version()}".strip()
+    st = ConsentState(sample.user, Status.ACTIVE, ("sam",), display_name="peer-000000")
+    payload_len = len(alert_wire(decide(st, sample, T0).payload))  # type: ignore[arg-type]
+    results: dict[str, object] = {
+        "reference_latency": reference_phase(args, False, payload_len),
+        "engine_latency": engine_phase(args, False),
+        "reference_sustained": reference_phase(args, True, payload_len),
+        "engine_sustained": engine_phase(args, True),
+    }
+    results["machine"] = f"{platform.machine()} Python {platform.python_version()}"
     results["date"] = str(date.today())
     results["args"] = vars(args)
     results["payload_bytes"] = payload_len

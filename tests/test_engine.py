@@ -85,10 +85,10 @@ def consent_status(state_dir, user: str) -> str:
         return ledger.state(user).status.value
 
 
-def retained(url_port: int, topic: str, timeout: float = 5.0) -> bytes | None:
+def retained(url_port: int, topic: str, timeout: float = 5.0, protocol=mqtt.MQTTv5) -> bytes | None:
     got: list[bytes] = []
     ev = threading.Event()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
 
     def on_message(cl, u, m):
         got.append(m.payload)
@@ -235,3 +235,36 @@ def test_worker_cli_watch_ack_resolve_round_trip(mosquitto, tmp_path, rr_stream)
     finally:
         eng.request_stop()
         th.join(60)
+
+
+def test_first_run_without_a_broker_starts_an_embedded_one_and_stops_on_sigterm(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STRESSWATCH_STORE__STATE_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env.pop("STRESSWATCH_MQTT__URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stresswatch.cli", "--set", "mqtt.client_id=first-run-engine", "engine"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("engine running" in ln for ln in lines):
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+        text = "".join(lines)
+        assert "embedded MQTT broker on mqtt://127.0.0.1:" in text and "engine running" in text, text
+        port = int(text.split("mqtt://127.0.0.1:")[1].split()[0].rstrip(")"))
+        # the embedded broker (amqtt) speaks MQTT 3.1.1 only
+        assert json.loads(retained(port, TOPICS.engine_status, protocol=mqtt.MQTTv311))["status"] == "online"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert (tmp_path / "stresswatch.sqlite").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -155,6 +155,7 @@ def test_cooldown_suppresses_a_second_alert_about_the_same_user(tmp_path):
     b = d.raise_alert(decision(1)).alert_id
     clock.tick(1800)
     c = d.raise_alert(decision(2)).alert_id
+    d.pump()  # PUBACKs are recorded in batches, at the latest on the next pump
     assert outbox.get(b).state is AlertState.SUPPRESSED
     assert outbox.get(c).state is AlertState.DELIVERED
     assert len(t.messages) == 2

@@ -89,6 +89,7 @@ class Dispatcher:
         self.resend_after_s = resend_after_s
         self._mono = monotonic
         self._inflight: dict[int, _InFlight] = {}
+        self._last_collect_mono = float("-inf")
         self._on_delivered = on_delivered
         self.stats = DispatchStats()
 
@@ -112,8 +113,8 @@ class Dispatcher:
                 payload: Alert | None = None
                 if new:
                     self.stats.raised += 1
-                    last = self.outbox.last_sent_at(d.user, excluding=d.alert_id)
-                    if self.policy.cooldown_s and last is not None and (now - last).total_seconds() < self.policy.cooldown_s:
+                    last = self.outbox.last_sent_at(d.user, excluding=d.alert_id) if self.policy.cooldown_s else None
+                    if last is not None and (now - last).total_seconds() < self.policy.cooldown_s:
                         rec = self.outbox.save(apply(rec, Suppressed(now)), "suppressed", now, detail="cooldown")
                     else:
                         rec, payload = self._first_notice(rec, d, now)
@@ -125,7 +126,9 @@ class Dispatcher:
             mono = self._mono()
             for dl, payload in ready:
                 self._publish(dl, payload, mono)
-            self.collect_acks()
+            # PUBACKs are recorded in batches (one commit for many), not after every publish
+            if mono - self._last_collect_mono > 0.05 or len(self._inflight) > 500:
+                self.collect_acks()
         return out
 
     def _publish(self, dl: Delivery, payload: Alert, mono: float) -> None:
@@ -190,6 +193,7 @@ class Dispatcher:
 
     def collect_acks(self) -> int:
         """Mark deliveries the broker acknowledged; the alert becomes ``delivered``."""
+        self._last_collect_mono = self._mono()
         done = [(did, f) for did, f in self._inflight.items() if f.receipt.is_published()]
         if not done:
             return 0

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     resolved_at   TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_user ON alerts(user, created_at);
+CREATE INDEX IF NOT EXISTS alerts_user_sent ON alerts(user, last_sent_at);
 CREATE INDEX IF NOT EXISTS alerts_due ON alerts(state, due_at);
 CREATE TABLE IF NOT EXISTS deliveries (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
