@@ -5,7 +5,7 @@ import json
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -268,3 +268,26 @@ def test_first_run_without_a_broker_starts_an_embedded_one_and_stops_on_sigterm(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_expired_consent_stops_processing_and_forgets_the_user(mosquitto, tmp_path, rr_stream):
+    url = mosquitto.url
+    state = tmp_path / "engine"
+    start_s = int(time.time()) // 60 * 60 - 3600
+    publish_consent(url, "alice", tmp_path / "alice.sqlite", recipients=["sam"], expires_at=datetime.now(timezone.utc) + timedelta(seconds=4))
+    eng, th = start_engine(settings_for(url, state), url)
+    try:
+        publish_stream(url, rr_stream("alice", start_s, 1, seed=5))
+        assert wait_for(lambda: retained(mosquitto.port, TOPICS.status("alice"), timeout=0.5) not in (None, b""))
+        # after expiry: status off, no more processing, detector state gone from the saved blob
+        assert wait_for(lambda: json.loads(retained(mosquitto.port, TOPICS.status("alice"), timeout=0.5) or b"{}").get("status") == "off", 20)
+        with Outbox(state / "stresswatch.sqlite") as ob:
+            from stresswatch.detect import Detector
+
+            assert wait_for(lambda: "alice" not in Detector.from_bytes(ob.load_detector()).users, 10)
+        before = eng.dropped_batches
+        publish_stream(url, rr_stream("alice", start_s + 7200, 1, seed=6))
+        assert wait_for(lambda: eng.dropped_batches > before)
+    finally:
+        eng.request_stop()
+        th.join(60)

@@ -398,6 +398,11 @@ class Engine:
 
     def persist(self) -> None:
         now = self.clock()
+        # Consent can also end without a message to this engine (expiry; a revocation written
+        # into a ledger file it shares): forget those users before saving.
+        for user in self.pipeline.detector.users:
+            if not self.ledger.state(user).allows_processing(now):
+                self._forget(user)
         self.outbox.save_detector(self.pipeline.detector.to_bytes(), now)
         if self.store is not None and self._samples:
             frames, self._samples = self._samples, []
