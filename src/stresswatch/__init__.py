@@ -6,13 +6,14 @@ Public API::
     result = stresswatch.replay(["samples.parquet"])     # polars frames: result.windows, result.alerts
     detector = stresswatch.Detector()                      # batch in, windows and alert decisions out
     pipeline = stresswatch.Pipeline(detector, transport)   # detector -> consent gate -> transport
+    stresswatch.Engine(settings, url="mqtt://...").run()   # the long-running service (docs/ALERTS.md)
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from .config import Settings, load_settings
 from .detect import Detector, DetectorOutput
-from .engine import Pipeline, PipelineReport
+from .engine import Engine, Pipeline, PipelineReport
 from .errors import ConfigError, ConsentError, ParseError, StorageError, StresswatchError, TransportError
 from .model import SAMPLES_SCHEMA, WINDOW_SCHEMA, Alert, AlertDecision, AlertLevel, Metric, Reason, WindowState
 from .replay import ReplayResult, replay
@@ -32,6 +33,7 @@ __all__ = [
     "ConsentError",
     "Detector",
     "DetectorOutput",
+    "Engine",
     "Metric",
     "ParseError",
     "Pipeline",
