@@ -452,7 +452,7 @@ def encode_users(col: pl.Series, known: dict[str, int], *, grow: bool = True) ->
         if runs.len() * 4 <= col.len():
             lens = runs.struct.field("len").to_numpy()
             return np.repeat(encode_users(runs.struct.field("value"), known, grow=grow), lens)
-    for name in col.unique().to_list():
+    for name in col.unique(maintain_order=True).to_list():  # codes ascend in row order: no sort later
         if name not in known:
             if not grow:
                 raise KeyError(name)
