@@ -291,3 +291,28 @@ def test_expired_consent_stops_processing_and_forgets_the_user(mosquitto, tmp_pa
     finally:
         eng.request_stop()
         th.join(60)
+
+
+def test_withdrawal_over_the_consent_topic_stops_alerts_at_once(mosquitto, tmp_path, rr_stream):
+    url = mosquitto.url
+    state = tmp_path / "engine"
+    start_s = int(time.time()) // 60 * 60 - 3 * 3600
+    publish_consent(url, "alice", tmp_path / "alice.sqlite", recipients=["sam"])
+    sam = WorkerClient(url, "sam", lambda a: None)
+    eng, th = start_engine(settings_for(url, state), url)
+    try:
+        publish_stream(url, rr_stream("alice", start_s, 2, seed=7))
+        assert wait_for(lambda: len(sam.received) == 2)
+        publish_consent(url, "alice", tmp_path / "alice.sqlite")  # revoke, as `consent revoke --broker`
+        assert wait_for(lambda: consent_status(state, "alice") == "revoked")
+        before = eng.dropped_batches
+        publish_stream(url, rr_stream("alice", start_s + 3600, 3, seed=8))
+        assert wait_for(lambda: eng.dropped_batches > before)
+        time.sleep(1.0)
+        assert len(sam.received) == 2  # nothing after the withdrawal
+        assert "alice" not in eng.pipeline.detector.users
+        assert json.loads(retained(mosquitto.port, TOPICS.status("alice")))["status"] == "off"
+    finally:
+        eng.request_stop()
+        th.join(60)
+        sam.close()
