@@ -1,11 +1,14 @@
 """Capacity of one engine, end to end: simulated users -> Mosquitto -> ``Engine`` -> workers.
 
-    python benchmarks/load/run.py --quick          # ~2 min: 60-s windows, two small N
-    python benchmarks/load/run.py                  # full: production settings, N = 10k, 30k, 100k
-    python benchmarks/load/run.py --users 50000 --batch-s 60 --profile
+    python benchmarks/load/run.py --quick          # ~2 min: 60-s windows, 10-s batches, N = 300, 3000
+    python benchmarks/load/run.py                  # ~15 min: 5-min windows, 60-s batches, N = 30k, 100k, 150k
+    python benchmarks/load/run.py --users 100000 --batch-s 30 --profile
+    python benchmarks/load/run.py --quick --users 3000 --crash-safe-broker
 
 For each N the harness starts its own Mosquitto on a free loopback port (the project's
-generated configuration, ``stresswatch.broker.mosquitto_conf``), seeds N consenting,
+generated configuration, ``stresswatch.broker.mosquitto_conf``, except that it saves its
+store once a second instead of after every change, which caps ingest at a few hundred
+messages/s: ``--crash-safe-broker`` keeps it; docs/SCALING.md), seeds N consenting,
 calibrated users, runs the real engine in its own process (``engine_proc.py``), connects
 the support workers (``WorkerClient``), and then the users publish in real time, one batch
 per ``--batch-s`` each, from ``--publishers`` processes over a few connections each.
@@ -51,7 +54,10 @@ from stresswatch.broker import free_port, mosquitto_conf  # noqa: E402
 from stresswatch.config import DetectorSettings, Settings  # noqa: E402
 
 QUICK = dict(users=[300, 3000], window_s=60, batch_s=10.0, boundary_after_s=36.0, duration_s=50.0)
-FULL = dict(users=[10_000, 30_000, 100_000], window_s=300, batch_s=30.0, boundary_after_s=180.0, duration_s=225.0)
+# Production detector settings (5-min windows). The first window boundary comes 170 s into the
+# run (so the first window is 57 % covered: enough to be scored), then one batch interval
+# for every user's deciding batch to arrive.
+FULL = dict(users=[30_000, 100_000, 150_000], window_s=300, batch_s=60.0, boundary_after_s=170.0, duration_s=240.0)
 
 
 class Broker:
@@ -154,7 +160,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
                 "mqtt": {"url": broker.url, "client_id": "swload-engine", "protocol": a.protocol},
                 "detector": det_settings.model_dump(),
                 "store": {"state_dir": str(state)},
-                "engine": {"keep_samples": a.keep_samples},
+                "engine": {"keep_samples": a.keep_samples, **({"persist_s": a.persist_s} if a.persist_s else {})},
             }
         )
         (workdir / "settings.json").write_text(settings.model_dump_json())
@@ -361,6 +367,7 @@ COLUMNS = [
     ("broker_cpu_cores", "broker CPU"),
     ("publisher_cpu_cores", "publisher CPU"),
     ("engine_start_s", "engine start s"),
+    ("loadavg_after", "load avg 1/5/15 min"),
 ]
 
 
@@ -388,11 +395,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="profile the engine's threads during the run (yappi; slows it)")
     ap.add_argument("--stop-after-failure", action="store_true", help="stop the series at the first N not sustained")
     ap.add_argument("--drain-s", type=float, default=60.0)
+    ap.add_argument("--persist-s", type=float, help="engine.persist_s (default: the engine's, 60 s)")
     ap.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto", help="the engine's mqtt.protocol")
-    ap.add_argument("--broker-autosave-s", type=float, help="Mosquitto saves its store every S seconds instead of after every change (the generated config)")
+    ap.add_argument("--broker-autosave-s", type=float, default=1.0, help="Mosquitto saves its store every S seconds (default 1)")
+    ap.add_argument("--crash-safe-broker", action="store_true", help="the generated config unchanged: save after every change")
     ap.add_argument("--keep", action="store_true", help="keep the work directories (logs, stats)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/load/results"))
     a = ap.parse_args(argv)
+    if a.crash_safe_broker:
+        a.broker_autosave_s = None
     base = QUICK if a.quick else FULL
     a.users = a.users or base["users"]
     for key in ("batch_s", "duration_s", "window_s", "boundary_after_s"):
