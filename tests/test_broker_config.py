@@ -25,7 +25,6 @@ from stresswatch.broker import (
     render_acl,
     verify_password,
 )
-from stresswatch.config import load_settings
 from stresswatch.errors import ConfigError
 
 
@@ -190,15 +189,6 @@ def test_no_credentials_off_loopback_is_refused_on_loopback_allowed():
         assert err.value.field == "mqtt.username"
     check_broker_security("mqtts://broker.example.org", "stresswatch-engine")
     check_broker_security("mqtts://stresswatch-engine:pw@broker.example.org", None)  # user in the URL
-
-
-def test_engine_cli_call_style_uses_the_settings_username():
-    open_settings = load_settings(env={})
-    with pytest.raises(ConfigError):
-        check_broker_security(open_settings, "mqtt://10.0.0.5:1883")  # type: ignore[arg-type]
-    check_broker_security(open_settings, "mqtt://127.0.0.1:1883")  # type: ignore[arg-type]
-    with_user = load_settings(env={"STRESSWATCH_MQTT__USERNAME": "stresswatch-engine"})
-    check_broker_security(with_user, "mqtt://10.0.0.5:1883")  # type: ignore[arg-type]
 
 
 def test_a_conf_that_lets_anonymous_clients_in_off_loopback_is_refused(tmp_path: Path):

@@ -603,12 +603,8 @@ def check_broker_security(
 
     ``tls`` defaults to the URL's scheme (``mqtts``); it is recorded in the message to help
     the operator, and plaintext with credentials is allowed (docs/BROKER.md: prefer TLS off
-    loopback). No network I/O: call it before connecting. For the engine CLI's
-    ``check_broker_security(settings, url)`` call, the settings' ``mqtt.username`` is used.
+    loopback). No network I/O: call it before connecting (``Engine.start`` does).
     """
-    if not isinstance(url, str) and hasattr(url, "mqtt"):
-        settings, url = url, str(username)
-        username = settings.mqtt.username
     parts = urlsplit(url)
     host = parts.hostname
     username = username or (parts.username or None)
