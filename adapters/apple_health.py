@@ -263,17 +263,27 @@ class AppleHealthParser:
             position=f"line {exc.lineno}, column {exc.offset + 1}",
         ) from None
 
+    def _encoding_error(self, exc: Exception) -> None:
+        # expat asks Python's codecs for an encoding named in the XML declaration
+        raise ParseError(
+            f"unsupported text encoding: {exc}", source=self.source, position=f"line {self._p.CurrentLineNumber}"
+        ) from None
+
     def feed(self, data: bytes) -> None:
         try:
             self._p.Parse(data, False)
         except expat.ExpatError as exc:
             self._raise(exc)
+        except (LookupError, UnicodeError) as exc:
+            self._encoding_error(exc)
 
     def close(self) -> None:
         try:
             self._p.Parse(b"", True)
         except expat.ExpatError as exc:
             self._raise(exc)
+        except (LookupError, UnicodeError) as exc:
+            self._encoding_error(exc)
         if not self._root_seen:
             raise ParseError("empty file: no XML elements", source=self.source, position="line 1")
 

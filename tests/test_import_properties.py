@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import polars as pl
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stresswatch.errors import ParseError
@@ -105,6 +105,7 @@ def test_apple_health_arbitrary_bytes(data: bytes):
 
 @FAST
 @given(st.integers(0, len(APPLE)), st.binary(max_size=40))
+@example(31, b"-")  # turns the declared encoding into an unknown one (found by hypothesis)
 def test_apple_health_cut_and_spliced(pos: int, junk: bytes):
     def run() -> None:
         p = AppleHealthParser(source="x.xml")
