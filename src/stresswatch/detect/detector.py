@@ -45,6 +45,7 @@ from .features import (
     split_rows,
     to_columns,
 )
+from .features import _segments, merge_keys
 
 MINUTE_NS = 60 * NS
 LOW32 = 0xFFFFFFFF
@@ -190,19 +191,11 @@ class Detector:
                 done_o.append(c.others.take(fo))
                 rest_b, rest_o = c.beats.take(~fb), c.others.take(~fo)
                 if len(rest_b.key) or len(rest_o.key):
-                    mins = [int((k & LOW32).min()) for k in (rest_b.key, rest_o.key) if len(k)]
-                    keep.append(_Chunk(rest_b, rest_o, min(mins)))
+                    keep.append(_Chunk(rest_b, rest_o, c.min_w))  # a lower bound is enough to skip
             self._chunks = keep
             if done_b:
-                beats = Beats.concat(done_b)
-                others = Others.concat(done_o)
-                if len(done_b) > 1:
-                    # Chunks interleave users; each user's rows are in time order across
-                    # chunks, so a stable sort by user alone restores (user, minute, time).
-                    beats = beats.take(merge_order([b.key >> 32 for b in done_b]))
-                    others = others.take(merge_order([o.key >> 32 for o in done_o]))
-                if len(beats.key) or len(others.key):
-                    p = block_partials(beats, others, s)
+                p = _reduce_pieces(done_b, done_o, s)
+                if len(p.key):
                     np.maximum.at(self._closed_w, p.key >> 32, (p.key & LOW32) + 1)
                     per = s.window_s // 60
                     self._pchunks.append(_PChunk(p, int((p.key & LOW32).min()) // per))
@@ -486,6 +479,41 @@ class Detector:
             if len(p.key):
                 d._pchunks.append(_PChunk(p, int(m)))
         return d
+
+
+def _reduce_pieces(beats: list[Beats], others: list[Others], s: DetectorSettings) -> Partials:
+    """Minute-block partials of finished rows held in several pieces (each sorted by block
+    key, pieces in arrival order). A block's rows are reduced together and in time order, so
+    the result is the same as for one sorted piece. Blocks whose rows sit in one piece (almost
+    all) are reduced in place; only blocks spread over pieces are gathered and merged."""
+    if len(beats) == 1:
+        return block_partials(beats[0], others[0], s)
+    keys = [merge_keys(b.key[_segments(b.key)], o.key[_segments(o.key)]) for b, o in zip(beats, others)]
+    allk = np.concatenate(keys)
+    uniq, counts = np.unique(allk, return_counts=True)
+    shared = uniq[counts > 1]
+    parts: list[Partials] = []
+    for b, o in zip(beats, others):
+        p = block_partials(b, o, s)
+        if len(shared):
+            p = p.take(~np.isin(p.key, shared))
+        parts.append(p)
+    if len(shared):
+
+        def rows_of(key: np.ndarray) -> np.ndarray:
+            lo = np.searchsorted(key, shared, side="left")
+            hi = np.searchsorted(key, shared, side="right")
+            n = hi - lo
+            return np.repeat(lo - np.cumsum(n) + n, n) + np.arange(n.sum())
+
+        sb = [b.take(rows_of(b.key)) for b in beats]
+        so = [o.take(rows_of(o.key)) for o in others]
+        mb, mo = Beats.concat(sb), Others.concat(so)
+        mb = mb.take(np.argsort(mb.key, kind="stable"))
+        mo = mo.take(np.argsort(mo.key, kind="stable"))
+        parts.append(block_partials(mb, mo, s))
+    p = Partials.concat(parts)
+    return p.take(np.argsort(p.key, kind="stable"))
 
 
 def _dt(ns: int) -> datetime:

@@ -347,6 +347,15 @@ def other_stats(o: Others, starts: np.ndarray, s: DetectorSettings) -> dict[str,
     }
 
 
+def merge_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted union of two sorted unique key arrays (no work when one is empty: RR-only data)."""
+    if len(b) == 0:
+        return a
+    if len(a) == 0:
+        return b
+    return np.union1d(a, b)
+
+
 def window_key(u: np.ndarray, w: np.ndarray) -> np.ndarray:
     """One int64 per (user, window or minute index), ordered as (user, index)."""
     return (u.astype(np.int64) << 32) | (w.astype(np.int64) & 0xFFFFFFFF)
@@ -359,7 +368,7 @@ def block_partials(beats: Beats, others: Others, s: DetectorSettings) -> Partial
     sb, so = _segments(kb), _segments(ko)
     rs = rr_stats(beats, sb)
     os_ = other_stats(others, so, s)
-    keys = np.union1d(kb[sb], ko[so])
+    keys = merge_keys(kb[sb], ko[so])
     nb = len(keys)
     ib = np.searchsorted(keys, kb[sb])
     io = np.searchsorted(keys, ko[so])
