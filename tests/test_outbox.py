@@ -151,3 +151,23 @@ def test_unacknowledged_publish_is_repeated_after_resend_interval(tmp_path):
     clock.tick(2)  # past resend_after_s = 5
     disp.pump()
     assert len(dead.messages) == 2 and dead.messages[0] == dead.messages[1]  # same bytes, same id
+
+
+def test_connection_loss_republishes_what_the_broker_acknowledged_just_before(tmp_path):
+    """A broker killed right after its PUBACK may not have saved the message: deliveries
+    acknowledged within the window before the loss go out again, same id; older ones do not."""
+    clock = Clock()
+    t = MemoryTransport()
+    ledger, outbox, disp = make(tmp_path, t, clock)
+    ledger.grant("alice", ["sam"], now=clock())
+    old = disp.raise_alert(decision(0)).alert_id
+    disp.pump()
+    clock.tick(60)
+    recent = disp.raise_alert(decision(1)).alert_id
+    disp.pump()
+    clock.tick(2)
+    assert outbox.delivery_counts()["pending"] == 0
+    assert disp.connection_lost() == 1
+    assert disp.pump() == 1
+    assert json.loads(t.messages[-1].payload)["alert_id"] == recent != old
+    assert outbox.delivery_counts() == {"total": 2, "delivered": 2, "dropped": 0, "pending": 0}

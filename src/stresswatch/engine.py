@@ -262,6 +262,7 @@ class Engine:
             persistent_session=True,
             on_message=self._on_message,
             on_reconnect=lambda: self._queue.put(self._announce),
+            on_connection_lost=lambda: self._queue.put(self._connection_lost),
         )
         a = self.settings.alerts
         self.dispatcher = Dispatcher(
@@ -407,6 +408,11 @@ class Engine:
         if self.store is not None and self._samples:
             frames, self._samples = self._samples, []
             self.store.add(pl.concat(frames, how="vertical"))
+
+    def _connection_lost(self) -> None:
+        if self.dispatcher is not None:
+            n = self.dispatcher.connection_lost()
+            log.warning("broker connection lost: %d recently acknowledged alert(s) will be published again", n)
 
     def _announce(self) -> None:
         assert self.transport is not None

@@ -75,6 +75,7 @@ class Dispatcher:
         policy: EscalationPolicy | None = None,
         alert_expiry_s: int = 24 * 3600,
         resend_after_s: float = 10.0,
+        redeliver_window_s: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
         on_delivered: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -87,6 +88,7 @@ class Dispatcher:
         self.policy = policy or EscalationPolicy()
         self.alert_expiry_s = alert_expiry_s
         self.resend_after_s = resend_after_s
+        self.redeliver_window_s = redeliver_window_s
         self._mono = monotonic
         self._inflight: dict[int, _InFlight] = {}
         self._last_collect_mono = float("-inf")
@@ -210,6 +212,22 @@ class Dispatcher:
                 self._on_delivered(f.alert_id, f.worker)
         self.stats.delivered += len(done)
         return len(done)
+
+    def connection_lost(self) -> int:
+        """The broker connection dropped: publish again what it acknowledged just before.
+
+        A broker killed right after its PUBACK may not yet have saved the message for the
+        worker's session (Mosquitto saves after the acknowledgement), so deliveries
+        acknowledged within ``redeliver_window_s`` before the loss are pending again and go
+        out once more, same ``alert_id`` (the worker's client drops the duplicate). Measured
+        here: without this, a broker SIGKILL mid-stream lost an acknowledged alert.
+        """
+        self.collect_acks()
+        since = self.clock() - timedelta(seconds=self.redeliver_window_s)
+        n = self.outbox.reopen_delivered(since)
+        self._inflight.clear()  # whatever was in flight is published again, from the outbox
+        self.stats.republished += n
+        return n
 
     @property
     def in_flight(self) -> int:

@@ -313,6 +313,13 @@ class Outbox:
                 "UPDATE deliveries SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL", [(_iso(now), i) for i in ids]
             )
 
+    def reopen_delivered(self, since: datetime) -> int:
+        """Make deliveries acknowledged by the broker at or after ``since`` pending again."""
+        with self.transaction():
+            return self._db.execute(
+                "UPDATE deliveries SET delivered_at = NULL WHERE delivered_at >= ? AND dropped IS NULL", (_iso(since),)
+            ).rowcount
+
     def drop_pending(self, alert_id: str, reason: str) -> int:
         with self.transaction():
             return self._db.execute(

@@ -235,6 +235,7 @@ class MqttTransport:
         persistent_session: bool = False,
         on_message: Callable[[str, bytes], None] | None = None,
         on_reconnect: Callable[[], None] | None = None,
+        on_connection_lost: Callable[[], None] | None = None,
     ) -> None:
         """``on_message(topic, payload)`` runs on paho's network thread for subscribed topics;
         :meth:`subscribe` subscriptions are renewed after a reconnect, then ``on_reconnect()``."""
@@ -255,6 +256,13 @@ class MqttTransport:
         )
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._v5 = self._client.protocol == mqtt.MQTTv5
+        if on_connection_lost is not None:
+
+            def lost(c: mqtt.Client, userdata: object, flags: object, rc: object = None, props: object = None) -> None:
+                if getattr(rc, "is_failure", bool(rc)):  # not our own disconnect()
+                    on_connection_lost()
+
+            self._client.on_disconnect = lost
 
     @property
     def connected(self) -> bool:
