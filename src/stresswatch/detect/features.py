@@ -1,15 +1,18 @@
 """Vectorised window features for many users and windows at once (no loop per window).
 
-Two steps, both pure array code:
+Three steps, all pure array code:
 
 1. :func:`prepare_beats` runs when samples *arrive* (rows sorted by user, then time): it
    cleans RR and computes each kept beat's successive difference, carrying each user's last
    beat across batches in :class:`BeatCarry`. Per-beat work is therefore done once.
-2. :func:`aggregate` runs when windows *finish*: rows sorted by (user, window) are reduced
-   per segment with ``np.add.reduceat`` in cache-sized blocks.
+2. :func:`block_partials` runs when a user's *minute* is over: the minute's rows are reduced
+   with ``np.add.reduceat`` (cache-sized blocks) into :class:`Partials` (counts and sums).
+3. :func:`combine` runs when a *window* is over: its minutes' partials are combined in order
+   (SDNN from block moments, Chan et al. 1979).
 
-Because every window's rows reach step 2 in the same (time) order whatever the chunking,
-the floating-point sums are bit-identical between streaming and one batch pass.
+Minutes are canonical (epoch minutes) and reduced only once complete, with their rows in
+time order, so every floating-point sum is bit-identical between streaming in any chunking
+and one batch pass. :func:`window_features` runs all three on a samples frame.
 
 Conventions (stated because libraries differ):
 
