@@ -30,6 +30,16 @@ class SamplesFileSource:
         self.path = Path(path)
         self.batch_s = batch_s
 
+    def users(self) -> list[str] | None:
+        """The user ids in the file without reading the samples (Parquet only; else None).
+        Lets a replay plan which files must be read together before reading any of them."""
+        if self.path.suffix.lower() != ".parquet" or not self.path.is_file():
+            return None
+        try:
+            return pl.scan_parquet(self.path).select(pl.col("user").unique()).collect().get_column("user").drop_nulls().to_list()
+        except (pl.exceptions.PolarsError, OSError):
+            return None  # read() will name the problem
+
     def read(self) -> pl.DataFrame:
         """The whole file, validated and sorted by time then user."""
         if not self.path.is_file():

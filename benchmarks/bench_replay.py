@@ -75,19 +75,19 @@ def main() -> None:
     paths = generate(data, args.users, args.days)
     gen_s = time.perf_counter() - t
 
+    out = Path(tempfile.mkdtemp(prefix="stresswatch-bench-out-"))
+    t = time.perf_counter()
+    result = replay(paths, out=out, settings=Settings())
+    total_s = time.perf_counter() - t
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the reference below
+    phases = result.timings
+
     t = time.perf_counter()
     ref = pl.concat([pl.read_parquet(p) for p in paths])
     ref_s = time.perf_counter() - t
     beats = ref.height
     del ref
-
-    out = Path(tempfile.mkdtemp(prefix="stresswatch-bench-out-"))
-    t = time.perf_counter()
-    result = replay(paths, out=out, settings=Settings())
-    total_s = time.perf_counter() - t
-    phases = result.timings
     user_days = args.users * args.days
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     shutil.rmtree(out)
     print(f"date {date.today()}  machine {platform.machine()} {os.cpu_count()} cores  python {platform.python_version()}  polars {pl.__version__}  POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS', 'unset')}")
     print(f"cohort: {args.users} users x {args.days} days = {user_days} user-days, {beats:,} beats ({gen_s:.1f} s to generate or find)")

@@ -162,3 +162,22 @@ def test_labels_give_episode_metrics_per_user_and_overall(tmp_path: Path, demo_c
     import json
 
     assert json.loads((tmp_path / "summary.json").read_text())["evaluation"]["recall"] == 1.0
+
+
+def test_files_sharing_a_user_are_read_together_and_others_alone(tmp_path: Path, cohort: pl.DataFrame):
+    from stresswatch.replay import iter_input_blocks
+
+    alice = cohort.filter(pl.col("user") == "alice")
+    half = alice.height // 2
+    paths = []
+    for name, part in (("a2", alice[half:]), ("b", cohort.filter(pl.col("user") == "bob")), ("a1", alice[:half])):
+        paths.append(tmp_path / f"{name}.parquet")
+        part.write_parquet(paths[-1])
+    report, blocks, n = iter_input_blocks(paths)
+    assert n == 2 and [f["rows"] for f in report.files] == [None, None, None]  # planned, not read yet
+    got = list(blocks)
+    assert [b["user"].unique().to_list() for b in got] == [["alice"], ["bob"]]
+    assert got[0]["time"].is_sorted() and got[0].height == alice.height
+    assert report.rows_read == report.rows_kept == alice.height + got[1].height
+    whole = replay(cohort.filter(pl.col("user").is_in(["alice", "bob"])))
+    assert replay(paths).windows.equals(whole.windows)

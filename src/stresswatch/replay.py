@@ -20,7 +20,7 @@ import hmac
 import itertools
 import json
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,35 +116,49 @@ def clean_samples(frame: pl.DataFrame, report: InputReport | None = None) -> pl.
     return ordered
 
 
-def _read_source(registry: SourceRegistry, path: Path, kind: str | None) -> pl.DataFrame:
-    source = registry.open(path, kind)
+def _read_source(registry: SourceRegistry, path: Path, kind: str | None, source: Any = None) -> pl.DataFrame:
+    source = source if source is not None else registry.open(path, kind)
     read = getattr(source, "read", None)  # whole-file fast path where an adapter offers one
     if callable(read):
         return read()
     return run_sync(collect([source]))
 
 
-def load_input_blocks(
+@dataclass
+class _Planned:
+    path: Path
+    source: Any
+    users: list[str]
+    frame: pl.DataFrame | None  # kept when the users could only be learnt by reading
+
+
+def iter_input_blocks(
     paths: Sequence[str | Path], registry: SourceRegistry | None = None, kind: str | None = None
-) -> tuple[list[pl.DataFrame], InputReport]:
-    """Cleaned samples in blocks that share no user (one block per file unless files share
-    users), so each block runs through the detector on its own with identical results."""
+) -> tuple[InputReport, Iterator[pl.DataFrame], int]:
+    """Plan, then read lazily: cleaned samples in blocks that share no user (one block per
+    file unless files share users), so each block runs through the detector on its own with
+    identical results, and only one block's samples are in memory at a time where the
+    adapter can tell a file's users without reading it (samples Parquet).
+
+    Returns (report, blocks, number of blocks). The report's file list is complete on
+    return; its counts are complete once the iterator is exhausted.
+    """
     registry = registry or SourceRegistry.discover()
     report = InputReport()
-    frames: list[pl.DataFrame] = []
+    planned: list[_Planned] = []
     for p in paths:
         path = Path(p)
-        frame = _read_source(registry, path, kind).select(list(SAMPLES_SCHEMA))
-        report.files.append({"name": path.name, "sha256": _sha256(path) if path.is_file() else None, "rows": frame.height})
-        report.rows_read += frame.height
-        if frame.height == 0:
-            report.dropped["empty_file"] = report.dropped.get("empty_file", 0) + 1
-            report.notes.append(f"{path.name}: no samples")
-            continue
-        frames.append(frame)
-    # union files that share a user (they must be cleaned and ordered together)
-    owner: dict[str, int] = {}
-    parent = list(range(len(frames)))
+        source = registry.open(path, kind)
+        users_fn = getattr(source, "users", None)
+        users = users_fn() if callable(users_fn) else None
+        frame = None
+        if users is None:
+            frame = _read_source(registry, path, kind, source).select(list(SAMPLES_SCHEMA))
+            users = frame.get_column("user").unique().to_list()
+        report.files.append({"name": path.name, "sha256": _sha256(path) if path.is_file() else None, "rows": None})
+        planned.append(_Planned(path, source, users, frame))
+    # union files that share a user: they must be cleaned and ordered together
+    parent = list(range(len(planned)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -152,21 +166,50 @@ def load_input_blocks(
             i = parent[i]
         return i
 
-    for i, frame in enumerate(frames):
-        for user in frame.get_column("user").unique().to_list():
+    owner: dict[str, int] = {}
+    for i, item in enumerate(planned):
+        for user in item.users:
             if user in owner:
                 parent[find(i)] = find(owner[user])
             else:
                 owner[user] = i
-    groups: dict[int, list[pl.DataFrame]] = {}
-    for i, frame in enumerate(frames):
-        groups.setdefault(find(i), []).append(frame)
-    blocks = [clean_samples(pl.concat(g, how="vertical"), report) for g in groups.values()]
-    # deterministic block order whatever the file order: by smallest user id
-    blocks.sort(key=lambda b: b.get_column("user").min())  # type: ignore[arg-type, return-value]
-    report.rows_kept = sum(b.height for b in blocks)
-    report.notes = sorted(set(report.notes))
-    return blocks, report
+    groups: dict[int, list[int]] = {}
+    for i in range(len(planned)):
+        groups.setdefault(find(i), []).append(i)
+    # deterministic block order whatever the file order: by smallest user id (empty files last)
+    order = sorted(groups.values(), key=lambda g: (min((u for i in g for u in planned[i].users), default="\uffff"), g))
+
+    def blocks() -> Iterator[pl.DataFrame]:
+        for group in order:
+            frames = []
+            for i in group:
+                item = planned[i]
+                frame = item.frame if item.frame is not None else _read_source(registry, item.path, kind, item.source)
+                item.frame = None
+                frame = frame.select(list(SAMPLES_SCHEMA))
+                report.files[i]["rows"] = frame.height
+                report.rows_read += frame.height
+                if frame.height == 0:
+                    report.dropped["empty_file"] = report.dropped.get("empty_file", 0) + 1
+                    report.notes.append(f"{item.path.name}: no samples")
+                    continue
+                frames.append(frame)
+            if not frames:
+                continue
+            block = clean_samples(pl.concat(frames, how="vertical"), report)
+            report.rows_kept += block.height
+            report.notes = sorted(set(report.notes))
+            yield block
+
+    return report, blocks(), len(order)
+
+
+def load_input_blocks(
+    paths: Sequence[str | Path], registry: SourceRegistry | None = None, kind: str | None = None
+) -> tuple[list[pl.DataFrame], InputReport]:
+    """All blocks of :func:`iter_input_blocks` at once (small inputs, tests)."""
+    report, it, _ = iter_input_blocks(paths, registry, kind)
+    return list(it), report
 
 
 def load_inputs(
@@ -256,14 +299,33 @@ class ReplayResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (not written: outputs stay deterministic)
 
 
+class _Timed:
+    """Wraps an iterator and adds the time spent producing items to ``timings[key]``."""
+
+    def __init__(self, it: Iterable[pl.DataFrame], timings: dict[str, float], key: str) -> None:
+        self._it, self._timings, self._key = iter(it), timings, key
+
+    def __iter__(self) -> Iterator[pl.DataFrame]:
+        return self
+
+    def __next__(self) -> pl.DataFrame:
+        started = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self._timings[self._key] = self._timings.get(self._key, 0.0) + time.perf_counter() - started
+
+
 def _run_pipeline(
-    blocks: list[pl.DataFrame],
+    blocks: Iterable[pl.DataFrame],
+    n_blocks: int,
     settings: Settings,
     ledger: ConsentLedger | None,
     clock: Clock,
     speed: float,
     on_batch: Callable[[int, int], None] | None,
-) -> PipelineReport:
+) -> tuple[PipelineReport, pl.DataFrame]:
+    """Run every block; returns the report and each user's first and last sample time."""
     pipeline = Pipeline(
         Detector(settings.detector),
         MemoryTransport(),
@@ -272,33 +334,35 @@ def _run_pipeline(
         alert_expiry_s=settings.mqtt.alert_expiry_s,
         keep_windows=True,
     )
+    spans: list[pl.DataFrame] = []
     if speed > 0:
         # a demonstration in real time: every user's hour together, as the engine sees them
-        batches = time_batches(pl.concat([empty_samples(), *blocks], how="vertical"), BATCH_S)
-        plan = [batches]
-    else:
-        # as fast as possible: blocks share no user, and any chunking of a user's time-ordered
-        # samples gives the same windows (streaming equals batch), so day batches per block
-        plan = [time_batches(block, 86400) for block in blocks]
-    total = sum(len(p) for p in plan)
-    done = 0
-    for batches in plan:
-        for batch in batches:
+        everything = pl.concat([empty_samples(), *blocks], how="vertical")
+        spans.append(user_spans(everything))
+        batches = time_batches(everything, BATCH_S)
+        for i, batch in enumerate(batches):
             pipeline.process(batch)
-            if speed > 0:
-                time.sleep(BATCH_S / speed)
-            done += 1
+            time.sleep(BATCH_S / speed)
             if on_batch:
-                on_batch(done, total)
+                on_batch(i + 1, len(batches))
+    else:
+        # as fast as possible, one block at a time: blocks share no user, and any chunking of
+        # a user's time-ordered samples gives the same windows (streaming equals batch)
+        for i, block in enumerate(blocks):
+            spans.append(user_spans(block))
+            for batch in time_batches(block, 86400):
+                pipeline.process(batch)
+            if on_batch:
+                on_batch(i + 1, n_blocks)
     pipeline.finish()
-    return pipeline.report
+    return pipeline.report, pl.concat([user_spans(empty_samples()), *spans], how="vertical").sort("user")
 
 
-def user_spans(blocks: list[pl.DataFrame]) -> pl.DataFrame:
+def user_spans(samples: pl.DataFrame) -> pl.DataFrame:
     """First and last sample time per user."""
-    parts = [b.group_by("user").agg(pl.col("time").min().alias("start"), pl.col("time").max().alias("end")) for b in blocks]
     schema = {"user": pl.String(), "start": pl.Datetime("ns", "UTC"), "end": pl.Datetime("ns", "UTC")}
-    return pl.concat([pl.DataFrame(schema=schema), *parts], how="vertical").sort("user")
+    spans = samples.group_by("user").agg(pl.col("time").min().alias("start"), pl.col("time").max().alias("end"))
+    return pl.concat([pl.DataFrame(schema=schema), spans], how="vertical")
 
 
 def _summary(
@@ -385,32 +449,33 @@ def replay(
     of real time.
     """
     settings = settings or Settings()
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"read": 0.0}
     started = time.perf_counter()
     if isinstance(paths, pl.DataFrame):
         inputs = InputReport(rows_read=paths.height)
-        blocks = [clean_samples(paths.select(list(SAMPLES_SCHEMA)), inputs)] if paths.height else []
+        blocks: Iterable[pl.DataFrame] = [clean_samples(paths.select(list(SAMPLES_SCHEMA)), inputs)] if paths.height else []
         inputs.rows_kept = sum(b.height for b in blocks)
+        n_blocks = len(blocks)  # type: ignore[arg-type]
     else:
-        blocks, inputs = load_input_blocks(paths, registry, kind)
+        inputs, blocks, n_blocks = iter_input_blocks(paths, registry, kind)
     label_frame = labels if isinstance(labels, pl.DataFrame) or labels is None else read_labels(labels)
-    spans = user_spans(blocks)
-    timings["read"] = time.perf_counter() - started
+    timings["read"] += time.perf_counter() - started
 
     ledger = None
     if consent_db is not None:
         if not Path(consent_db).is_file():
             raise StorageError("no consent ledger here", path=consent_db)
         ledger = ConsentLedger(consent_db)
-    started = time.perf_counter()
+    started, read_before = time.perf_counter(), timings["read"]
     try:
-        report = _run_pipeline(blocks, settings, ledger, clock, speed, on_batch)
+        report, spans = _run_pipeline(_Timed(blocks, timings, "read"), n_blocks, settings, ledger, clock, speed, on_batch)
     finally:
         if ledger is not None:
             ledger.close()
     del blocks
     windows, alerts = report.windows_frame(), report.alerts_frame()
-    timings["pipeline"] = time.perf_counter() - started
+    # the blocks are read lazily while the pipeline runs: count that time as reading
+    timings["pipeline"] = time.perf_counter() - started - (timings["read"] - read_before)
     started = time.perf_counter()
     evaluation = evaluate_alerts(alerts, label_frame, windows) if label_frame is not None else None
     if pseudonym_key is not None:
