@@ -13,7 +13,6 @@ Each change is one transaction, so a crash leaves either the old or the new row.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .. import sqlite
 from ..errors import StorageError
 from ..model import AlertDecision, AlertLevel, Reason
 from .lifecycle import OPEN_STATES, AlertRecord, AlertState, Outcome
@@ -139,11 +139,7 @@ class Outbox:
         self.path = Path(path)
         self.enqueued: list[Delivery] = []  # deliveries added by the last save()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db = sqlite.connect(self.path, "synchronous=NORMAL", "foreign_keys=ON")
             self._db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open alert outbox: {exc}", path=self.path) from None
@@ -151,23 +147,9 @@ class Outbox:
     def close(self) -> None:
         self._db.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One SQLite transaction (BEGIN IMMEDIATE ... COMMIT); nested calls join the outer one.
-
-        The connection is in autocommit mode (``isolation_level=None``), so without this each
-        statement would commit on its own.
-        """
-        if self._db.in_transaction:
-            yield
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One SQLite transaction; nested calls join the outer one (see :mod:`stresswatch.sqlite`)."""
+        return sqlite.transaction(self._db)
 
     def __enter__(self) -> Outbox:
         return self

@@ -13,13 +13,13 @@ leaves an identity-free tombstone (when, how many rows). See docs/CONSENT.md.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 import json
 import secrets
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import sqlite
 from ..errors import ConsentError, StorageError
 from .state import Action, ConsentEvent, ConsentState, QuietHours, Visibility, fold
 
@@ -71,9 +71,7 @@ class ConsentLedger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = sqlite.connect(self.path)
             self._db.executescript(_SCHEMA)
             have = {r[1] for r in self._db.execute("PRAGMA table_info(consent_events)")}
             for name, kind in _ADDED_COLUMNS.items():
@@ -86,23 +84,9 @@ class ConsentLedger:
     def close(self) -> None:
         self._db.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One SQLite transaction (BEGIN IMMEDIATE ... COMMIT); nested calls join the outer one.
-
-        The connection is in autocommit mode (``isolation_level=None``), so without this each
-        statement would commit on its own.
-        """
-        if self._db.in_transaction:
-            yield
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One SQLite transaction; nested calls join the outer one (see :mod:`stresswatch.sqlite`)."""
+        return sqlite.transaction(self._db)
 
     def __enter__(self) -> ConsentLedger:
         return self
