@@ -202,3 +202,13 @@ def make_secure_broker(tmp_path: Path) -> Iterator[object]:
 def secure_broker(make_secure_broker) -> SecureBroker:
     """The generated broker on loopback, with an engine, workers sam and kim, users alice and bob."""
     return make_secure_broker()
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    """Poll ``cond`` until true or ``timeout`` seconds; the last answer is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()

@@ -22,19 +22,11 @@ from stresswatch.consent.wire import encode_consent
 from stresswatch.engine import Engine
 from stresswatch.ingest import IngestBatch
 
-from conftest import FAST_DETECTOR
+from conftest import FAST_DETECTOR, wait_for
 
 TOPICS = Topics()
 ENGINE = "stresswatch-engine"
 
-
-def wait_for(cond, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def as_user(b, user: str) -> MqttTransport:
@@ -92,10 +84,10 @@ def test_engine_companion_and_worker_work_through_the_generated_broker_with_thei
         for seq, (_, part) in enumerate(frame.group_by(pl.col("time").dt.epoch("s") // 240, maintain_order=True)):
             t.publish(TOPICS.ingest("alice"), IngestBatch.from_frame(part, user="alice", stream_id=stream_id, seq=seq, source="synthetic").encode(), qos=1)
         t.close()
-        assert wait_for(lambda: len(sam.received) == 2), sam.received
+        assert wait_for(lambda: len(sam.received) == 2, timeout=20.0), sam.received
         sam.ack(sam.received[0].alert_id)
         with Outbox(state / "stresswatch.sqlite") as ob:
-            assert wait_for(lambda: ob.get(sam.received[0].alert_id).state is AlertState.ACKNOWLEDGED)
+            assert wait_for(lambda: ob.get(sam.received[0].alert_id).state is AlertState.ACKNOWLEDGED, timeout=20.0)
         # alice reads her own status and the engine's; bob reads neither of hers
         assert json.loads(retained_as(b, "alice", TOPICS.status("alice")) or b"{}").get("status") == "active"
         assert json.loads(retained_as(b, "sam", TOPICS.engine_status) or b"{}").get("status") == "online"

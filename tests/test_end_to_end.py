@@ -9,20 +9,13 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from conftest import wait_for
 from stresswatch.alerts import MqttTransport, Topics, WorkerClient
 from stresswatch.consent import ConsentLedger, Visibility
 from stresswatch.detect import Detector
 from stresswatch.engine import Pipeline, utc_now
 from stresswatch.replay import read_samples, time_batches
 
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def test_alert_reaches_the_chosen_worker_and_no_consent_means_no_alert(mosquitto, tmp_path, demo_cohort):
@@ -54,7 +47,7 @@ def test_alert_reaches_the_chosen_worker_and_no_consent_means_no_alert(mosquitto
     assert set(raised) == {"alice", "carol"}
     assert raised["alice"].gate.allowed and not raised["carol"].gate.allowed
 
-    assert wait_for(lambda: len(sam.received) == 1)
+    assert wait_for(lambda: len(sam.received) == 1, timeout=10.0)
     alert = sam.received[0]
     assert alert.alert_id == raised["alice"].decision.alert_id
     assert alert.user == ledger.state("alice").display_name  # pseudonym, not the user id
@@ -86,7 +79,7 @@ def test_worker_offline_during_alert_receives_it_on_return(mosquitto, tmp_path, 
         pipeline.process(batch)
     pipeline.finish()
     back = WorkerClient(mosquitto.url, "sam", lambda a: None)
-    assert wait_for(lambda: len(back.received) == 1)
+    assert wait_for(lambda: len(back.received) == 1, timeout=10.0)
     back.close()
     transport.close()
     ledger.close()

@@ -21,18 +21,10 @@ from stresswatch.engine import Engine
 from stresswatch.ingest import IngestBatch
 from stresswatch.store import SampleStore
 
-from conftest import FAST_DETECTOR
+from conftest import FAST_DETECTOR, wait_for
 
 TOPICS = Topics()
 
-
-def wait_for(cond, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def settings_for(url: str, state_dir, **alerts) -> Settings:
@@ -115,10 +107,10 @@ def test_engine_alerts_only_consenting_users_and_records_acks(mosquitto, tmp_pat
     sam = WorkerClient(url, "sam", lambda a: None, seen_path=tmp_path / "sam-seen.sqlite")
     eng, th = start_engine(settings_for(url, state), url)
     try:
-        assert wait_for(lambda: consent_status(state, "bob") == "revoked")
+        assert wait_for(lambda: consent_status(state, "bob") == "revoked", timeout=15.0)
         publish_stream(url, rr_stream("alice", start_s, 3, seed=1))
         publish_stream(url, rr_stream("bob", start_s, 3, seed=2))
-        assert wait_for(lambda: len(sam.received) == 3), sam.received
+        assert wait_for(lambda: len(sam.received) == 3, timeout=15.0), sam.received
         time.sleep(1.0)
         assert len(sam.received) == 3 and sam.duplicates == 0
         assert eng.dropped_batches > 0  # bob's batches, dropped unprocessed
@@ -135,7 +127,7 @@ def test_engine_alerts_only_consenting_users_and_records_acks(mosquitto, tmp_pat
         other.resolve(sam.received[2].alert_id, Outcome.NO_ANSWER)  # not hers: ignored
         other.close()
         with Outbox(state / "stresswatch.sqlite") as ob:
-            assert wait_for(lambda: ob.get(second).state is AlertState.RESOLVED)
+            assert wait_for(lambda: ob.get(second).state is AlertState.RESOLVED, timeout=15.0)
             r1 = ob.get(first)
             assert (r1.state, r1.acked_by, r1.outcome, r1.note) == (AlertState.RESOLVED, "sam", Outcome.REACHED_OUT, "called")
             assert ob.get(sam.received[2].alert_id).state is AlertState.DELIVERED
@@ -163,7 +155,7 @@ def test_unacknowledged_alert_escalates_to_the_group_on_the_engines_scheduler(mo
     eng, th = start_engine(settings, url)
     try:
         publish_stream(url, rr_stream("alice", int(time.time()) // 60 * 60 - 3600, 1, seed=3))
-        assert wait_for(lambda: len(got["sam"]) == 1)
+        assert wait_for(lambda: len(got["sam"]) == 1, timeout=15.0)
         assert wait_for(lambda: len(got["kim"]) == 1 and len(got["lee"]) == 1, 20)
         a = got["sam"][0]
         assert got["kim"][0].alert_id == got["lee"][0].alert_id == a.alert_id
@@ -171,7 +163,7 @@ def test_unacknowledged_alert_escalates_to_the_group_on_the_engines_scheduler(mo
         # kim takes it: no more notices to anyone
         clients[1].ack(a.alert_id)
         with Outbox(tmp_path / "engine" / "stresswatch.sqlite") as ob:
-            assert wait_for(lambda: ob.get(a.alert_id).acked_by == "kim")
+            assert wait_for(lambda: ob.get(a.alert_id).acked_by == "kim", timeout=15.0)
             assert ob.get(a.alert_id).targets == ("sam", "kim", "lee")
         time.sleep(1.5)
         assert [len(got[w]) for w in ("sam", "kim", "lee", "zoe")] == [1, 1, 1, 0]
@@ -216,7 +208,7 @@ def test_worker_cli_watch_ack_resolve_round_trip(mosquitto, tmp_path, rr_stream)
     try:
         publish_stream(url, rr_stream("alice", int(time.time()) // 60 * 60 - 3600, 1, seed=4))
         with Outbox(state / "stresswatch.sqlite") as ob:
-            assert wait_for(lambda: [r.state for r in ob.records()] == [AlertState.DELIVERED])
+            assert wait_for(lambda: [r.state for r in ob.records()] == [AlertState.DELIVERED], timeout=15.0)
             alert_id = ob.records()[0].alert_id
         res = cli("alerts", "watch", "--worker", "sam", "--broker", url, "--count", "1", "--timeout-s", "20")
         assert res.returncode == 0 and f"id={alert_id}" in res.stdout and "alice" not in res.stdout
@@ -229,7 +221,7 @@ def test_worker_cli_watch_ack_resolve_round_trip(mosquitto, tmp_path, rr_stream)
         bad = cli("alerts", "resolve", alert_id, "--worker", "sam", "--broker", url, "--outcome", "maybe")
         assert bad.returncode != 0
         with Outbox(state / "stresswatch.sqlite") as ob:
-            assert wait_for(lambda: ob.get(alert_id).state is AlertState.RESOLVED)
+            assert wait_for(lambda: ob.get(alert_id).state is AlertState.RESOLVED, timeout=15.0)
             r = ob.get(alert_id)
             assert (r.acked_by, r.outcome, r.note, r.resolved_by) == ("sam", Outcome.REACHED_OUT, "phoned", "sam")
     finally:
@@ -278,7 +270,7 @@ def test_expired_consent_stops_processing_and_forgets_the_user(mosquitto, tmp_pa
     eng, th = start_engine(settings_for(url, state), url)
     try:
         publish_stream(url, rr_stream("alice", start_s, 1, seed=5))
-        assert wait_for(lambda: retained(mosquitto.port, TOPICS.status("alice"), timeout=0.5) not in (None, b""))
+        assert wait_for(lambda: retained(mosquitto.port, TOPICS.status("alice"), timeout=0.5) not in (None, b""), timeout=15.0)
         # after expiry: status off, no more processing, detector state gone from the saved blob
         assert wait_for(lambda: json.loads(retained(mosquitto.port, TOPICS.status("alice"), timeout=0.5) or b"{}").get("status") == "off", 20)
         with Outbox(state / "stresswatch.sqlite") as ob:
@@ -287,7 +279,7 @@ def test_expired_consent_stops_processing_and_forgets_the_user(mosquitto, tmp_pa
             assert wait_for(lambda: "alice" not in Detector.from_bytes(ob.load_detector()).users, 10)
         before = eng.dropped_batches
         publish_stream(url, rr_stream("alice", start_s + 7200, 1, seed=6))
-        assert wait_for(lambda: eng.dropped_batches > before)
+        assert wait_for(lambda: eng.dropped_batches > before, timeout=15.0)
     finally:
         eng.request_stop()
         th.join(60)
@@ -302,12 +294,12 @@ def test_withdrawal_over_the_consent_topic_stops_alerts_at_once(mosquitto, tmp_p
     eng, th = start_engine(settings_for(url, state), url)
     try:
         publish_stream(url, rr_stream("alice", start_s, 2, seed=7))
-        assert wait_for(lambda: len(sam.received) == 2)
+        assert wait_for(lambda: len(sam.received) == 2, timeout=15.0)
         publish_consent(url, "alice", tmp_path / "alice.sqlite")  # revoke, as `consent revoke --broker`
-        assert wait_for(lambda: consent_status(state, "alice") == "revoked")
+        assert wait_for(lambda: consent_status(state, "alice") == "revoked", timeout=15.0)
         before = eng.dropped_batches
         publish_stream(url, rr_stream("alice", start_s + 3600, 3, seed=8))
-        assert wait_for(lambda: eng.dropped_batches > before)
+        assert wait_for(lambda: eng.dropped_batches > before, timeout=15.0)
         time.sleep(1.0)
         assert len(sam.received) == 2  # nothing after the withdrawal
         assert "alice" not in eng.pipeline.detector.users
