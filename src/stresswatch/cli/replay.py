@@ -133,7 +133,7 @@ def replay(
             markup=False,
         )
     console.print(
-        f"{s['users']} user(s), {s['user_days']:.1f} user-days, {s['windows']:,} windows "
+        f"{s['users']} user(s), {s['user_days']:.3g} user-days, {s['windows']:,} windows "
         f"({', '.join(f'{k} {v}' for k, v in s['windows_by_state'].items())}), "
         f"{s['alerts_raised']} alert(s) raised, {s['alerts_consented']} consented"
     )
