@@ -354,3 +354,26 @@ def test_the_live_check_refuses_a_broker_that_lets_anonymous_clients_in(mosquitt
         check_broker_refuses_anonymous(mosquitto.url, off_loopback_only=False)  # the anonymous test broker
     check_broker_refuses_anonymous(secure_broker.url, off_loopback_only=False)  # the generated one
     check_broker_refuses_anonymous(mosquitto.url)  # loopback: not probed (the demo's case)
+
+
+def test_a_refused_publish_is_an_error_for_the_publisher_not_a_silent_success(secure_broker):
+    """A companion logged in as the wrong account must not believe its consent was sent:
+    the broker's MQTT 5 refusal (PUBACK 0x87) surfaces as TransportError on flush."""
+    from stresswatch.alerts.transport import MqttTransport
+
+    b = secure_broker
+    for attempt in range(3):  # mosquitto 2.0.11 sometimes drops the link after a refusal (see publish())
+        t = MqttTransport(b.url, client_id=f"alice-companion-{time.monotonic_ns()}", username="alice", password=b.passwords["alice"], protocol="5")
+        try:
+            t.publish(f"{P}/consent/alice", b"{}", retain=True)
+            t.flush(5)  # her own topic: accepted
+            t.publish(f"{P}/consent/bob", b"forged")
+            with pytest.raises(TransportError, match="refused 1 publish.*consent/bob"):
+                t.flush(5)
+            break
+        except TransportError as exc:
+            if "did not acknowledge" not in str(exc) or attempt == 2:
+                raise
+        finally:
+            t._client.disconnect()
+            t._client.loop_stop()

@@ -255,7 +255,10 @@ class MqttTransport:
             on_reconnect=self._reconnected,
         )
         self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._topics: dict[int, str] = {}  # mid -> topic of pending publishes, to name a refusal
+        self._refused: dict[int, str] = {}  # mid -> the broker's reason (MQTT 5 PUBACK reason code)
         self._v5 = self._client.protocol == mqtt.MQTTv5
+        self._client.on_publish = self._acknowledged
         if on_connection_lost is not None:
 
             def lost(c: mqtt.Client, userdata: object, flags: object, rc: object = None, props: object = None) -> None:
@@ -267,6 +270,12 @@ class MqttTransport:
     @property
     def connected(self) -> bool:
         return self._client.is_connected()
+
+    def _acknowledged(self, client: mqtt.Client, userdata: object, mid: int, reason: object = None, props: object = None) -> None:
+        # An MQTT 5 broker acknowledges a publish its ACL refused with a failure reason code
+        # (0x87 not authorized); paho still counts it as published, so keep the reason.
+        if getattr(reason, "is_failure", False):
+            self._refused[mid] = str(reason)
 
     def _reconnected(self, client: mqtt.Client, session_present: bool) -> None:
         if self._subscriptions and not session_present:
@@ -295,7 +304,9 @@ class MqttTransport:
             raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}", url=self.url)
         if len(self._pending) >= 10_000:  # a long-running engine: forget what was acknowledged
             self._pending = [i for i in self._pending if not i.is_published()]
+            self._topics = {i.mid: self._topics.get(i.mid, "") for i in self._pending}
         self._pending.append(info)
+        self._topics[info.mid] = topic
         return _PahoReceipt(info)
 
     def flush(self, timeout_s: float = 10.0) -> None:
@@ -308,7 +319,12 @@ class MqttTransport:
                 raise TransportError(f"publish not acknowledged: {exc}", url=self.url) from None
             if not info.is_published():
                 raise TransportError(f"broker did not acknowledge within {timeout_s:g} s", url=self.url)
+        refused = [(self._topics.get(i.mid, "?"), self._refused.pop(i.mid)) for i in self._pending if i.mid in self._refused]
         self._pending.clear()
+        self._topics.clear()
+        if refused:
+            topic, why = refused[0]
+            raise TransportError(f"broker refused {len(refused)} publish(es), first to {topic!r}: {why}", url=self.url)
 
     def close(self) -> None:
         try:
