@@ -393,9 +393,10 @@ class Engine:
             start = getattr(self, "_sweep_at", 0) % len(users)
             chosen = (users[start:] + users[:start])[: self.STATUS_SWEEP]
             self._sweep_at = start + self.STATUS_SWEEP
-        for user in chosen:
-            self._consent_cache.pop(user, None)
-            self._publish_status(user, now)
+        for user in chosen:  # one ledger read each: it refreshes the cache and the status
+            st = self.ledger.state(user)
+            self._consent_cache[user] = replace(st, history=())
+            self._publish_status(user, now, state=st)
 
     def persist(self) -> None:
         now = self.clock()
@@ -518,16 +519,17 @@ class Engine:
             self.transport.publish(self.topics.status(user), b"", qos=1, retain=True)
         return removed
 
-    def user_status(self, user: str, now: datetime) -> str:
-        st = self.ledger.state(user)
+    def user_status(self, user: str, now: datetime, state: ConsentState | None = None) -> str:
+        """``state``: the user's consent state if the caller has just read it."""
+        st = state if state is not None else self.ledger.state(user)
         if not st.allows_processing(now):
             return "off"
         if st.status is Status.PAUSED:
             return "paused"
         return "active" if self.pipeline.detector.baseline_ready(user) else "calibrating"
 
-    def _publish_status(self, user: str, now: datetime, *, force: bool = False) -> None:
-        status = self.user_status(user, now)
+    def _publish_status(self, user: str, now: datetime, *, force: bool = False, state: ConsentState | None = None) -> None:
+        status = self.user_status(user, now, state)
         if not force and self._status.get(user) == status:
             return
         self._status[user] = status
