@@ -13,6 +13,7 @@ cannot read this sandbox's process memory).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from stresswatch.engine import Engine
 class CountingEngine(Engine):
     batches = 0
     samples = 0
+    FLUSH_S = float(os.environ.get("SWLOAD_FLUSH_S", Engine.FLUSH_S))  # experiments only
 
     def _flush_pending(self) -> None:
         """Counts a batch as processed once the detector has had it (not when queued)."""

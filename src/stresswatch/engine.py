@@ -356,7 +356,7 @@ class Engine:
             if job is not None:
                 self._run_job(job)
         self._flush_pending()
-        self.persist()
+        self.persist(wait=True)
         if self.dispatcher is not None and self.transport is not None:
             self.dispatcher.pump()
             self.dispatcher.drain(5.0)
@@ -398,7 +398,11 @@ class Engine:
             self._consent_cache[user] = replace(st, history=())
             self._publish_status(user, now, state=st)
 
-    def persist(self) -> None:
+    def persist(self, *, wait: bool = False) -> None:
+        """Save detector state (and buffered samples). The detector is serialised here, on the
+        engine thread; the SQLite write of the blob (hundreds of MB at 100,000 users, seconds)
+        runs on a writer thread with its own connection unless ``wait``, so ingest does not
+        stall behind it. One save at a time, in order; erasure and shutdown wait for it."""
         now = self.clock()
         # Consent can also end without a message to this engine (expiry; a revocation written
         # into a ledger file it shares): forget those users before saving. From the consent
@@ -406,7 +410,13 @@ class Engine:
         # stalled the engine ~8 s per save at 100,000 users (docs/SCALING.md).
         for user in [u for u in self.pipeline.detector.users if not self._may_process(u, now)]:
             self._forget(user)
-        self.outbox.save_detector(self.pipeline.detector.to_bytes(), now)
+        blob = self.pipeline.detector.to_bytes()
+        self._join_saver()
+        if wait:
+            self.outbox.save_detector(blob, now)
+        else:
+            self._saver = threading.Thread(target=self._save_detector, args=(blob, now), name="detector-save", daemon=True)
+            self._saver.start()
         if self.store is not None and self._samples:
             frames, self._samples = self._samples, []
             self.store.add(pl.concat(frames, how="vertical"))
@@ -415,6 +425,20 @@ class Engine:
         if self.dispatcher is not None:
             n = self.dispatcher.connection_lost()
             log.warning("broker connection lost: %d recently acknowledged alert(s) will be published again", n)
+
+    _saver: threading.Thread | None = None
+
+    def _save_detector(self, blob: bytes, now: datetime) -> None:
+        try:
+            with Outbox(self.db_path) as outbox:
+                outbox.save_detector(blob, now)
+        except StresswatchError as exc:  # the next save tries again; the engine keeps running
+            log.warning("saving detector state: %s", exc)
+
+    def _join_saver(self) -> None:
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
 
     def _announce(self) -> None:
         assert self.transport is not None
@@ -511,6 +535,7 @@ class Engine:
         from .consent.rights import erase_stores
 
         now = self.clock()
+        self._join_saver()  # a save in flight holds the user's state: it must land before erasure
         self._forget(user)
         self._status.pop(user, None)
         self._consent_cache.pop(user, None)
