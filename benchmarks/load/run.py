@@ -53,7 +53,7 @@ from stresswatch.alerts.worker import WorkerClient  # noqa: E402
 from stresswatch.broker import free_port, mosquitto_conf  # noqa: E402
 from stresswatch.config import DetectorSettings, Settings  # noqa: E402
 
-QUICK = dict(users=[300, 3000], window_s=60, batch_s=10.0, boundary_after_s=36.0, duration_s=50.0)
+QUICK = dict(users=[300, 3000], window_s=60, batch_s=10.0, boundary_after_s=45.0, duration_s=58.0)
 # Production detector settings (5-min windows). The first window boundary comes 210 s into the
 # run (so the first window is covered enough to be scored: coverage ~0.56 > 0.5), then one
 # batch interval for every user's deciding batch to arrive.
