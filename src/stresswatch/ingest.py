@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .alerts.topics import Topics
 from .alerts.transport import connect
 from .errors import ParseError, TransportError
-from .model import SAMPLES_SCHEMA, Metric
+from .model import SAMPLES_SCHEMA, Metric, decode_json
 from . import wire
 
 log = logging.getLogger(__name__)
@@ -110,12 +110,7 @@ class IngestBatch(BaseModel):
         byte); anything malformed raises :class:`ParseError` naming the field."""
         if wire.is_binary(payload):
             return cls.from_wire(wire.decode(payload, source=topic))
-        try:
-            return cls.model_validate_json(payload)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field_name = ".".join(str(p) for p in err["loc"]) or None
-            raise ParseError(err["msg"], source=topic, field=field_name) from None
+        return decode_json(cls, payload, source=topic)
 
 
 @dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import ParseError
+from ..model import decode_json
 from .lifecycle import Outcome
 
 
@@ -45,8 +45,4 @@ class AckMessage(BaseModel):
 
     @classmethod
     def decode(cls, payload: bytes, *, topic: str = "acks") -> AckMessage:
-        try:
-            return cls.model_validate_json(payload)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ParseError(err["msg"], source=topic, field=".".join(str(p) for p in err["loc"]) or None) from None
+        return decode_json(cls, payload, source=topic)

@@ -15,9 +15,10 @@ An empty retained payload clears the topic (erasure).
 from __future__ import annotations
 
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from ..errors import ConsentError, ParseError
+from ..model import decode_json
 from .state import Action, ConsentEvent, QuietHours, Visibility
 
 
@@ -71,11 +72,7 @@ def decode_consent(payload: bytes, *, topic_user: str, topic: str = "consent") -
     The user in the payload must be the user of the topic: the broker's ACL lets a user write
     only their own consent topic, and the engine does not take a payload's word over it.
     """
-    try:
-        msg = ConsentMessage.model_validate_json(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ParseError(err["msg"], source=topic, field=".".join(str(p) for p in err["loc"]) or None) from None
+    msg = decode_json(ConsentMessage, payload, source=topic)
     if msg.user != topic_user:
         raise ParseError(f"payload user does not match the topic's user", source=topic, field="user")
     out = []
