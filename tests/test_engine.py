@@ -16,7 +16,7 @@ from stresswatch.alerts.outbox import Outbox
 from stresswatch.alerts.transport import MqttTransport
 from stresswatch.config import AlertSettings, DetectorSettings, EngineSettings, MqttSettings, Settings, StoreSettings
 from stresswatch.consent import ConsentLedger
-from stresswatch.consent.wire import encode_consent
+from stresswatch.wire.consent import encode_consent
 from stresswatch.engine import Engine
 from stresswatch.ingest import IngestBatch
 from stresswatch.store import SampleStore

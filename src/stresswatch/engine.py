@@ -28,13 +28,16 @@ from .config import Settings
 from .consent.gate import GateDecision, Verdict, alert_wire, decide
 from .consent.ledger import ConsentLedger
 from .consent.state import ConsentState, Status
-from .consent.wire import decode_consent
+from .wire.consent import decode_consent
 from .detect import Detector, DetectorOutput
-from .errors import ParseError, StresswatchError
+from .errors import StresswatchError, WireError
 from .ingest import IngestBatch, IngestReceiver
 from .model import SAMPLES_SCHEMA, WINDOW_SCHEMA, AlertDecision
 from .sources import Source
+from .private_files import DIR_MODE, private_dir, tighten
 from .store import SampleStore
+from .wire.ids import is_valid_id
+from .wire.rejections import Rejections
 
 Clock = Callable[[], datetime]
 
@@ -233,6 +236,8 @@ class Engine:
         self._pending: list[IngestBatch] = []  # consented batches not yet given to the detector
         self._pending_samples = 0
         self.dropped_batches = 0  # from users whose consent does not allow processing
+        # every message refused at the wire boundary, by (kind, reason); one log line per reason a minute
+        self.rejections = Rejections(log)
         self.transport: MqttTransport | None = None
         self.receiver: IngestReceiver | None = None
         self.dispatcher: Dispatcher | None = None
@@ -243,6 +248,8 @@ class Engine:
     def start(self) -> Engine:
         """Open the stores, restore the detector, connect and subscribe. Call :meth:`run` from
         the same thread: the SQLite connections belong to it."""
+        private_dir(self.state_dir)
+        tighten(self.state_dir, DIR_MODE)  # heart data and consent histories: this account only
         self.ledger = ConsentLedger(self.db_path)
         self.outbox = Outbox(self.db_path)
         blob = self.outbox.load_detector()
@@ -287,6 +294,9 @@ class Engine:
             password=m.password,
             protocol=self.protocol,
             client_id=private_client_id(f"{m.client_id}-ingest", m.password),
+            clock=self.clock,
+            window=self.settings.engine.time_window(),
+            rejections=self.rejections,
         )
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -366,6 +376,7 @@ class Engine:
             except StresswatchError as exc:
                 log.warning("closing: %s", exc)
             self.transport = None
+        self.rejections.flush()
         self.outbox.close()
         self.ledger.close()
 
@@ -504,13 +515,16 @@ class Engine:
             self._queue.put(lambda: self._on_ack(who, payload, topic))
 
     def _on_consent(self, user: str, payload: bytes, topic: str) -> None:
+        if not is_valid_id(user):
+            self.rejections.record("consent", "bad_id", field_name="topic")
+            return
         if not payload:  # an empty retained message: the user erased their data
             self.erase_user(user)
             return
         try:
-            events = decode_consent(payload, topic_user=user, topic=topic)
-        except ParseError as exc:
-            log.warning("ignored consent message: %s", exc)
+            events = decode_consent(payload, topic_user=user, topic=topic, now=self.clock(), window=self.settings.engine.time_window())
+        except WireError as exc:
+            self.rejections.record("consent", exc, user=user)
             return
         self._consent_cache.pop(user, None)
         if self.ledger.extend(events):
@@ -521,10 +535,15 @@ class Engine:
 
     def _on_ack(self, worker: str, payload: bytes, topic: str) -> None:
         assert self.dispatcher is not None
+        if not is_valid_id(worker):
+            self.rejections.record("ack", "bad_id", field_name="topic")
+            return
         try:
             self.dispatcher.on_ack(worker, payload, topic=topic)
-        except (ParseError, LifecycleError) as exc:
-            log.warning("ignored ack from %s: %s", worker, exc)
+        except WireError as exc:
+            self.rejections.record("ack", exc, user=worker)
+        except LifecycleError:  # a valid message that does not apply (unknown alert, not theirs)
+            self.rejections.record("ack", "not_applicable", user=worker, field_name="alert_id")
 
     def _forget(self, user: str) -> None:
         self._pending = [b for b in self._pending if b.user != user]

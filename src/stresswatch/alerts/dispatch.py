@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
 from ..model import Alert, AlertDecision
-from .acks import AckAction, AckMessage
+from ..wire.acks import AckAction, AckMessage
 from .lifecycle import (
     Acknowledged,
     AlertRecord,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from ..errors import StresswatchError
+from ..wire.acks import Outcome
 
 
 class LifecycleError(StresswatchError):
@@ -39,12 +40,6 @@ class AlertState(str, enum.Enum):
 
 
 OPEN_STATES = (AlertState.RAISED, AlertState.DELIVERED, AlertState.ESCALATED)
-
-
-class Outcome(str, enum.Enum):
-    REACHED_OUT = "reached_out"
-    NO_ANSWER = "no_answer"
-    NOT_NEEDED = "not_needed"
 
 
 @dataclass(frozen=True)

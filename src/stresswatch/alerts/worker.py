@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from ..broker import private_client_id
 from ..errors import StorageError, TransportError
 from ..model import Alert
-from .acks import AckAction, AckMessage
+from ..wire.acks import AckAction, AckMessage
 from .lifecycle import Outcome
 from .topics import Topics
 from .transport import connect

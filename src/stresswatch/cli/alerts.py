@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..alerts.acks import AckAction, AckMessage
+from ..wire.acks import AckAction, AckMessage
 from ..alerts.lifecycle import Outcome
 from ..alerts.topics import Topics, check_id
 from ..alerts.worker import WorkerClient, send_ack
