@@ -18,8 +18,9 @@ from pathlib import Path
 
 import polars as pl
 
+from .alerts import checkin, replies
 from .alerts.dispatch import Dispatcher
-from .alerts.lifecycle import EscalationPolicy, LifecycleError
+from .alerts.lifecycle import EscalationPolicy
 from .alerts.outbox import Outbox
 from .alerts.topics import Topics
 from .alerts.transport import MqttTransport, Transport
@@ -272,13 +273,13 @@ class Engine:
             clock=self.clock,
             topics=self.topics,
             groups=self.settings.groups,
-            policy=EscalationPolicy(a.escalate_after_s, a.renotify_after_s, a.max_reminders, a.cooldown_s),
+            policy=EscalationPolicy(a.escalate_after_s, a.renotify_after_s, a.max_reminders, a.cooldown_s, a.checkin_cooldown_s),
             alert_expiry_s=m.alert_expiry_s,
             resend_after_s=a.resend_after_s,
         )
         self.pipeline._sink = self.dispatcher.raise_alert
         self.pipeline._sink_many = self.dispatcher.raise_alerts
-        self.transport.subscribe([f"{self.topics.prefix}/consent/+", f"{self.topics.prefix}/acks/+"])
+        self.transport.subscribe([f"{self.topics.prefix}/{t}/+" for t in ("consent", "acks", "checkin")])
         self.receiver = IngestReceiver(
             self.url,
             lambda batch: self._queue.put(_BatchJob(self, batch)),
@@ -502,6 +503,8 @@ class Engine:
             self._queue.put(lambda: self._on_consent(who, payload, topic))
         elif head == f"{self.topics.prefix}/acks":
             self._queue.put(lambda: self._on_ack(who, payload, topic))
+        elif head == f"{self.topics.prefix}/checkin":
+            self._queue.put(lambda: self._on_checkin(who, payload, topic))
 
     def _on_consent(self, user: str, payload: bytes, topic: str) -> None:
         if not payload:  # an empty retained message: the user erased their data
@@ -520,11 +523,22 @@ class Engine:
             self._publish_status(user, now)
 
     def _on_ack(self, worker: str, payload: bytes, topic: str) -> None:
+        """An ack, resolve or list request: act, then tell the worker what was recorded."""
+        assert self.dispatcher is not None and self.transport is not None
+        reply = replies.answer(self.dispatcher, worker, payload, topic=topic)
+        if not reply.ok:
+            log.warning("ack from %s: %s", worker, reply.error)
+        self.transport.publish(self.topics.replies(worker), reply.encode(), qos=1, expiry_s=replies.REPLY_EXPIRY_S)
+
+    def _on_checkin(self, user: str, payload: bytes, topic: str) -> None:
+        """The person asked for contact: the same dispatcher (and consent gate) as a detector alert."""
         assert self.dispatcher is not None
         try:
-            self.dispatcher.on_ack(worker, payload, topic=topic)
-        except (ParseError, LifecycleError) as exc:
-            log.warning("ignored ack from %s: %s", worker, exc)
+            decision = checkin.decision_for(user, payload, now=self.clock(), topic=topic)
+        except ParseError as exc:
+            log.warning("ignored check-in: %s", exc)
+            return
+        self.dispatcher.raise_alerts([decision])
 
     def _forget(self, user: str) -> None:
         self._pending = [b for b in self._pending if b.user != user]
