@@ -85,3 +85,26 @@ def test_signing_out_ends_the_session(world):
     c, r = sign_in(base, "sam", b.passwords["sam"])
     assert c.delete("/api/session", headers={"X-CSRF-Token": r.json()["csrf"]}).status_code == 200
     assert c.get("/api/alerts").status_code == 401
+
+
+def test_over_tls_the_session_cookie_is_secure(secure_broker, tmp_path):
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "web.crt", tmp_path / "web.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    b = secure_broker
+    with serving(b.url, tmp_path / "web", tls=(cert, key)) as base:
+        assert base.startswith("https://")
+        c = httpx.Client(base_url=base, timeout=15, verify=ssl.create_default_context(cafile=str(cert)))
+        r = c.post("/api/session", json={"worker": "sam", "password": b.passwords["sam"]})
+        assert r.status_code == 200
+        assert "secure" in r.headers["set-cookie"].lower() and "max-age" in r.headers["strict-transport-security"]
+        assert c.get("/api/session").json()["worker"] == "sam"  # the browser sends a Secure cookie back over HTTPS
+        # a cross-site page cannot act with it: the Origin must be this app's https origin
+        r2 = c.delete("/api/session", headers={"X-CSRF-Token": r.json()["csrf"], "Origin": base.replace("https", "http")})
+        assert r2.status_code == 403
