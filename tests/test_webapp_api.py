@@ -36,13 +36,15 @@ def world(secure_broker, tmp_path):
 
 
 def test_sign_in_is_the_broker_account_and_a_wrong_password_says_so(world):
-    b, _, base, _ = world
-    _, r = sign_in(base, "sam", "not-the-password")
-    assert r.status_code == 401 and "Wrong worker id or password" in r.json()["error"]
-    _, r = sign_in(base, "nobody", "x")
-    assert r.status_code == 401
+    b, _, base, alert_id = world
     c, r = sign_in(base, "sam", b.passwords["sam"])
     assert r.status_code == 200 and r.json()["worker"] == "sam"
+    _, wrong = sign_in(base, "sam", "not-the-password")
+    assert wrong.status_code == 401 and "Wrong worker id or password" in wrong.json()["error"]
+    _, wrong = sign_in(base, "nobody", "x")
+    assert wrong.status_code == 401
+    # the failed attempts did not end sam's own session
+    assert [a["alert_id"] for a in c.get("/api/alerts").json()["alerts"]] == [alert_id]
     cookie = r.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie  # plain HTTP on loopback
     assert "default-src 'self'" in r.headers["content-security-policy"]
@@ -108,3 +110,12 @@ def test_over_tls_the_session_cookie_is_secure(secure_broker, tmp_path):
         # a cross-site page cannot act with it: the Origin must be this app's https origin
         r2 = c.delete("/api/session", headers={"X-CSRF-Token": r.json()["csrf"], "Origin": base.replace("https", "http")})
         assert r2.status_code == 403
+
+
+def test_without_the_web_extra_the_command_names_it(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['uvicorn'] = None; from stresswatch.cli import main; sys.exit(main(['worker-app', '--broker', 'mqtt://127.0.0.1:1']))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "pip install 'stresswatch[web]'" in r.stderr and "Traceback" not in r.stderr

@@ -159,7 +159,13 @@ def test_checkin_from_the_companion_reaches_the_app_after_waiting_offline(secure
     b = secure_broker
     with running_engine(engine_settings(b, tmp_path / "engine")), serving(b.url, tmp_path / "web") as base:
         publish_consent(b, "alice", ["sam"], tmp_path, name="Robin")
-        sam = signed_in(browser, base, "sam", b.passwords["sam"])
+        sam = signed_in(browser, base, "sam", b.passwords["sam"], permissions=["notifications"])
+        # count the notifications the page raises (the browser's own would need a desktop)
+        sam.evaluate("""() => { window.__shown = []; const N = window.Notification;
+            window.Notification = class extends N { constructor(t, o) { super(t, o); window.__shown.push(t); } };
+            window.Notification.requestPermission = () => N.requestPermission(); }""")
+        sam.get_by_role("button", name="Allow notifications and sound").click()
+        sam.get_by_text("Notifications and sound on").wait_for(timeout=T)
         creds = ["--set", "mqtt.username=alice", "--set", f"mqtt.password={b.passwords['alice']}"]
         q = ["--queue-file", str(tmp_path / "alice-q.sqlite")]
         # offline: the check-in is kept on disk, nothing is lost
@@ -171,3 +177,4 @@ def test_checkin_from_the_companion_reaches_the_app_after_waiting_offline(secure
         assert main([*creds, "checkin", "--user", "alice", "--send-queued", "--broker", b.url, *q]) == 0  # nothing left: sent once
         time.sleep(1.0)
         assert cards(sam, "Robin").count() == 1
+        assert sam.evaluate("window.__shown") == ["Reach out to Robin"]  # one notification, for the one alert

@@ -96,9 +96,10 @@ class Sessions:
                 self.settings.broker_url, worker, password, self.settings.state_dir, self.settings.topics,
                 self.settings.protocol, on_signed_out=self._signed_out,
             )  # fmt: skip
+            fresh.connect()  # first: a wrong password must not end the worker's live session
             if bridge is not None:
-                bridge.close()  # the same MQTT session id may belong to one connection only
-            bridge = fresh.connect()
+                bridge.close()
+            bridge = fresh
             with self._lock:
                 self._bridges[worker] = bridge
         token = secrets.token_urlsafe(32)
