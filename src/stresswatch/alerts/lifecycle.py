@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from ..errors import StresswatchError
-from ..wire.acks import Outcome
 
 
 class LifecycleError(StresswatchError):
@@ -40,6 +39,12 @@ class AlertState(str, enum.Enum):
 
 
 OPEN_STATES = (AlertState.RAISED, AlertState.DELIVERED, AlertState.ESCALATED)
+
+
+class Outcome(str, enum.Enum):
+    REACHED_OUT = "reached_out"
+    NO_ANSWER = "no_answer"
+    NOT_NEEDED = "not_needed"
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,7 @@ class EscalationPolicy:
     renotify_after_s: int = 900  # after the last step: remind everyone notified, this often
     max_reminders: int = 2
     cooldown_s: int = 1800  # wall clock between two alerts sent about the same user
+    checkin_cooldown_s: int = 300  # the same, between two check-ins (`stresswatch checkin`) of one person
 
 
 @dataclass(frozen=True)

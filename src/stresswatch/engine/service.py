@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from ..alerts import checkin, replies
 from ..alerts.dispatch import Dispatcher
-from ..alerts.lifecycle import LifecycleError
 from ..alerts.outbox import Outbox
 from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
@@ -28,11 +28,12 @@ from ..clock import Clock, utc_now
 from ..config import Settings
 from ..consent.ledger import ConsentLedger
 from ..detect import Detector
-from ..errors import StresswatchError, WireError
+from ..errors import ParseError, StresswatchError, WireError
 from ..ingest import IngestBatch, IngestReceiver
 from ..pipeline import Pipeline
 from ..private_files import DIR_MODE, private_dir, tighten
 from ..store import SampleStore
+from ..wire.acks import AckMessage
 from ..wire.consent import decode_consent
 from ..wire.ids import is_valid_id
 from ..wire.rejections import Rejections
@@ -97,7 +98,7 @@ class Engine:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._flushed_at = 0.0
-        self._handlers: dict[str, Handler] = {"consent": self._on_consent, "acks": self._on_ack}
+        self._handlers: dict[str, Handler] = {"consent": self._on_consent, "acks": self._on_ack, "checkin": self._on_checkin}
         self.batches_processed = 0
         self.samples_processed = 0
         self.dropped_batches = 0
@@ -348,13 +349,28 @@ class Engine:
             self.status.update(user, now)
 
     def _on_ack(self, worker: str, payload: bytes, topic: str) -> None:
+        """An ack, resolve or list request: act, then tell the worker what was recorded. What is
+        not recorded is counted (one log line per reason a minute), not logged per message."""
+        assert self.dispatcher is not None and self.transport is not None
+        reply = replies.answer(self.dispatcher, worker, payload, topic=topic)
+        if not reply.ok:
+            try:
+                AckMessage.decode(payload, topic=topic)
+            except WireError as exc:
+                self.rejections.record("ack", exc, user=worker)
+            else:  # a valid message that does not apply (unknown alert, not theirs, wrong state)
+                self.rejections.record("ack", "not_applicable", user=worker, field_name="alert_id")
+        self.transport.publish(self.topics.replies(worker), reply.encode(), qos=1, expiry_s=replies.REPLY_EXPIRY_S)
+
+    def _on_checkin(self, user: str, payload: bytes, topic: str) -> None:
+        """The person asked for contact: the same dispatcher (and consent gate) as a detector alert."""
         assert self.dispatcher is not None
         try:
-            self.dispatcher.on_ack(worker, payload, topic=topic)
-        except WireError as exc:
-            self.rejections.record("ack", exc, user=worker)
-        except LifecycleError:  # a valid message that does not apply (unknown alert, not theirs)
-            self.rejections.record("ack", "not_applicable", user=worker, field_name="alert_id")
+            decision = checkin.decision_for(user, payload, now=self.clock(), topic=topic)
+        except ParseError as exc:
+            self.rejections.record("checkin", exc, user=user)
+            return
+        self.dispatcher.raise_alerts([decision])
 
     def _forget(self, user: str) -> None:
         self.buffer.drop_user(user)

@@ -15,14 +15,16 @@ module             message
 ``binary``         the compact binary sample batch (``FF 53 57``)
 ``ingest``         ``{prefix}/ingest/{user}``: ``IngestBatch``, ``decode_ingest`` (JSON or binary)
 ``consent``        ``{prefix}/consent/{user}``: ``encode_consent``, ``decode_consent``
-``acks``           ``{prefix}/acks/{worker}``: ``AckMessage``
+``acks``           ``{prefix}/acks/{worker}``: ``AckMessage`` (ack, resolve, list)
+``checkin``        ``{prefix}/checkin/{user}``: ``CheckinMessage``, ``decode_checkin``
 ``rejections``     counting refused messages, one rate-limited log line per reason
 =================  ===========================================================================
 
-A new message (the person's own check-in, ``{prefix}/checkin/{user}``) gets its own module
-here: its pydantic model with the same checks (ids through :func:`.ids.validate_id`, times
-through :mod:`.limits`, ``decode_json(..., max_bytes=...)``) and a line in the table above;
-the engine counts its refusals under its own kind in :class:`.rejections.Rejections`.
+A new message gets its own module here: its pydantic model with the same checks (ids
+through :mod:`.ids`, times through :mod:`.limits`, ``decode_json(..., max_bytes=...)``,
+refusals through :func:`.json.refuse` with a reason code and no value in the message), a line
+in the table above and in ``MAX_PAYLOAD_BYTES`` if it can be the largest; the engine counts
+its refusals under its own kind in :class:`.rejections.Rejections`.
 
 This package's ``__init__`` imports nothing, so the low layers (``alerts.topics``,
 ``consent.ledger``) can use :mod:`.ids` without pulling in the decoders.

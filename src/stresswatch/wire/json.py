@@ -8,6 +8,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from ..errors import WireError
+from .limits import MAX_PAYLOAD_BYTES
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -28,7 +29,7 @@ def refuse(reason: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(reason, message)
 
 
-def decode_json(model: type[M], payload: bytes, *, source: str, max_bytes: int, context: dict | None = None) -> M:
+def decode_json(model: type[M], payload: bytes, *, source: str, max_bytes: int = MAX_PAYLOAD_BYTES, context: dict | None = None) -> M:
     """A wire message (JSON) as ``model``; anything malformed or out of range is one
     :class:`WireError` naming the first offending field. Never a value from the payload in the
     message: pydantic's messages describe the expectation, not the input."""

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import WireError
+from ..errors import ParseError, WireError
 from .ids import is_valid_id
 
 
@@ -38,11 +38,13 @@ class Rejections:
     _windows: dict[tuple[str, str], _Window] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, kind: str, error: WireError | str, *, user: str | None = None, field_name: str | None = None) -> None:
-        """Count one refused ``kind`` message (``ingest``, ``consent``, ``ack``...); ``error``
-        is the decoder's :class:`WireError` or a reason code with ``field_name``."""
-        if isinstance(error, WireError):
-            reason, fld, rule = error.reason, error.field, error.message
+    def record(self, kind: str, error: ParseError | str, *, user: str | None = None, field_name: str | None = None) -> None:
+        """Count one refused ``kind`` message (``ingest``, ``consent``, ``ack``, ``checkin``...);
+        ``error`` is the decoder's :class:`WireError` (another ``ParseError`` counts as
+        ``malformed``) or a reason code with ``field_name``."""
+        if isinstance(error, ParseError):
+            reason = error.reason if isinstance(error, WireError) else "malformed"
+            fld, rule = error.field, error.message
         else:
             reason, fld, rule = error, field_name, None
         key = (kind, reason)
