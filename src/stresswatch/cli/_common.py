@@ -34,3 +34,21 @@ class AppContext:
 
 
 pass_app = click.make_pass_decorator(AppContext)
+
+
+def id_option(kind: str):  # noqa: ANN201 - a click callback
+    """A click callback that checks an option's id(s) with :func:`stresswatch.ids.validate_id`
+    before the command runs (``None`` passes: the option was not given)."""
+    from ..ids import InvalidIdError, validate_id
+
+    def check(ctx: click.Context, param: click.Parameter, value: object) -> object:
+        if value is None:
+            return None
+        try:
+            if isinstance(value, tuple):
+                return tuple(validate_id(kind, v) for v in value)
+            return validate_id(kind, value)  # type: ignore[arg-type]
+        except InvalidIdError as exc:
+            raise InvalidIdError(exc.message, field=param.opts[0] if param.opts else param.name) from None
+
+    return check

@@ -13,7 +13,7 @@ from ..alerts.topics import Topics, check_id
 from ..alerts.worker import WorkerClient, send_ack
 from ..errors import ConfigError
 from ..model import Alert
-from ._common import AppContext, console, console_err, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app
 
 EPILOG = """
 \b
@@ -25,7 +25,7 @@ Examples:
 """
 
 _broker = click.option("--broker", metavar="URL", help="mqtt://HOST:PORT (default: mqtt.url from settings).")
-_worker = click.option("--worker", required=True, help="Your worker id: you receive and act only on alerts meant for you.")
+_worker = click.option("--worker", required=True, callback=id_option("worker"), help="Your worker id: you receive and act only on alerts meant for you.")
 
 
 def _url(app: AppContext, broker: str | None) -> str:

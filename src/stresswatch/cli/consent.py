@@ -12,14 +12,14 @@ from datetime import datetime, time, timedelta, timezone
 import click
 from rich.table import Table
 
-from ..alerts.topics import Topics, check_id
+from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
 from ..consent.ledger import ConsentLedger
 from ..consent.state import CONSENT_TEXT, CONSENT_TEXT_VERSION, ConsentState, QuietHours, Visibility
 from ..consent.wire import encode_consent
 from ..engine import utc_now
 from ..errors import ConsentError
-from ._common import AppContext, console, console_err, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app
 
 EPILOG = """
 \b
@@ -93,8 +93,8 @@ def consent() -> None:
 
 
 @consent.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Your user id.")
-@click.option("--to", "recipients", multiple=True, required=True, help="A worker or group who may be alerted, in the order to try them (repeat for more).")
+@click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
+@click.option("--to", "recipients", multiple=True, required=True, callback=id_option("worker or group"), help="A worker or group who may be alerted, in the order to try them (repeat for more).")
 @click.option("--show", type=click.Choice(list(_SHOW)), default="reach-out", show_default=True, help="What they may see (the score only if you choose it).")
 @click.option("--as", "display_name", help="The name they see (default: a pseudonym).")
 @click.option("--quiet", metavar="HH:MM-HH:MM", help="No alerts during these hours (your time zone); they wait until the end.")
@@ -116,9 +116,6 @@ def grant(
     broker: str | None,
 ) -> None:
     """Allow alerts about you to reach the workers or groups you name."""
-    check_id("user", user)
-    for r in recipients:
-        check_id("worker", r)
     now = utc_now()
     quiet_hours = QuietHours.parse(quiet, tz) if quiet else None
     expires_at = _until(until, now)
@@ -138,11 +135,10 @@ def grant(
 
 
 def _simple(verb: str, doc: str) -> click.Command:
-    @click.option("--user", required=True, help="Your user id.")
+    @click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
     @_broker_option
     @pass_app
     def command(app: AppContext, user: str, broker: str | None) -> None:
-        check_id("user", user)
         with _ledger(app) as ledger:
             _print_state(getattr(ledger, verb)(user, now=utc_now()))
             _publish(app, ledger, user, broker)
@@ -157,7 +153,7 @@ _simple("revoke", "Withdraw consent: no alert about you is sent from now on, and
 
 
 @consent.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Your user id.")
+@click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
 @pass_app
 def show(app: AppContext, user: str) -> None:
     """Your current consent."""
@@ -166,7 +162,7 @@ def show(app: AppContext, user: str) -> None:
 
 
 @consent.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Your user id.")
+@click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
 @pass_app
 def history(app: AppContext, user: str) -> None:
     """Every consent change you made, oldest first."""

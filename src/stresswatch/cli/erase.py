@@ -11,7 +11,7 @@ from ..consent.ledger import ConsentLedger
 from ..consent.rights import erase_stores
 from ..engine import utc_now
 from ..store import SampleStore
-from ._common import AppContext, console, console_err, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app
 
 EPILOG = """
 \b
@@ -22,7 +22,7 @@ Examples:
 
 
 @click.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Whose data to erase.")
+@click.option("--user", required=True, callback=id_option("user"), help="Whose data to erase.")
 @click.option("--broker", metavar="URL", help="Also clear the user's retained topics here (default: mqtt.url).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_app

@@ -25,7 +25,7 @@ from ..importing import ImportReport
 from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
 from ..sources import Source, SourceRegistry
 from ..store import AddResult, SampleStore, StagedAdd
-from ._common import AppContext, console, console_err, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app
 
 EPILOG = """
 \b
@@ -140,7 +140,7 @@ def _print_report(report: ImportReport | None, result: AddResult, *, where: str)
 @click.command("import", epilog=EPILOG)
 @click.argument("kind")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--user", required=True, help="Whose samples these are (stored and sent under this id).")
+@click.option("--user", required=True, callback=id_option("user"), help="Whose samples these are (stored and sent under this id).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store root to import into (default: the state dir).")
 @click.option("--publish", is_flag=True, help="Send the samples to the engine over MQTT (mqtt.url) instead of storing them.")
 @click.option("--tz", help="Time zone of exports whose times carry none (Fitbit, naive CSV), e.g. Europe/Berlin. Default UTC.")
@@ -170,12 +170,6 @@ def import_(
     """
     if out is not None and publish:
         raise click.UsageError("--out and --publish exclude each other")
-    from ..alerts.topics import check_id
-
-    try:
-        check_id("user", user)
-    except ValueError as exc:
-        raise ConfigError(str(exc), source="--user") from None
     registry = SourceRegistry.discover()
     if kind not in registry.factories:
         raise ParseError(f"unknown kind {kind!r} (known: {', '.join(registry.kinds)})", source=path)
