@@ -44,9 +44,24 @@ def _ledger(app: AppContext) -> ConsentLedger:
     return ConsentLedger(app.settings.store.db_path)
 
 
-def _print_state(st: ConsentState) -> None:
-    if st.status.value == "none":
+def _print_state(st: ConsentState, now: datetime | None = None) -> None:
+    """One line: who is alerted now, and only that (a revoked consent names no recipient)."""
+    now = now or utc_now()
+    status = st.status.value
+    if status == "none":
         console.print(f"{st.user}: no consent recorded; no one is alerted")
+        return
+    if status == "revoked":
+        console.print(
+            f"{st.user}: [bold]revoked[/] since {st.since:%Y-%m-%d %H:%M} UTC; no one is alerted and the engine does not "
+            f"process your heart data (to be alerted again: stresswatch consent grant --user {st.user} --to WORKER)"
+        )
+        return
+    if st.expired(now):
+        console.print(
+            f"{st.user}: [bold]expired[/] at {st.expires_at:%Y-%m-%d %H:%M} UTC; no one is alerted "
+            f"(to be alerted again: stresswatch consent grant --user {st.user} --to WORKER)"
+        )
         return
     to = ", ".join(st.recipients) or "no one"
     extra = ""
@@ -54,10 +69,11 @@ def _print_state(st: ConsentState) -> None:
         extra += f"; quiet hours {st.quiet_hours}"
     if st.expires_at:
         extra += f"; until {st.expires_at:%Y-%m-%d %H:%M} UTC"
-    console.print(
-        f"{st.user}: [bold]{st.status.value}[/] since {st.since:%Y-%m-%d %H:%M} UTC; alerts go to {to}, "
-        f"shown as {st.display_name}, who see {st.visibility.value}{extra} (consent text v{st.text_version})"
-    )
+    choice = f"shown as {st.display_name}, who see {st.visibility.value}{extra} (consent text v{st.text_version})"
+    if status == "paused":
+        console.print(f"{st.user}: [bold]paused[/] since {st.since:%Y-%m-%d %H:%M} UTC; no one is alerted until you resume, then {to}, {choice}")
+        return
+    console.print(f"{st.user}: [bold]active[/] since {st.since:%Y-%m-%d %H:%M} UTC; alerts go to {to}, {choice}")
 
 
 def _publish(app: AppContext, ledger: ConsentLedger, user: str, broker: str | None) -> None:
@@ -119,6 +135,8 @@ def grant(
     now = utc_now()
     quiet_hours = QuietHours.parse(quiet, tz) if quiet else None
     expires_at = _until(until, now)
+    if expires_at is not None and expires_at <= now:  # before the consent text is shown
+        raise ConsentError(f"--until {until}: that is in the past ({expires_at:%Y-%m-%d %H:%M} UTC); consent must end in the future")
     groups = app.settings.groups
     for r in recipients:
         if r in groups:
