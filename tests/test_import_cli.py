@@ -124,3 +124,27 @@ def test_publish_sends_ingest_batches_that_rebuild_the_samples_and_resend_identi
     assert frame.height == exp.height
     assert not (tmp_path / "samples").exists()
     assert json.loads(received[0][1])["user"] == "carol"
+
+
+def _row(out: str, name: str) -> list[str]:
+    """The cells of the summary row whose first cell is ``name`` (rich box table)."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if cells and cells[0] == name:
+            return cells[1:]
+    raise AssertionError(f"no row {name!r} in\n{out}")
+
+
+def test_summary_shows_read_kept_rejected_new_and_already_stored_per_metric(tmp_path: Path):
+    args = ("import", "fitbit", str(FIXTURES / "fitbit" / "export"), "--user", "bob", "--out", str(tmp_path), "--tz", "Europe/Berlin")
+    code, out, _ = run(*args)
+    assert code == 0
+    assert _row(out, "hr_bpm") == ["12", "6", "6", "6", "0"]  # read, kept, rejected, new, already stored
+    assert _row(out, "rmssd summary") == ["3", "0", "3", "0", "0"]
+    assert _row(out, "all") == ["15", "6", "9", "6", "0"]
+    code, out, _ = run(*args)
+    assert _row(out, "hr_bpm") == ["12", "6", "6", "0", "6"]
+    # a samples file has no adapter report: read and kept still shown, per metric
+    code, out, _ = run("import", "samples", str(FIXTURES / "demo_cohort.parquet"), "--user", "alice", "--out", str(tmp_path / "s"))
+    assert code == 0
+    assert _row(out, "steps") == ["30", "30", "0", "30", "0"]

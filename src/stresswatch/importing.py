@@ -39,7 +39,8 @@ RR_MAX_MS = 3000.0  # 20 bpm: anything longer spans a gap, not one interval
 
 @dataclass
 class ImportReport:
-    """Rows read, kept and rejected (per reason) by one import, plus progress in bytes."""
+    """Rows read, kept and rejected (per reason, and per metric where the adapter knows it)
+    by one import, plus progress in bytes."""
 
     read: int = 0
     kept: int = 0
@@ -47,10 +48,15 @@ class ImportReport:
     bytes_total: int = 0
     bytes_done: int = 0
     files: list[str] = field(default_factory=list)
+    kept_by_metric: Counter[str] = field(default_factory=Counter)
+    rejected_by_metric: Counter[str] = field(default_factory=Counter)
 
-    def reject(self, reason: str, n: int = 1) -> None:
+    def reject(self, reason: str, n: int = 1, *, metric: str | None = None) -> None:
+        """Count ``n`` rows rejected for ``reason``; ``metric`` when the rows had a known one."""
         if n:
             self.rejected[reason] += n
+            if metric is not None:
+                self.rejected_by_metric[metric] += n
 
     @property
     def n_rejected(self) -> int:
@@ -144,8 +150,8 @@ def plausible(frame: pl.DataFrame, report: ImportReport, *, label: str) -> pl.Da
     bad_hr = hr & (~finite | (pl.col("value") < HR_MIN_BPM) | (pl.col("value") > HR_MAX_BPM))
     bad_rr = rr & (~finite | (pl.col("value") < RR_MIN_MS) | (pl.col("value") > RR_MAX_MS))
     counts = frame.select(bad_hr.sum().alias("hr"), bad_rr.sum().alias("rr")).row(0)
-    report.reject(f"{label}: heart rate outside {HR_MIN_BPM:g}-{HR_MAX_BPM:g} bpm", int(counts[0]))
-    report.reject(f"{label}: RR interval outside {RR_MIN_MS:g}-{RR_MAX_MS:g} ms", int(counts[1]))
+    report.reject(f"{label}: heart rate outside {HR_MIN_BPM:g}-{HR_MAX_BPM:g} bpm", int(counts[0]), metric="hr_bpm")
+    report.reject(f"{label}: RR interval outside {RR_MIN_MS:g}-{RR_MAX_MS:g} ms", int(counts[1]), metric="rr_ms")
     if counts[0] or counts[1]:
         frame = frame.filter(~(bad_hr | bad_rr))
     return frame
@@ -189,6 +195,7 @@ class ExportSource:
             for frame in self.parse(inp):
                 self.report.kept += frame.height
                 if frame.height:
+                    self.report.kept_by_metric.update(dict(frame.get_column("metric").value_counts().iter_rows()))
                     yield frame
             done += inp.size
             self.report.bytes_done = done

@@ -44,6 +44,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ class AddResult:
     read: int
     added: int
     duplicates: int
+    read_by_metric: dict[str, int] = field(default_factory=dict)
+    added_by_metric: dict[str, int] = field(default_factory=dict)
 
 
 def _user_dir_name(user: str) -> str:
@@ -221,6 +224,7 @@ class StagedAdd:
 
     store: SampleStore
     read: int = 0
+    read_by_metric: Counter[str] = field(default_factory=Counter)
     _dir: Path | None = None
     _n: int = 0
     _done: bool = False
@@ -249,6 +253,7 @@ class StagedAdd:
             return
         frame = validate_samples(frame, source="samples to store")
         self.read += frame.height
+        self.read_by_metric.update(dict(frame.get_column("metric").value_counts().iter_rows()))
         staging = self._staging()
         for (user, month), part in frame.with_columns(_month_key(frame)).group_by("user", "_month"):
             path = staging / f"{self._n:06d}.parquet"
@@ -265,6 +270,7 @@ class StagedAdd:
             raise StorageError("this staged add is already committed or aborted")
         store = self.store
         added = 0
+        added_by_metric: Counter[str] = Counter()
         moves: list[tuple[str, str]] = []
         deletes: list[str] = []
         try:
@@ -290,6 +296,7 @@ class StagedAdd:
                     if new.height == 0:
                         continue  # nothing new: no file is touched
                     added += new.height
+                    added_by_metric.update(dict(new.get_column("metric").value_counts().iter_rows()))
                     pdir.mkdir(parents=True, exist_ok=True)
                     small = [p for p in stored if pq.ParquetFile(p).metadata.num_rows < SMALL_PART_ROWS]
                     if new.height < SMALL_PART_ROWS and len(small) + 1 >= COMPACT_PARTS:
@@ -321,7 +328,7 @@ class StagedAdd:
             for tmp, _ in moves:  # written but never renamed: the old files stay as they were
                 Path(tmp).unlink(missing_ok=True)
             self.abort()
-        return AddResult(read=self.read, added=added, duplicates=self.read - added)
+        return AddResult(self.read, added, self.read - added, dict(self.read_by_metric), dict(added_by_metric))
 
     def abort(self) -> None:
         """Discard whatever was staged (idempotent)."""

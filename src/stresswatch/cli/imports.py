@@ -118,15 +118,25 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
 
 
 def _print_report(report: ImportReport | None, result: AddResult, *, where: str) -> None:
+    """Per metric: rows read, kept, rejected, and of the kept ones new and already stored."""
     table = Table(title=f"import into {where}", show_header=True, header_style="bold")
-    table.add_column("rows")
-    table.add_column("count", justify="right")
-    if report is not None:
-        table.add_row("read", f"{report.read:,}")
-        table.add_row("kept", f"{report.kept:,}")
-        table.add_row("rejected", f"{report.n_rejected:,}")
-    table.add_row("new (stored)", f"{result.added:,}")
-    table.add_row("already stored", f"{result.duplicates:,}")
+    for col in ("metric", "read", "kept", "rejected", "new (stored)", "already stored"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    kept = dict(report.kept_by_metric) if report is not None else dict(result.read_by_metric)
+    rejected = dict(report.rejected_by_metric) if report is not None else {}
+    attributed = sum(rejected.values())
+    for metric in sorted(set(kept) | set(rejected)):
+        k, r = kept.get(metric, 0), rejected.get(metric, 0)
+        a = result.added_by_metric.get(metric, 0)
+        seen = result.read_by_metric.get(metric, 0)
+        table.add_row(metric, f"{k + r:,}", f"{k:,}", f"{r:,}", f"{a:,}", f"{seen - a:,}")
+    total_read = report.read if report is not None else result.read
+    total_kept = report.kept if report is not None else result.read
+    total_rejected = report.n_rejected if report is not None else 0
+    if total_rejected > attributed:  # rows rejected before their metric was known (e.g. no time)
+        r = total_rejected - attributed
+        table.add_row("(metric unknown)", f"{r:,}", "0", f"{r:,}", "0", "0")
+    table.add_row("all", f"{total_read:,}", f"{total_kept:,}", f"{total_rejected:,}", f"{result.added:,}", f"{result.duplicates:,}", style="bold")
     console.print(table)
     if report is not None and report.rejected:
         reasons = Table(title="rejected rows by reason", header_style="bold")
