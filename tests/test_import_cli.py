@@ -145,6 +145,6 @@ def test_summary_shows_read_kept_rejected_new_and_already_stored_per_metric(tmp_
     code, out, _ = run(*args)
     assert _row(out, "hr_bpm") == ["12", "6", "6", "0", "6"]
     # a samples file has no adapter report: read and kept still shown, per metric
-    code, out, _ = run("import", "samples", str(FIXTURES / "demo_cohort.parquet"), "--user", "alice", "--out", str(tmp_path / "s"))
+    code, out, _ = run("import", "samples", str(FIXTURES / "demo_cohort.parquet"), "--user", "bob", "--out", str(tmp_path / "s"))
     assert code == 0
     assert _row(out, "steps") == ["30", "30", "0", "30", "0"]

@@ -36,6 +36,16 @@ class AppContext:
 pass_app = click.make_pass_decorator(AppContext)
 
 
+def without_credentials(text: str, url: str) -> str:
+    """``text`` with ``url`` (which may carry ``user:password@``) replaced by its public form."""
+    from ..alerts.transport import BrokerAddress
+
+    try:
+        return text.replace(url, str(BrokerAddress.parse(url)))
+    except Exception:  # noqa: BLE001 - an unparsable URL: hide it whole
+        return text.replace(url, "the broker")
+
+
 def id_option(kind: str):  # noqa: ANN201 - a click callback
     """A click callback that checks an option's id(s) with :func:`stresswatch.ids.validate_id`
     before the command runs (``None`` passes: the option was not given)."""

@@ -12,7 +12,7 @@ from ..consent.rights import erase_stores
 from ..engine import utc_now
 from ..errors import TransportError
 from ..store import SampleStore
-from ._common import AppContext, console, console_err, id_option, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app, without_credentials
 
 EXIT_BROKER_PART_FAILED = 75  # EX_TEMPFAIL: local data erased; run again to clear the broker's copy
 
@@ -67,7 +67,8 @@ def erase(app: AppContext, user: str, broker: str | None, yes: bool) -> None:
         finally:
             t.close()  # waits for the PUBACK; an MQTT 5 refusal raises here
     except TransportError as exc:
-        raise BrokerPartFailed(f"erased locally, but the consent topic {topic} was not cleared: {_why(exc, user)}; run the same command again when that is fixed") from None
+        why = without_credentials(_why(exc, user), url)
+        raise BrokerPartFailed(f"erased locally, but the consent topic {topic} was not cleared: {why}; run the same command again when that is fixed") from None
     console.print(
         f"broker {where}: cleared the retained {topic}; a running engine now erases its copy and clears "
         f"{Topics(s.mqtt.prefix).status(user)}",

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,15 @@ import polars as pl
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from ..alerts.topics import Topics
+from ..alerts.transport import BrokerAddress, MqttTransport
 from ..config import Settings
-from ..errors import ConfigError, ParseError
+from ..errors import ConfigError, ParseError, TransportError
 from ..importing import ImportReport
 from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
 from ..sources import Source, SourceRegistry
 from ..store import AddResult, SampleStore, StagedAdd
-from ._common import AppContext, console, console_err, id_option, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app, without_credentials
 
 EPILOG = """
 \b
@@ -52,17 +56,38 @@ def _parse_map(items: tuple[str, ...]) -> dict[str, str]:
     return mapping
 
 
+@dataclass
+class UserFilter:
+    """``--user`` on a file that names its own users (a samples file, a table with
+    ``--map user=COLUMN``): only that user's rows are imported; the others are counted."""
+
+    user: str
+    other_rows: int = 0
+    other_users: set[str] = field(default_factory=set)
+
+    def __call__(self, batch: pl.DataFrame) -> pl.DataFrame:
+        mine = pl.col("user") == self.user
+        others = batch.filter(~mine)
+        if others.height:
+            self.other_rows += others.height
+            self.other_users.update(others.get_column("user").unique().to_list())
+            batch = batch.filter(mine)
+        return batch
+
+
 def run_import(
     source: Source,
     sink: StagedAdd,
     *,
     on_progress: Callable[[ImportReport], None] | None = None,
+    keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
 ) -> AddResult:
-    """Drain ``source`` into ``sink`` and commit; any error discards everything staged."""
+    """Drain ``source`` into ``sink`` (each batch through ``keep`` if given) and commit;
+    any error discards everything staged."""
 
     async def drain() -> None:
         async for batch in source:
-            sink.add(batch)
+            sink.add(keep(batch) if keep is not None else batch)
             report = getattr(source, "report", None)
             if on_progress is not None and report is not None:
                 on_progress(report)
@@ -78,9 +103,6 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
     ``stream_id`` is derived from the data itself, so publishing the same import again sends
     the same (stream_id, seq) pairs and the engine's deduplicator drops them.
     """
-    from ..alerts.topics import Topics
-    from ..alerts.transport import MqttTransport
-
     if not settings.mqtt.url:
         raise ConfigError("--publish needs a broker: set mqtt.url (e.g. --set mqtt.url=mqtt://host:1883)", field="mqtt.url")
     topics = Topics(settings.mqtt.prefix)
@@ -109,12 +131,35 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
                     for off in range(0, part.height, PUBLISH_BATCH):
                         chunk = part.slice(off, PUBLISH_BATCH)
                         batch = IngestBatch.from_frame(chunk, user=user, stream_id=stream_id, seq=seq, source=str(source_name))
-                        transport.publish(topic, batch.encode(), qos=1)
+                        _publish_acked(transport, topic, batch.encode(), user=user, sent=seq)
                         seq += 1
-        transport.flush(timeout_s=60)
     finally:
-        transport.close()
+        try:
+            transport.close()
+        except TransportError:
+            pass  # already reported by _publish_acked, which stopped at the first failure
     return seq, total
+
+
+def _publish_acked(transport: MqttTransport, topic: str, payload: bytes, *, user: str, sent: int, timeout_s: float = 30.0) -> None:
+    """Publish one batch and wait for the broker's answer: a refusal stops the import at once,
+    naming the topic, instead of timing out after everything was queued."""
+    receipt = transport.publish(topic, payload, qos=1)
+    deadline = time.monotonic() + timeout_s
+    accepted = f"{sent} message(s) before it were accepted; nothing after it was sent"
+    hint = f"the account in mqtt.url may publish only its own user's ingest topic: give {user}'s account (mqtt://{user}:PASSWORD@HOST:PORT)"
+    while not receipt.is_published():
+        if not transport.connected:
+            # mosquitto may drop a client right after refusing it (MQTT 3.1.1 has no refusal code)
+            raise TransportError(f"the broker dropped the connection on the publish to {topic} (user {user}), probably not authorised; {hint}; {accepted}", url=str(BrokerAddress.parse(transport.url)))
+        if time.monotonic() > deadline:
+            raise TransportError(f"no acknowledgement for the publish to {topic} (user {user}) within {timeout_s:g} s; {accepted}", url=str(BrokerAddress.parse(transport.url)))
+        time.sleep(0.005)
+    try:
+        transport.flush(timeout_s=1.0)  # raises with the broker's MQTT 5 reason when it refused
+    except TransportError as exc:
+        why = without_credentials(str(exc), transport.url)
+        raise TransportError(f"the broker refused the publish to {topic} (user {user}): {why}; {hint}; {accepted}") from None
 
 
 def _print_report(report: ImportReport | None, result: AddResult, *, where: str) -> None:
@@ -150,7 +195,14 @@ def _print_report(report: ImportReport | None, result: AddResult, *, where: str)
 @click.command("import", epilog=EPILOG)
 @click.argument("kind")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--user", required=True, callback=id_option("user"), help="Whose samples these are (stored and sent under this id).")
+@click.option(
+    "--user",
+    required=True,
+    callback=id_option("user"),
+    help="Whose samples these are (stored and sent under this id). A file that names its own users "
+    "(kind samples, or table with --map user=COLUMN) is filtered: only this user's rows are imported, "
+    "the others are counted and left out.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store root to import into (default: the state dir).")
 @click.option("--publish", is_flag=True, help="Send the samples to the engine over MQTT (mqtt.url) instead of storing them.")
 @click.option("--tz", help="Time zone of exports whose times carry none (Fitbit, naive CSV), e.g. Europe/Berlin. Default UTC.")
@@ -176,7 +228,11 @@ def import_(
 
     PATH is one file, the unpacked export folder, or the export's zip. Importing the same
     data twice adds nothing; a file that cannot be read stores nothing. Prints rows read,
-    kept and rejected (with reasons).
+    kept, rejected, new and already stored per metric, and the rejections by reason.
+
+    With --publish, mqtt.url must carry the user's own account
+    (mqtt://USER:PASSWORD@HOST:PORT): a batch the broker refuses stops the import at once,
+    naming the topic.
     """
     if out is not None and publish:
         raise click.UsageError("--out and --publish exclude each other")
@@ -213,8 +269,19 @@ def import_(
             def on_progress(report: ImportReport) -> None:
                 bar.update(task, total=report.bytes_total or None, completed=report.bytes_done)
 
-            result = run_import(source, store.stage(), on_progress=on_progress)
+            only_user = UserFilter(user)
+            result = run_import(source, store.stage(), on_progress=on_progress, keep=only_user)
         report = getattr(source, "report", None)
+        if only_user.other_rows:
+            n = len(only_user.other_users)
+            console_err.print(
+                f"--user {user}: imported only {user}'s rows; left out {only_user.other_rows:,} row(s) of {n} other user(s) in the file",
+                markup=False,
+                soft_wrap=True,
+            )
+        if result.read == 0 and only_user.other_rows:
+            names = ", ".join(sorted(only_user.other_users)[:5]) + (", ..." if len(only_user.other_users) > 5 else "")
+            raise ParseError(f"no rows of user {user!r} (the file holds {names}): pass one of them as --user", source=path, field="user")
         if publish:
             messages, samples = publish_store(store, settings, kind=kind)
             _print_report(report, result, where=where)
