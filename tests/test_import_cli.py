@@ -148,3 +148,36 @@ def test_summary_shows_read_kept_rejected_new_and_already_stored_per_metric(tmp_
     code, out, _ = run("import", "samples", str(FIXTURES / "demo_cohort.parquet"), "--user", "bob", "--out", str(tmp_path / "s"))
     assert code == 0
     assert _row(out, "steps") == ["30", "30", "0", "30", "0"]
+
+
+def test_the_same_file_with_another_time_zone_is_refused_and_never_doubles_the_data(tmp_path: Path):
+    export = FIXTURES / "fitbit" / "export"
+    args = ("import", "fitbit", str(export), "--user", "bob", "--out", str(tmp_path))
+    assert run(*args, "--tz", "Europe/Berlin")[0] == 0
+    before = SampleStore(tmp_path).read("bob")
+    code, out, err = run(*args, "--tz", "America/New_York")
+    assert code == 78
+    assert SampleStore(tmp_path).read("bob").equals(before)
+    # the same file zipped under another name is the same file
+    import zipfile
+
+    zipped = tmp_path / "renamed.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for f in export.rglob("*"):
+            if f.is_file():
+                zf.write(f, f"other/{f.name}")
+    assert run("import", "fitbit", str(zipped), "--user", "bob", "--out", str(tmp_path))[0] == 78
+    assert SampleStore(tmp_path).read("bob").equals(before)
+    # the same options again: allowed, adds nothing, says so
+    code, out, _ = run(*args, "--tz", "Europe/Berlin")
+    assert code == 0 and _row(out, "all")[3:] == ["0", "6"]
+    assert SampleStore(tmp_path).read("bob").equals(before)
+
+
+def test_a_refused_reimport_names_the_file_and_both_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    f = FIXTURES / "fitbit" / "export"
+    assert main(["import", "fitbit", str(f), "--user", "bob", "--out", str(tmp_path), "--tz", "Europe/Berlin"]) == 0
+    capsys.readouterr()
+    assert main(["import", "fitbit", str(f), "--user", "bob", "--out", str(tmp_path)]) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refused, nothing stored" in err and "--tz Europe/Berlin" in err and "--tz UTC" in err

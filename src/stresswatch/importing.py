@@ -205,6 +205,28 @@ class ExportSource:
             yield frame
 
 
+def input_fingerprints(source: object, path: Path) -> dict[str, str]:
+    """SHA-256 of every file an import reads -> its display name, so the same file imported
+    again (alone, in its folder or in its zip, under another name) is recognised."""
+    import hashlib
+
+    inputs = source.inputs() if isinstance(source, ExportSource) else None
+    if inputs is None:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        inputs = [InputFile(str(p), p.stat().st_size, lambda p=p: open(p, "rb")) for p in files]  # noqa: SIM115
+    out: dict[str, str] = {}
+    for inp in inputs:
+        h = hashlib.sha256()
+        with inp.open() as fh:
+            try:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+            except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error) as exc:
+                raise ParseError(f"cannot read: {exc}", source=inp.name) from None
+        out.setdefault(h.hexdigest(), inp.name)
+    return out
+
+
 class CountingReader(io.RawIOBase):
     """Wraps a binary stream and reports bytes consumed (for progress bars)."""
 

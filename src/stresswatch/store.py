@@ -167,6 +167,36 @@ class SampleStore:
             staged.add(frame)
             return staged.commit()
 
+    # -- which source files were imported, with which options (import dedupe by file) ----
+
+    def _import_log_path(self, user: str) -> Path:
+        # inside the user's folder, so erasure removes it with the samples
+        return self.dir / _user_dir_name(user) / "imports.json"
+
+    def import_log(self, user: str) -> dict[str, dict[str, object]]:
+        """Files imported for ``user``: SHA-256 -> ``{"file", "options", "at"}``."""
+        path = self._import_log_path(user)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read the import log: {exc}", path=path) from None
+        return data if isinstance(data, dict) else {}
+
+    def record_imports(self, user: str, entries: dict[str, dict[str, object]]) -> None:
+        """Add ``entries`` to ``user``'s import log (atomic replace, under the store lock)."""
+        with self._locked():
+            path = self._import_log_path(user)
+            log = {**self.import_log(user), **entries}
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+                tmp.write_text(json.dumps(log, indent=1, sort_keys=True), encoding="utf-8")
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise StorageError(f"cannot write the import log: {exc.strerror}", path=path) from None
+
     def erase(self, user: str) -> int:
         """Remove every stored sample of ``user`` and their files; return how many rows went."""
         with self._locked():

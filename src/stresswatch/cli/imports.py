@@ -12,6 +12,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from ..alerts.topics import Topics
 from ..alerts.transport import BrokerAddress, MqttTransport
 from ..config import Settings
 from ..errors import ConfigError, ParseError, TransportError
-from ..importing import ImportReport
+from ..importing import ImportReport, input_fingerprints
 from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
 from ..sources import Source, SourceRegistry
 from ..store import AddResult, SampleStore, StagedAdd
@@ -244,6 +245,9 @@ def import_(
         options["mapping"] = _parse_map(maps)
     source = registry.open(path, kind=kind, **{k: v for k, v in options.items() if v is not None})
     settings = app.settings
+    # what decides the rows a file becomes: the same file with other options is another copy
+    parse_options = {"kind": kind, "tz": tz or "UTC", "metric": metric, "time_unit": time_unit, "map": dict(sorted(options.get("mapping", {}).items()))}
+    fingerprints = input_fingerprints(source, path)
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if publish:
         tmp = tempfile.TemporaryDirectory(prefix="stresswatch-import-")
@@ -252,6 +256,7 @@ def import_(
     else:
         store = SampleStore(out) if out is not None else SampleStore.from_settings(settings)
         where = str(store.dir)
+        again = _check_not_imported_otherwise(store, user, fingerprints, parse_options)
     show = console_err.is_terminal if progress is None else progress
     try:
         with Progress(
@@ -288,9 +293,47 @@ def import_(
             console.print(f"sent {samples:,} samples in {messages:,} message(s) to {settings.mqtt.prefix}/ingest/{user}")
         else:
             _print_report(report, result, where=where)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            store.record_imports(user, {h: {"file": name, "options": parse_options, "at": now} for h, name in fingerprints.items() if h not in again})
+            for name, entry in again.values():
+                console_err.print(f"{name}: imported before ({entry['at']}) with the same options: nothing doubled", markup=False, soft_wrap=True)
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _describe(options: dict[str, Any]) -> str:
+    parts = [f"--tz {options['tz']}"]
+    if options.get("metric"):
+        parts.append(f"--metric {options['metric']}")
+    if options.get("time_unit") not in (None, "auto"):
+        parts.append(f"--time-unit {options['time_unit']}")
+    parts += [f"--map {k}={v}" for k, v in (options.get("map") or {}).items()]
+    return " ".join(parts)
+
+
+def _check_not_imported_otherwise(
+    store: SampleStore, user: str, fingerprints: dict[str, str], options: dict[str, Any]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Refuse a file already imported for ``user`` with other options (its rows would be a
+    second, shifted or relabelled copy); return the files imported before with the same ones."""
+    log = store.import_log(user)
+    same: dict[str, tuple[str, dict[str, Any]]] = {}
+    for h, name in fingerprints.items():
+        entry = log.get(h)
+        if entry is None:
+            continue
+        if entry.get("options") == options:
+            same[h] = (name, entry)
+            continue
+        before = entry.get("options") or {}
+        raise ConfigError(
+            f"refused, nothing stored: this file was imported for {user} on {entry.get('at')} as {entry.get('file')} "
+            f"with {_describe(before)}; importing it again with {_describe(options)} would store a second copy of the same "
+            f"readings (shifted in time or relabelled). Import it with the options it was imported with, or erase {user}'s data first",
+            source=name,
+        )
+    return same
 
 
 def _installed_kinds() -> str:
