@@ -9,6 +9,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import click
+import polars as pl
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -23,7 +24,7 @@ from ..engine import AlertOutcome, Pipeline, utc_now
 from ..errors import StresswatchError, TransportError
 from ..model import Alert
 from ..replay import read_samples, time_batches
-from ._common import AppContext, console, pass_app
+from ._common import AppContext, console, pass_app, without_credentials
 
 WORKER = "sam"
 BATCH_S = 3600  # one hour of data per batch, as a companion would send it
@@ -60,6 +61,43 @@ def _print_alert(alert: Alert) -> None:
     )
 
 
+def _print_people(windows: pl.DataFrame, alerts: pl.DataFrame) -> None:
+    """What happened to each person, in words: alerts and why, moving, HR-only, calibrating."""
+    table = Table(title="what happened to each person", show_header=True, header_style="bold")
+    for col in ("person", "consent", "windows scored", "calibrating", "moving (not scored)", "HR only", "alerts", "why"):
+        table.add_column(col, justify="left" if col in ("person", "consent", "why") else "right")
+    for user in sorted(windows.get_column("user").unique().to_list()):
+        w = windows.filter(pl.col("user") == user)
+        a = alerts.filter(pl.col("user") == user)
+        states = dict(w.group_by("state").len().iter_rows())
+        scored = states.get("ok", 0) + states.get("elevated", 0)
+        moving = states.get("suppressed_motion", 0)
+        hr_only = w.filter(pl.col("signal") == "hr_only").height
+        sent = int(a.get_column("sent").sum()) if a.height else 0
+        why = []
+        if a.height:
+            raised = ", ".join(f"{t:%a %H:%M}" for t in a.get_column("raised_at").to_list())
+            why.append(f"raised {raised} UTC: {sent} sent to {WORKER}, {a.height - sent} withheld (no consent)" if a.height - sent else f"raised {raised} UTC, sent to {WORKER}")
+        else:
+            measures = "heart rate" if hr_only * 2 > w.height else "heart rate and HRV"
+            why.append(f"no alert: {measures} stayed within the person's own baseline")
+        if moving:
+            why.append(f"moving in {moving} windows (steps reported): a raised heart rate there is exercise, so those windows are not scored and cannot alert")
+        if hr_only:
+            why.append(f"HR-only watch: no beat-to-beat intervals, so no HRV; {hr_only} windows scored on heart rate alone")
+        table.add_row(
+            user,
+            "yes" if user in DEMO_CONSENT else "no",
+            f"{scored:,}",
+            f"{states.get('calibrating', 0):,}",
+            f"{moving:,}",
+            f"{hr_only:,}",
+            str(a.height),
+            "; ".join(why),
+        )
+    console.print(table)
+
+
 @click.command(epilog=EPILOG)
 @click.option("--broker", metavar="URL", help="Use this broker (mqtt://HOST:PORT) instead of the embedded one.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the demo's SQLite state here (default: a temporary folder).")
@@ -72,7 +110,25 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
     Starts an embedded MQTT broker (or uses --broker), records consent for three of the
     four people, replays their heart data through the detector, and shows the support
     worker's client receiving each alert. Ends with a summary.
+
+    --broker must accept clients without an account (a local test Mosquitto with
+    allow_anonymous): the demo plays the engine and the worker at once, which the project's
+    own broker (accounts and an ACL, `stresswatch broker config`) rightly keeps apart.
     """
+    try:
+        _demo(app, broker, state_dir, speed, wait_s)
+    except TransportError as exc:
+        if broker is not None and "not authori" in str(exc).lower():
+            raise TransportError(
+                f"{without_credentials(str(exc), broker)}: the demo needs a broker that accepts clients without an account, "
+                "because it plays the engine and the worker at once, which a broker with accounts and an ACL keeps apart. "
+                "Run `stresswatch demo` without --broker (embedded broker), or point --broker at a local Mosquitto with "
+                "allow_anonymous true; to try accounts, see docs/BROKER.md"
+            ) from None
+        raise
+
+
+def _demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: float, wait_s: float) -> None:
     settings = app.settings
     topics = Topics(settings.mqtt.prefix)
     with ExitStack() as stack:
@@ -119,6 +175,7 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
             topics=topics,
             alert_expiry_s=settings.mqtt.alert_expiry_s,
             on_alert=on_outcome,
+            keep_windows=True,  # for the per-person account at the end
         )
         samples = read_samples([_fixture()])
         batches = time_batches(samples, BATCH_S)
@@ -152,5 +209,6 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
         table.add_row(f"received by worker {WORKER}", str(len(got)))
         table.add_row("time", f"{time.monotonic() - started:.1f} s")
         console.print(table)
+        _print_people(report.windows_frame(), report.alerts_frame())
         if not report.sent:
             raise StresswatchError("the demo raised no alert that consent allowed: the detector or fixture is broken")
