@@ -132,10 +132,11 @@ def replay(
             + "; ".join([*(f"dropped {n} row(s): {why}" for why, n in dropped.items()), *s["inputs"]["notes"]]),
             markup=False,
         )
+    consented = f"{s['alerts_consented']} consented" if consent_db is not None else "none counted as consented (no --consent-db given)"
     console.print(
         f"{s['users']} user(s), {s['user_days']:.3g} user-days, {s['windows']:,} windows "
         f"({', '.join(f'{k} {v}' for k, v in s['windows_by_state'].items())}), "
-        f"{s['alerts_raised']} alert(s) raised, {s['alerts_consented']} consented"
+        f"{s['alerts_raised']} alert(s) raised, {consented}"
     )
     if result.evaluation is not None:
         ev = result.evaluation.select(
@@ -155,7 +156,14 @@ def replay(
     if plot:
         from ..plot import plot_all
 
-        written = plot_all(result.windows, result.alerts, _maybe_pseudonymised_labels(label_frame, result, key), out / "plots")
+        written = plot_all(
+            result.windows,
+            result.alerts,
+            _maybe_pseudonymised_labels(label_frame, result, key),
+            out / "plots",
+            baseline_slots=settings.detector.baseline_slots,
+            consent_given=consent_db is not None,
+        )
         console.print(f"wrote {len(written)} plot(s) to {out / 'plots'}")
     console.print(f"wrote {out / 'windows.parquet'}, {out / 'alerts.parquet'} and {out / 'summary.json'}")
 
