@@ -38,13 +38,18 @@ def own_slot(window_start: pl.Series, baseline_slots: int) -> pl.Series:
     return seconds // (86400 // baseline_slots)
 
 
+def neighbour_mask(windows: pl.DataFrame, baseline_slots: int) -> np.ndarray:
+    """True for the windows scored against a neighbouring slot's baseline, not their own."""
+    if not windows.height or "baseline_slot" not in windows.columns:
+        return np.zeros(windows.height, dtype=bool)
+    used = windows.get_column("baseline_slot")
+    return ((used != own_slot(windows.get_column("window_start"), baseline_slots)) & used.is_not_null()).to_numpy()
+
+
 def page_notes(windows: pl.DataFrame, *, baseline_slots: int, consent_given: bool) -> tuple[str, int]:
     """The sentence under the title that says what the baseline line is (and how many windows
     were compared with a neighbouring slot), and whether consent was known; and that count."""
-    n_neighbour = 0
-    if windows.height and "baseline_slot" in windows.columns:
-        used = windows.get_column("baseline_slot")
-        n_neighbour = int(((used != own_slot(windows.get_column("window_start"), baseline_slots)) & used.is_not_null()).sum())
+    n_neighbour = int(neighbour_mask(windows, baseline_slots).sum())
     hours = 24 // baseline_slots
     note = (
         f"Baseline: the person's own, per {hours}-h time-of-day slot (UTC). "
@@ -85,10 +90,7 @@ def plot_user(
         3, 1, figsize=(14, 7), sharex=True, gridspec_kw={"height_ratios": [3, 3, 0.6]}, constrained_layout=True
     )
     note, _ = page_notes(w, baseline_slots=baseline_slots, consent_given=consent_given)
-    neighbour = np.zeros(w.height, dtype=bool)
-    if w.height and "baseline_slot" in w.columns:
-        used = w.get_column("baseline_slot")
-        neighbour = ((used != own_slot(w.get_column("window_start"), baseline_slots)) & used.is_not_null()).to_numpy()
+    neighbour = neighbour_mask(w, baseline_slots)
     for ax, value, base, z, label, colour in (
         (ax_hr, "hr_mean", "hr_baseline", "hr_z", "HR (bpm)", "#c0392b"),
         (ax_hrv, "ln_rmssd", "ln_rmssd_baseline", "ln_rmssd_z", "ln RMSSD (ln ms)", "#2c7fb8"),
