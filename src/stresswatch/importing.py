@@ -22,6 +22,7 @@ import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -203,6 +204,22 @@ class ExportSource:
     async def __aiter__(self) -> AsyncIterator[pl.DataFrame]:
         for frame in self.batches():
             yield frame
+
+
+def parse_start_time(text: str, tz: str | None = None) -> datetime:
+    """``--start-time``: an ISO 8601 date and time; without an offset it is in ``tz`` (default UTC)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ParseError(f"{text!r} is not an ISO 8601 date and time (e.g. 2026-11-20T09:30:00+01:00)", source="--start-time") from None
+    if t.tzinfo is None:
+        try:
+            t = t.replace(tzinfo=ZoneInfo(tz or "UTC"))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ParseError(f"unknown time zone {tz!r}", source="--tz") from None
+    return t.astimezone(timezone.utc)
 
 
 def input_fingerprints(source: object, path: Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ from ..alerts.topics import Topics
 from ..alerts.transport import BrokerAddress, MqttTransport
 from ..config import Settings
 from ..errors import ConfigError, ParseError, TransportError
-from ..importing import ImportReport, input_fingerprints
+from ..importing import ImportReport, input_fingerprints, parse_start_time
 from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
 from ..sources import Source, SourceRegistry
 from ..store import AddResult, SampleStore, StagedAdd
@@ -74,6 +74,35 @@ class UserFilter:
             self.other_users.update(others.get_column("user").unique().to_list())
             batch = batch.filter(mine)
         return batch
+
+
+def reading_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that say how an adapter reads a file (shared by `import` and `replay`)."""
+    for option in reversed(
+        [
+            click.option("--tz", help="Time zone of exports whose times carry none (Fitbit, naive CSV), e.g. Europe/Berlin. Default UTC."),
+            click.option("--map", "maps", multiple=True, metavar="TARGET=COLUMN", help="table kind: which column holds time, value, metric, source, user."),
+            click.option("--metric", type=click.Choice(["hr_bpm", "rr_ms", "steps", "motion"]), help="table kind: the metric of every row when no column holds it."),
+            click.option("--time-unit", type=click.Choice(["auto", "s", "ms", "us", "ns"]), default="auto", show_default=True, help="table kind: unit of numeric times."),
+            click.option(
+                "--start-time",
+                metavar="ISO",
+                help="table kind: numeric times count from this moment (a recording's start; seconds unless --time-unit), e.g. 2026-11-20T09:30:00+01:00.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def source_options(tz: str | None, maps: tuple[str, ...], metric: str | None, time_unit: str, start_time: str | None) -> dict[str, Any]:
+    """The keyword options of :meth:`SourceRegistry.open` from :func:`reading_options`."""
+    options: dict[str, Any] = {"tz": tz, "metric": metric, "time_unit": time_unit}
+    if maps:
+        options["mapping"] = _parse_map(maps)
+    if start_time:
+        options["start"] = parse_start_time(start_time, tz)
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def run_import(
@@ -206,10 +235,7 @@ def _print_report(report: ImportReport | None, result: AddResult, *, where: str)
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store root to import into (default: the state dir).")
 @click.option("--publish", is_flag=True, help="Send the samples to the engine over MQTT (mqtt.url) instead of storing them.")
-@click.option("--tz", help="Time zone of exports whose times carry none (Fitbit, naive CSV), e.g. Europe/Berlin. Default UTC.")
-@click.option("--map", "maps", multiple=True, metavar="TARGET=COLUMN", help="table kind: which column holds time, value, metric, source.")
-@click.option("--metric", type=click.Choice(["hr_bpm", "rr_ms", "steps", "motion"]), help="table kind: the metric of every row when no column holds it.")
-@click.option("--time-unit", type=click.Choice(["auto", "s", "ms", "us", "ns"]), default="auto", show_default=True, help="table kind: unit of numeric (epoch) times.")
+@reading_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @pass_app
 def import_(
@@ -223,6 +249,7 @@ def import_(
     maps: tuple[str, ...],
     metric: str | None,
     time_unit: str,
+    start_time: str | None,
     progress: bool | None,
 ) -> None:
     """Import a vendor export. KIND is an installed adapter: {kinds}.
@@ -240,13 +267,11 @@ def import_(
     registry = SourceRegistry.discover()
     if kind not in registry.factories:
         raise ParseError(f"unknown kind {kind!r} (known: {', '.join(registry.kinds)})", source=path)
-    options: dict[str, Any] = {"user": user, "tz": tz, "metric": metric, "time_unit": time_unit}
-    if maps:
-        options["mapping"] = _parse_map(maps)
+    options: dict[str, Any] = {"user": user, **source_options(tz, maps, metric, time_unit, start_time)}
     source = registry.open(path, kind=kind, **{k: v for k, v in options.items() if v is not None})
     settings = app.settings
     # what decides the rows a file becomes: the same file with other options is another copy
-    parse_options = {"kind": kind, "tz": tz or "UTC", "metric": metric, "time_unit": time_unit, "map": dict(sorted(options.get("mapping", {}).items()))}
+    parse_options = {"kind": kind, "tz": tz or "UTC", "metric": metric, "time_unit": time_unit, "map": dict(sorted(options.get("mapping", {}).items())), "start": options["start"].isoformat() if "start" in options else None}
     fingerprints = input_fingerprints(source, path)
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if publish:
@@ -309,6 +334,8 @@ def _describe(options: dict[str, Any]) -> str:
     if options.get("time_unit") not in (None, "auto"):
         parts.append(f"--time-unit {options['time_unit']}")
     parts += [f"--map {k}={v}" for k, v in (options.get("map") or {}).items()]
+    if options.get("start"):
+        parts.append(f"--start-time {options['start']}")
     return " ".join(parts)
 
 
