@@ -82,6 +82,7 @@ class WorkerClient:
         on_invalid: Callable[[str, str], None] | None = None,
         on_reminder: Callable[[Alert], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
         seen_path: str | Path | None = None,
         session_expiry_s: int = 7 * 24 * 3600,
         client_id: str | None = None,
@@ -110,6 +111,8 @@ class WorkerClient:
             on_reconnect=self._reconnected,
         )
         self._client.on_disconnect = self._disconnected
+        if on_refused is not None:
+            self._client.on_connect = _refusals_to(on_refused, then=self._client.on_connect)
         subscribed = threading.Event()
         self._client.on_subscribe = lambda *a: subscribed.set()
         self._client.subscribe(self.topic, qos=1)
@@ -167,6 +170,25 @@ class WorkerClient:
         self._client.disconnect()
         self._client.loop_stop()
         self._seen.close()
+
+
+_AUTH_REFUSALS = ("not authori", "bad user name or password")
+
+
+def _refusals_to(on_refused: Callable[[str], None], *, then: Callable[..., None] | None) -> Callable[..., None]:
+    """paho's on_connect that reports a reconnect refused for the account (removed, or its
+    password changed) to ``on_refused(reason)``, instead of retrying it silently forever;
+    a successful reconnect goes on to ``then``."""
+
+    def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
+        if getattr(rc, "is_failure", False):
+            if any(a in str(rc).lower() for a in _AUTH_REFUSALS):
+                on_refused(str(rc))
+            return
+        if then is not None:
+            then(c, userdata, flags, rc, props)
+
+    return on_connect
 
 
 def send_ack(

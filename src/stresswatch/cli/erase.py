@@ -85,5 +85,5 @@ class BrokerPartFailed(TransportError):
 def _why(exc: TransportError, user: str) -> str:
     text = str(exc)
     if "not authori" in text.lower():
-        return f"not authorised ({text}): use {user}'s own account, mqtt://{user}:PASSWORD@HOST:PORT"
+        return f"not authorised ({text}): use {user}'s own account, mqtt://{user}:PASSWORD@HOST:PORT (docs/BROKER.md)"
     return text

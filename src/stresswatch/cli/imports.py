@@ -177,7 +177,7 @@ def _publish_acked(transport: MqttTransport, topic: str, payload: bytes, *, user
     receipt = transport.publish(topic, payload, qos=1)
     deadline = time.monotonic() + timeout_s
     accepted = f"{sent} message(s) before it were accepted; nothing after it was sent"
-    hint = f"the account in mqtt.url may publish only its own user's ingest topic: give {user}'s account (mqtt://{user}:PASSWORD@HOST:PORT)"
+    hint = f"the account in mqtt.url may publish only its own user's ingest topic: give {user}'s account (mqtt://{user}:PASSWORD@HOST:PORT, docs/BROKER.md)"
     while not receipt.is_published():
         if not transport.connected:
             # mosquitto may drop a client right after refusing it (MQTT 3.1.1 has no refusal code)
