@@ -34,4 +34,4 @@ def test_demo_says_what_happened_to_each_person(tmp_path, capsys):
     dan = text[text.index(" dan yes ") :]
     assert "HR-only watch: no beat-to-beat intervals, so no HRV" in dan and "no alert: heart rate stayed" in dan
     carol = text[text.index(" carol no ") :]
-    assert "withheld (no consent)" in carol
+    assert "not sent: withheld no consent" in carol

@@ -7,6 +7,8 @@ one line on stderr and a non-zero exit; nothing else is caught.
 from __future__ import annotations
 
 
+import re
+
 import click
 
 from ..errors import StresswatchError, TransportError
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="stresswatch", standalone_mode=False)
     except StresswatchError as exc:
-        message = str(exc)
+        message = re.sub(r"(mqtts?://)[^/@\s]*@", r"\1", str(exc))  # never print a URL's password
         if isinstance(exc, TransportError) and "not authori" in message.lower() and "docs/BROKER.md" not in message:
             message += f" ({CREDENTIALS_HINT})"  # a wrong or missing password: say how to give one
         click.echo(f"stresswatch: error: {message}", err=True)
