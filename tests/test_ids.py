@@ -1,5 +1,5 @@
 """Ids: one grammar (stresswatch.ids), and every command that takes an id refuses a bad one
-with one line and exit 64, before touching anything: never a traceback."""
+with one line and exit 78, before touching anything: never a traceback."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_every_command_refuses_an_invalid_id_in_one_line(path, bad, tmp_path, mo
     ]
     rc = main([*words, *args])
     err = capsys.readouterr().err
-    assert rc == 64, err
+    assert rc == 78, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stresswatch: error: ") and " id " in lines[0], err
     assert not (tmp_path / "state").exists()  # refused before anything was opened or written

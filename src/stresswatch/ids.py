@@ -19,9 +19,8 @@ ID_RULE = f"1-{ID_MAX_LEN} letters, digits, '_', '.' or '-', not starting with '
 
 
 class InvalidIdError(ConfigError):
-    """A user, worker or group id that does not follow :data:`ID_RULE`."""
-
-    exit_code = 64  # EX_USAGE: the command line named something that cannot be an id
+    """A user, worker or group id that does not follow :data:`ID_RULE` (exit 78, as every
+    configuration error, so broker account ids and command-line ids fail alike)."""
 
 
 def validate_id(kind: str, value: str) -> str:
