@@ -49,6 +49,8 @@ ID_COMMANDS: dict[tuple[str, ...], list[object]] = {
     ("alerts", "watch"): ["--worker", ID, "--broker", "mqtt://127.0.0.1:9"],
     ("alerts", "ack"): ["00000000-0000-4000-8000-000000000000", "--worker", ID, "--broker", "mqtt://127.0.0.1:9"],
     ("alerts", "resolve"): ["00000000-0000-4000-8000-000000000000", "--worker", ID, "--outcome", "reached_out", "--broker", "mqtt://127.0.0.1:9"],
+    ("alerts", "list"): ["--worker", ID, "--broker", "mqtt://127.0.0.1:9"],
+    ("checkin",): ["--user", ID, "--broker", "mqtt://127.0.0.1:9"],
     ("pair",): ["--user", ID, "--replay", "{file}"],
     ("stream",): ["--user", ID, "--drain-only"],
     ("record",): ["--user", ID, "--replay", "{file}"],

@@ -15,6 +15,7 @@ from ..errors import StresswatchError, TransportError
 from ._common import AppContext
 from .alerts import alerts
 from .broker import broker
+from .checkin import checkin
 from .consent import consent
 from .demo import demo
 from .engine import engine
@@ -22,6 +23,7 @@ from .erase import erase
 from .export import export
 from .imports import import_
 from .replay import replay
+from .webapp import worker_app
 
 CREDENTIALS_HINT = (
     "pass the account as mqtt://USER:PASSWORD@HOST, or set mqtt.username with mqtt.password or "
@@ -59,7 +61,7 @@ def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...])
     ctx.obj = AppContext(config_path, overrides)
 
 
-for command in (demo, replay, consent, alerts, import_, engine, export, erase, broker):
+for command in (demo, replay, consent, alerts, checkin, import_, engine, export, erase, broker, worker_app):
     cli.add_command(command)
 
 COMMANDS_ENTRY_POINT_GROUP = "stresswatch.commands"
