@@ -47,9 +47,10 @@ def without_credentials(text: str, url: str) -> str:
 
 
 def id_option(kind: str):  # noqa: ANN201 - a click callback
-    """A click callback that checks an option's id(s) with :func:`stresswatch.ids.validate_id`
+    """A click callback that checks an option's id(s) with :func:`stresswatch.wire.ids.validate_id`
     before the command runs (``None`` passes: the option was not given)."""
-    from ..ids import InvalidIdError, validate_id
+    from ..errors import InvalidId
+    from ..wire.ids import validate_id
 
     def check(ctx: click.Context, param: click.Parameter, value: object) -> object:
         if value is None:
@@ -58,7 +59,7 @@ def id_option(kind: str):  # noqa: ANN201 - a click callback
             if isinstance(value, tuple):
                 return tuple(validate_id(kind, v) for v in value)
             return validate_id(kind, value)  # type: ignore[arg-type]
-        except InvalidIdError as exc:
-            raise InvalidIdError(exc.message, field=param.opts[0] if param.opts else param.name) from None
+        except InvalidId as exc:
+            raise InvalidId(exc.message, field=param.opts[0] if param.opts else param.name) from None
 
     return check

@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from ..broker import DEFAULT_ENGINE_ID, BrokerDir, Role, TlsListener, is_loopback_host
 from ..config import MqttSettings
 from ..errors import ConfigError
-from ..ids import validate_id
 from ._common import AppContext, pass_app
 
 EPILOG = """
@@ -141,8 +140,6 @@ def _read_password(path: Path | None) -> str | None:
 
 
 def _provision(role: Role, account_id: str, broker_dir: Path, password_file: Path | None, replace: bool) -> None:
-    if role is not Role.ENGINE:  # users and workers must be usable by every other command
-        validate_id(role.value, account_id)
     given = _read_password(password_file)
     password = BrokerDir(broker_dir).add(role, account_id, given, replace=replace)
     click.echo(

@@ -23,7 +23,7 @@ Exit status:
   {EXIT_BROKER_PART_FAILED}  everything local erased, but the broker part failed (unreachable,
       wrong password, not authorised): the line printed says why; run the same
       command again when it is fixed
-  78  the user id is not valid (nothing touched)
+  65  the user id is not valid (nothing touched)
 
 \b
 Examples:
