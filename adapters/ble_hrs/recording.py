@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from stresswatch.errors import ParseError
+from stresswatch.fsio import atomic_writer
 
 FORMAT = "stresswatch-ble-hrs"
 VERSION = 1
@@ -102,15 +103,10 @@ class RecordingWriter:
 
 def write_recording(path: Path, recording: Recording, *, note: str | None = None) -> None:
     """Write a whole recording atomically (temp file + rename): never a half-written fixture."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_writer(Path(path), mode=0o644) as fh:
         fh.write(header_line(recording.address, recording.name, user=recording.user, note=note) + "\n")
         for e in recording.events:
             fh.write(event_line(e) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:

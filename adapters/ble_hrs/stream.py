@@ -1,5 +1,5 @@
 """``stresswatch stream``: live samples to the engine as :class:`~stresswatch.ingest.IngestBatch`
-on ``{prefix}/ingest/{user}``, through the durable :class:`~.outbox.Outbox`.
+on ``{prefix}/ingest/{user}``, through the durable :class:`~.buffer.StreamBuffer`.
 
 Exactly once, end to end:
 
@@ -32,19 +32,19 @@ from stresswatch.alerts.transport import BrokerAddress
 from stresswatch.errors import TransportError
 from stresswatch.ingest import MAX_BATCH_SAMPLES, IngestBatch
 
-from .outbox import Outbox
+from .buffer import StreamBuffer
 from .session import Gap, LinkLost, Reading, Rejected, SampleAssembler, SessionItem
 
 log = logging.getLogger(__name__)
 
 
 class DurablePublisher:
-    """Sends outbox rows over MQTT and deletes each on its PUBACK."""
+    """Sends buffered batches over MQTT and deletes each on its PUBACK."""
 
     def __init__(
         self,
         url: str,
-        outbox: Outbox,
+        buffer: StreamBuffer,
         *,
         client_id: str | None = None,
         username: str | None = None,
@@ -53,7 +53,7 @@ class DurablePublisher:
         window: int = 200,
         reconnect_max_s: float = 5.0,
     ) -> None:
-        self.outbox = outbox
+        self.buffer = buffer
         self.window = window
         addr = BrokerAddress.parse(url)
         self.url = str(addr)
@@ -115,7 +115,7 @@ class DurablePublisher:
         self._acked(key)
 
     def _acked(self, key: tuple[str, int]) -> None:
-        self.outbox.remove(*key)  # only now: the broker has it
+        self.buffer.remove(*key)  # only now: the broker has it
         with self._lock:
             self._handed.discard(key)
             self.acked += 1
@@ -127,7 +127,7 @@ class DurablePublisher:
             exclude = set(self._handed)
         if room <= 0:
             return 0
-        rows = self.outbox.pending(room, exclude=exclude)
+        rows = self.buffer.pending(room, exclude=exclude)
         for row in rows:
             key = (row.stream_id, row.seq)
             with self._lock:
@@ -146,11 +146,11 @@ class DurablePublisher:
         return len(rows)
 
     def drain(self, timeout_s: float, *, poll_s: float = 0.05) -> bool:
-        """Keep pumping until the outbox is empty; False if ``timeout_s`` passed first."""
+        """Keep pumping until the buffer is empty; False if ``timeout_s`` passed first."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.pump()
-            if self.outbox.count() == 0:
+            if self.buffer.count() == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -175,7 +175,7 @@ class IngestStreamer:
 
     def __init__(
         self,
-        outbox: Outbox,
+        buffer: StreamBuffer,
         *,
         user: str,
         topics: Topics = Topics(),
@@ -184,7 +184,7 @@ class IngestStreamer:
         stream_id: str | None = None,
         on_buffered: Callable[[], None] | None = None,
     ) -> None:
-        self.outbox = outbox
+        self.buffer = buffer
         self.user = user
         self.topic = topics.ingest(user)
         self.source = source
@@ -199,7 +199,7 @@ class IngestStreamer:
     def add(self, item: SessionItem) -> None:
         if isinstance(item, Gap):
             self.stats.gaps.append(item)
-            self.outbox.add_gap(item.start_ns, item.end_ns, item.reason)
+            self.buffer.add_gap(item.start_ns, item.end_ns, item.reason)
             return
         if isinstance(item, LinkLost):
             self.flush()  # the samples before an outage must not wait in memory for the device to return
@@ -224,7 +224,7 @@ class IngestStreamer:
             if part.height == 0:
                 return  # only missing data in this chunk: nothing to send
             batch = IngestBatch.from_frame(part, user=self.user, stream_id=self.stream_id, seq=self.seq, source=self.source)
-            self.outbox.add(self.stream_id, self.seq, self.topic, batch.encode(), part.height)
+            self.buffer.add(self.stream_id, self.seq, self.topic, batch.encode(), part.height)
             self.seq += 1
             self.stats.batches += 1
             self.stats.samples += part.height

@@ -16,7 +16,6 @@ imports an adapter by name.
 
 from __future__ import annotations
 
-import io
 import zipfile
 import zlib
 from collections import Counter
@@ -196,21 +195,3 @@ class ExportSource:
     async def __aiter__(self) -> AsyncIterator[pl.DataFrame]:
         for frame in self.batches():
             yield frame
-
-
-class CountingReader(io.RawIOBase):
-    """Wraps a binary stream and reports bytes consumed (for progress bars)."""
-
-    def __init__(self, raw: IO[bytes], on_read: Callable[[int], None]) -> None:
-        self._raw = raw
-        self._on_read = on_read
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self._raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self._on_read(n)
-        return n

@@ -31,7 +31,8 @@ from .alerts.transport import MemoryTransport
 from .config import Settings
 from .consent.ledger import ConsentLedger
 from .detect import Detector
-from .engine import Clock, Pipeline, PipelineReport, utc_now
+from .clock import Clock, utc_now
+from .engine import Pipeline, PipelineReport
 from .errors import ConfigError, ParseError, StorageError
 from .model import SAMPLES_SCHEMA, empty_samples
 from .sources import SourceRegistry, collect

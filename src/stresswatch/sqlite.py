@@ -1,4 +1,5 @@
-"""Shared SQLite plumbing for the project's stores (consent ledger, alert outbox).
+"""The one way the project opens SQLite: consent ledger, alert outbox, the worker's seen ids,
+the companion's ingest buffer.
 
 Connections are in autocommit mode (``isolation_level=None``) with WAL, so a statement
 outside :func:`transaction` commits on its own and readers in other processes never block
@@ -13,10 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def connect(path: Path, *pragmas: str) -> sqlite3.Connection:
-    """Open (creating its folder) a WAL-mode SQLite file; errors are the caller's to wrap."""
+def connect(path: Path, *pragmas: str, any_thread: bool = False) -> sqlite3.Connection:
+    """Open (creating its folder) a WAL-mode SQLite file; errors are the caller's to wrap.
+
+    ``any_thread``: the connection may be used from threads other than the opening one (paho
+    calls back on its network thread); the caller then serialises its use with a lock.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    db = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=not any_thread)
     db.execute("PRAGMA journal_mode=WAL")
     for pragma in pragmas:
         db.execute(f"PRAGMA {pragma}")

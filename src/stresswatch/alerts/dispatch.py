@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from ..clock import Clock
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
 from ..model import Alert, AlertDecision
@@ -69,7 +70,7 @@ class Dispatcher:
         ledger: ConsentLedger,
         transport: Transport,
         *,
-        clock: Callable[[], datetime],
+        clock: Clock,
         topics: Topics | None = None,
         groups: Mapping[str, Sequence[str]] | None = None,
         policy: EscalationPolicy | None = None,

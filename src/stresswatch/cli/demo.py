@@ -19,7 +19,8 @@ from ..broker import EmbeddedBroker
 from ..consent.ledger import ConsentLedger
 from ..consent.state import Visibility
 from ..detect import Detector
-from ..engine import AlertOutcome, Pipeline, utc_now
+from ..clock import utc_now
+from ..engine import AlertOutcome, Pipeline
 from ..errors import StresswatchError, TransportError
 from ..model import Alert
 from ..replay import read_samples, time_batches
