@@ -32,6 +32,9 @@ class MqttSettings(_Section):
     prefix: str = "stresswatch/v1"
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = Field(
+        default=None, description="read the password from this file's first line (when no password is given)"
+    )
     protocol: Literal["auto", "5", "3.1.1"] = "auto"  # auto: MQTT 5, falling back to 3.1.1 (amqtt)
     client_id: str = "stresswatch-engine"
     keepalive_s: int = Field(default=30, ge=5)
@@ -43,6 +46,29 @@ class MqttSettings(_Section):
         if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/"):
             raise ValueError("must be a topic prefix without wildcards or leading/trailing '/'")
         return v
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_file(cls, data: Any) -> Any:
+        # Read once, at start-up: a missing file is a configuration error now, not at the
+        # first reconnect; every client built from these settings then has the password.
+        if isinstance(data, dict) and data.get("password") is None and data.get("password_file"):
+            data = {**data, "password": read_password_file(Path(data["password_file"]))}
+        return data
+
+
+def read_password_file(path: Path) -> str:
+    """The first line of ``path``, without its line end: a password kept out of the
+    command line, the environment and the TOML file (a secret mounted as a file)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the password file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ValueError(f"the password file {path} is empty")
+    return password
 
 
 class DetectorSettings(_Section):

@@ -27,7 +27,7 @@ from ..model import Alert
 from .acks import AckAction, AckMessage
 from .lifecycle import Outcome
 from .topics import Topics
-from .transport import connect
+from ..mqtt import connect
 
 
 class SeenIds:
