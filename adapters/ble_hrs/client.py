@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stresswatch.errors import StresswatchError
+from stresswatch.extras import require
 
 from .parser import BODY_SENSOR_LOCATION_UUID, HEART_RATE_MEASUREMENT_UUID, HEART_RATE_SERVICE_UUID
 from .recording import Recording
@@ -103,6 +104,7 @@ class BleakHrsClient(HrsClient):
     """The real radio through bleak (BlueZ, CoreBluetooth, WinRT)."""
 
     def __init__(self, clock: RadioClock | None = None) -> None:
+        require("bleak", extra="ble", feature="a Bluetooth device (stresswatch pair, stream, record)")
         self.clock = clock or WallRadioClock()
         self._client: object | None = None
 

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="stresswatch", standalone_mode=False)
     except StresswatchError as exc:
-        click.echo(f"stresswatch: error: {exc}", err=True)
+        for line in str(exc).splitlines() or [""]:  # several problems: one line each
+            click.echo(f"stresswatch: error: {line}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("stresswatch: aborted", err=True)

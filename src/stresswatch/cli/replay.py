@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..config import load_settings
 from ..errors import ConfigError
+from ..extras import require
 from ..replay import load_inputs, parse_grid, read_labels, sweep
 from ..replay import replay as run_replay
 from ._common import AppContext, console, console_err, pass_app
@@ -84,6 +85,8 @@ def replay(
     (every alert raised, with whether consent would have let it through) and
     OUT/summary.json. No one is alerted.
     """
+    if plot:  # before any work: a missing extra must not cost a whole replay
+        require("matplotlib", extra="plot", feature="replay --plot")
     grid = parse_grid(sets)
     single = {k: v[0] for k, v in grid.items() if len(v) == 1}
     multi = {k: v for k, v in grid.items() if len(v) > 1}
