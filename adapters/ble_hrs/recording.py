@@ -23,14 +23,13 @@ reader reports), diffable in review, and ~45 bytes per notification (an hour at 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from stresswatch.errors import ParseError
-from stresswatch.fsio import atomic_writer
+from stresswatch.fsio import atomic_writer, fsync_file
 
 FORMAT = "stresswatch-ble-hrs"
 VERSION = 1
@@ -90,9 +89,8 @@ class RecordingWriter:
         self.count += 1
 
     def close(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
+        fsync_file(self.path)  # durable before `record` renames it into place (fsio.commit_rename)
 
     def __enter__(self) -> RecordingWriter:
         return self

@@ -81,6 +81,7 @@ class WorkerClient:
         on_invalid: Callable[[str, str], None] | None = None,
         on_reminder: Callable[[Alert], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
+        on_refused: Callable[[TransportError], None] | None = None,
         seen_path: str | Path | None = None,
         session_expiry_s: int = 7 * 24 * 3600,
         client_id: str | None = None,
@@ -107,6 +108,7 @@ class WorkerClient:
             session_expiry_s=session_expiry_s,
             on_message=self._message,
             on_reconnect=self._reconnected,
+            on_refused=on_refused,  # a reconnect refused: e.g. the account was removed (NotAuthorised)
         )
         self._client.on_disconnect = self._disconnected
         subscribed = threading.Event()
