@@ -14,6 +14,7 @@ from rich.table import Table
 from ..config import load_settings
 from ..errors import ConfigError
 from ..extras import require
+from ..fsio import atomic_writer
 from ..replay import load_inputs, parse_grid, read_labels, sweep
 from ..replay import replay as run_replay
 from ._common import AppContext, console, console_err, pass_app
@@ -106,10 +107,10 @@ def replay(
             task = bar.add_task("sweep", total=None)
             table = sweep(samples, settings, multi, labels=label_frame, on_run=lambda i, n: bar.update(task, completed=i, total=n))
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".sweep.parquet.tmp"
-        table.write_parquet(tmp)
-        tmp.replace(out / "sweep.parquet")
-        table.write_csv(out / "sweep.csv")
+        with atomic_writer(out / "sweep.parquet", mode=0o644, binary=True) as fh:
+            table.write_parquet(fh)
+        with atomic_writer(out / "sweep.csv", mode=0o644) as fh:
+            table.write_csv(fh)
         _print_table(table, "sweep")
         console.print(f"wrote {out / 'sweep.parquet'} and {out / 'sweep.csv'}")
         return

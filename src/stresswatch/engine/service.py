@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from ..alerts import checkin, replies
 from ..alerts.dispatch import Dispatcher
-from ..alerts.lifecycle import LifecycleError
 from ..alerts.outbox import Outbox
 from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
@@ -94,7 +94,7 @@ class Engine:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._flushed_at = 0.0
-        self._handlers: dict[str, Handler] = {"consent": self._on_consent, "acks": self._on_ack}
+        self._handlers: dict[str, Handler] = {"consent": self._on_consent, "acks": self._on_ack, "checkin": self._on_checkin}
         self.batches_processed = 0
         self.samples_processed = 0
         self.dropped_batches = 0
@@ -332,11 +332,22 @@ class Engine:
             self.status.update(user, now)
 
     def _on_ack(self, worker: str, payload: bytes, topic: str) -> None:
+        """An ack, resolve or list request: act, then tell the worker what was recorded."""
+        assert self.dispatcher is not None and self.transport is not None
+        reply = replies.answer(self.dispatcher, worker, payload, topic=topic)
+        if not reply.ok:
+            log.warning("ack from %s: %s", worker, reply.error)
+        self.transport.publish(self.topics.replies(worker), reply.encode(), qos=1, expiry_s=replies.REPLY_EXPIRY_S)
+
+    def _on_checkin(self, user: str, payload: bytes, topic: str) -> None:
+        """The person asked for contact: the same dispatcher (and consent gate) as a detector alert."""
         assert self.dispatcher is not None
         try:
-            self.dispatcher.on_ack(worker, payload, topic=topic)
-        except (ParseError, LifecycleError) as exc:
-            log.warning("ignored ack from %s: %s", worker, exc)
+            decision = checkin.decision_for(user, payload, now=self.clock(), topic=topic)
+        except ParseError as exc:
+            log.warning("ignored check-in: %s", exc)
+            return
+        self.dispatcher.raise_alerts([decision])
 
     def _forget(self, user: str) -> None:
         self.buffer.drop_user(user)
