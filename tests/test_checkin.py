@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stresswatch.alerts.checkin import CheckinQueue, checkin_alert_id, decision_for
-from stresswatch.alerts.checkin_wire import NOTE_MAX, CheckinMessage, decode_checkin
+from stresswatch.wire.checkin import NOTE_MAX, CheckinMessage, decode_checkin
 from stresswatch.alerts.dispatch import Dispatcher
 from stresswatch.alerts.lifecycle import AlertState, EscalationPolicy
 from stresswatch.alerts.outbox import Outbox

@@ -22,7 +22,7 @@ from ..config import Settings
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
 from ..model import Alert, AlertDecision, Reason
-from .acks import AckAction, AckMessage
+from ..wire.acks import AckAction, AckMessage
 from .lifecycle import (
     Acknowledged,
     AlertRecord,

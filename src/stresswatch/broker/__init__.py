@@ -22,7 +22,7 @@ from .accounts import (
     private_client_id,
     verify_password,
 )
-from .conf import TlsListener, mosquitto_conf, render_acl
+from .conf import PACKET_OVERHEAD_BYTES, TlsListener, mosquitto_conf, render_acl
 from .directory import BrokerDir
 from .embedded import EmbeddedBroker, free_port
 from .security import (
@@ -35,6 +35,7 @@ from .security import (
 
 __all__ = [
     "DEFAULT_ENGINE_ID",
+    "PACKET_OVERHEAD_BYTES",
     "PBKDF2_ITERATIONS",
     "BrokerDir",
     "EmbeddedBroker",

@@ -12,6 +12,7 @@ import hmac
 import secrets
 
 from ..errors import ConfigError
+from ..wire.ids import ID_RULE, is_valid_id
 
 
 class Role(str, enum.Enum):
@@ -47,6 +48,8 @@ def check_account_id(value: str, role: Role | str = "account") -> str:
         else:
             continue
         raise ConfigError(f"{kind} id {value!r} {why}; use letters, digits, '-', '_' or '.'", field="id")
+    if not is_valid_id(value):  # the one id grammar (stresswatch.wire.ids), which topics use too
+        raise ConfigError(f"{kind} id {value!r} must be {ID_RULE}", field="id")
     return value
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..wire.limits import MAX_PAYLOAD_BYTES
 from .accounts import Role, check_account_id
 
 
@@ -24,6 +25,10 @@ class TlsListener:
     host: str = "127.0.0.1"
 
 
+# Fixed header, topic (prefix + level + id) and MQTT 5 properties of one PUBLISH around its payload.
+PACKET_OVERHEAD_BYTES = 64 * 1024
+
+
 def mosquitto_conf(
     *,
     port: int,
@@ -35,7 +40,7 @@ def mosquitto_conf(
     run_as: str | None = None,
     tls: TlsListener | None = None,
     plaintext: bool = True,
-    max_packet_size_bytes: int | None = None,
+    max_packet_size_bytes: int = MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES,
 ) -> str:
     """A mosquitto.conf for our broker. The limits are deliberate (SPEC "broker facts"):
 
@@ -43,11 +48,14 @@ def mosquitto_conf(
       to a subscriber that fell behind;
     * ``autosave_on_changes`` with ``autosave_interval 1``: default persistence lost every
       queued message on SIGKILL;
-    * ``persistent_client_expiration``: offline workers keep their queue for a week.
+    * ``persistent_client_expiration``: offline workers keep their queue for a week;
+    * ``message_size_limit`` = the largest legitimate payload of any message
+      (:data:`stresswatch.wire.limits.MAX_PAYLOAD_BYTES`, computed from the message caps; see
+      docs/BROKER.md): a larger publish is refused, neither forwarded nor retained;
+      ``max_packet_size`` (``max_packet_size_bytes``) a little above it disconnects a client
+      sending far more.
 
     ``tls`` adds a TLS listener (TLS 1.2 or later); ``plaintext=False`` leaves it the only one.
-    ``max_packet_size_bytes`` caps every MQTT packet (mosquitto drops the client that sends a
-    larger one); ``None`` leaves mosquitto's default (no limit below the protocol's 256 MB).
     """
     if not plaintext and tls is None:
         raise ConfigError("a broker needs at least one listener: keep the plaintext one or give TLS certificates")
@@ -62,14 +70,14 @@ def mosquitto_conf(
         "max_queued_messages 0",
         "max_inflight_messages 100",
         "persistent_client_expiration 7d",
+        f"message_size_limit {MAX_PAYLOAD_BYTES}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",
     ]
-    if max_packet_size_bytes is not None:
-        if max_packet_size_bytes < 20:  # mosquitto refuses smaller values (a CONNECT needs more)
-            raise ConfigError("max_packet_size_bytes must be at least 20", field="max_packet_size_bytes")
-        lines.append(f"max_packet_size {max_packet_size_bytes}")
+    if max_packet_size_bytes < 20:  # mosquitto refuses smaller values (a CONNECT needs more)
+        raise ConfigError("max_packet_size_bytes must be at least 20", field="max_packet_size_bytes")
+    lines.insert(lines.index("log_dest stderr"), f"max_packet_size {max_packet_size_bytes}")
     if run_as:
         lines.append(f"user {run_as}")
     if password_file:

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..fsio import atomic_write
 from .accounts import Role, check_account_id, generate_password, hash_password
-from .conf import TlsListener, mosquitto_conf, render_acl
+from ..wire.limits import MAX_PAYLOAD_BYTES
+from .conf import PACKET_OVERHEAD_BYTES, TlsListener, mosquitto_conf, render_acl
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class BrokerDir:
         tls: TlsListener | None = None,
         plaintext: bool = True,
         run_as: str | None = None,
-        max_packet_size_bytes: int | None = None,
+        max_packet_size_bytes: int = MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES,
     ) -> None:
         """Write (or rewrite) the configuration; accounts already provisioned are kept."""
         root = self.path.resolve()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..alerts.acks import AckAction, AckMessage, check_alert_id
+from ..wire.acks import AckAction, AckMessage, check_alert_id
 from ..alerts.lifecycle import OPEN_STATES, AlertState, LifecycleError, Outcome
 from ..alerts.replies import Reply, request
 from ..alerts.topics import Topics, check_id

@@ -36,7 +36,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..alerts.acks import AckAction, AckMessage, check_alert_id
+from ..wire.acks import AckAction, AckMessage, check_alert_id
 from ..alerts.lifecycle import OPEN_STATES, AlertState, Outcome
 from ..alerts.topics import Topics, check_id
 from ..errors import TransportError
