@@ -68,6 +68,7 @@ def watch(app: AppContext, worker: str, broker: str | None, count: int | None, t
         detail = f" level={alert.level.value}" if alert.level else ""
         detail += f" reasons={','.join(r.value for r in alert.reasons)}" if alert.reasons else ""
         detail += f" score={alert.score:g}" if alert.score is not None else ""
+        detail += f' note="{alert.note}"' if alert.note else ""  # a check-in: the person's own words
         console.print(f"{alert.raised_at:%Y-%m-%d %H:%M} UTC  reach out to {alert.user}{detail}  id={alert.alert_id}", markup=False)
         if count is not None and n >= count:
             done.set()
