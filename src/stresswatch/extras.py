@@ -7,6 +7,7 @@ extra       brings                               for
 ``plot``    matplotlib                           ``replay --plot``, :mod:`stresswatch.plot`
 ``ble``     bleak                                ``pair``, ``stream``, ``record`` with a real device
 ``sim``     scipy                                the labelled cohort simulator (``stresswatch_fixtures.cohort``)
+``web``     starlette, uvicorn                   ``worker-app``, the support workers' web app
 ``bench``   neurokit2, pandas, psutil, yappi     ``benchmarks/``
 ==========  ===================================  ===================================
 """
