@@ -13,7 +13,7 @@ from ..consent.rights import export_user
 from ..fsio import atomic_writer
 from ..clock import utc_now
 from ..store import SampleStore
-from ._common import AppContext, console_err, pass_app
+from ._common import AppContext, console_err, id_option, pass_app
 
 EPILOG = """
 \b
@@ -24,7 +24,7 @@ Examples:
 
 
 @click.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Whose data to export.")
+@click.option("--user", required=True, callback=id_option("user"), help="Whose data to export.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here (atomically) instead of stdout.")
 @pass_app
 def export(app: AppContext, user: str, out: Path | None) -> None:
