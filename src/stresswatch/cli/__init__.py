@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="stresswatch", standalone_mode=False)
     except StresswatchError as exc:
-        message = re.sub(r"(mqtts?://)[^/@\s]*@", r"\1", str(exc))  # never print a URL's password
+        message = re.sub(r"(mqtts?://)(?!USER:PASSWORD@)[^/@\s]*@", r"\1", str(exc))  # never print a URL's password (the hint's placeholder stays)
         if isinstance(exc, TransportError) and "not authori" in message.lower() and "docs/BROKER.md" not in message:
             message += f" ({CREDENTIALS_HINT})"  # a wrong or missing password: say how to give one
         for line in message.splitlines() or [""]:  # several problems: one line each
