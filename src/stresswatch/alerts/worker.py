@@ -22,12 +22,13 @@ from pydantic import ValidationError
 
 from ..broker import private_client_id
 from ..errors import StorageError, TransportError
+from ..sqlite import connect as sqlite_connect
 from ..model import Alert
 from ..wire.acks import AckAction, AckMessage
 from .lifecycle import Outcome
 from .replies import Reply, ReplyWaiter, wait_published
 from .topics import Topics
-from .transport import connect
+from ..mqtt import connect
 
 
 class SeenIds:
@@ -38,10 +39,8 @@ class SeenIds:
         self._db: sqlite3.Connection | None = None
         if path is not None:
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
                 # paho calls back on its own thread: allow use from it, guarded by the client's lock.
-                self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
-                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db = sqlite_connect(Path(path), any_thread=True)
                 self._db.execute("CREATE TABLE IF NOT EXISTS seen (alert_id TEXT PRIMARY KEY, notice INTEGER, at TEXT)")
                 self._mem = dict(self._db.execute("SELECT alert_id, notice FROM seen").fetchall())
             except (sqlite3.Error, OSError) as exc:
@@ -85,6 +84,7 @@ class WorkerClient:
         on_connection: Callable[[bool], None] | None = None,
         on_reply: Callable[[Reply], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
+        on_engine_status: Callable[[str], None] | None = None,
         seen_path: str | Path | None = None,
         session_expiry_s: int = 7 * 24 * 3600,
         client_id: str | None = None,
@@ -99,6 +99,11 @@ class WorkerClient:
         self._on_reply = on_reply
         self._on_refused = on_refused
         self.replies_topic = self.topics.replies(worker)
+        self._on_engine_status = on_engine_status
+        # retained "online"/"offline" of the engine (its last will): only for a caller that shows it
+        self._subscriptions = [(self.topic, 1), (self.replies_topic, 1)]
+        if on_engine_status is not None:
+            self._subscriptions.append((self.topics.engine_status, 1))
         self._waiter = ReplyWaiter()
         self._seen = SeenIds(seen_path)
         self._lock = threading.Lock()
@@ -125,7 +130,7 @@ class WorkerClient:
             subscribed.set()
 
         self._client.on_subscribe = on_subscribe
-        self._client.subscribe([(self.topic, 1), (self.replies_topic, 1)])
+        self._client.subscribe(self._subscriptions)
         if not subscribed.wait(10):
             self.close()
             raise TransportError(f"no SUBACK for {self.topic!r}", url=url)
@@ -147,7 +152,7 @@ class WorkerClient:
 
     def _reconnected(self, client: mqtt.Client, session_present: bool) -> None:
         if not session_present:  # the broker lost our session (e.g. no persistence): subscribe again
-            client.subscribe([(self.topic, 1), (self.replies_topic, 1)])
+            client.subscribe(self._subscriptions)
         if self._on_connection:
             self._on_connection(True)
 
@@ -156,6 +161,14 @@ class WorkerClient:
             self._on_connection(False)
 
     def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.engine_status:
+            if self._on_engine_status is not None:
+                try:
+                    status = json.loads(msg.payload).get("status")
+                except (ValueError, AttributeError, UnicodeDecodeError):
+                    status = None
+                self._on_engine_status(status if status in ("online", "offline") else "unknown")
+            return
         if msg.topic == self.replies_topic:
             reply = self._waiter.feed(msg.payload)
             if reply is not None and self._on_reply:
