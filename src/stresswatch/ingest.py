@@ -16,9 +16,10 @@ The same batch may also arrive in the compact binary format of :mod:`stresswatch
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -151,6 +152,15 @@ class Deduplicator:
 
 
 @dataclass(frozen=True)
+class Received:
+    """A message as received with manual acknowledgement: its bytes, and the PUBACK to send
+    once it is durable (``ack()``, safe from any thread)."""
+
+    payload: bytes
+    ack: Callable[[], object]
+
+
+@dataclass(frozen=True)
 class Rejection:
     """A payload the receiver refused: the topic it came on and why (no sample values)."""
 
@@ -173,12 +183,18 @@ class IngestReceiver:
       raised can be delivered again by a redelivery; the exception is logged and counted.
 
     ``on_batch`` runs on paho's network thread, one message at a time.
+
+    With ``manual_ack`` nothing is acknowledged on receipt: ``on_batch(batch, received)``
+    must call ``received.ack()`` once the batch is durable, and a duplicate goes to
+    ``on_duplicate(received)`` (acknowledge it once its original is durable). A payload that
+    is rejected is acknowledged at once: nothing of it will ever be kept. ``seen``: batches
+    already processed (replayed from the engine's log at a restart), dropped if redelivered.
     """
 
     def __init__(
         self,
         url: str,
-        on_batch: Callable[[IngestBatch], None],
+        on_batch: Callable[..., None],
         *,
         topics: Topics = Topics(),
         username: str | None = None,
@@ -188,6 +204,9 @@ class IngestReceiver:
         on_invalid: Callable[[Rejection], None] | None = None,
         timeout_s: float = 10.0,
         reconnect_max_s: int = 10,
+        manual_ack: bool = False,
+        on_duplicate: Callable[[Received], None] | None = None,
+        seen: Iterable[IngestBatch] = (),
     ) -> None:
         self.url = url
         self.topics = topics
@@ -196,6 +215,10 @@ class IngestReceiver:
         self._on_batch = on_batch
         self._on_invalid = on_invalid
         self._dedup = Deduplicator()
+        for batch in seen:
+            self._dedup.first_time(batch)
+        self._manual_ack = manual_ack
+        self._on_duplicate = on_duplicate
         self._lock = threading.Lock()
         self.accepted = 0
         self.duplicates = 0
@@ -211,6 +234,7 @@ class IngestReceiver:
             persistent_session=True,
             on_message=self._message,
             timeout_s=timeout_s,
+            manual_ack=manual_ack,
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)  # paho's default grows to 120 s
         self._client.on_subscribe = self._on_subscribe
@@ -238,20 +262,32 @@ class IngestReceiver:
     def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
         topic_user = topic[len(self._topic_head):] if topic.startswith(self._topic_head) else ""
+        received = Received(msg.payload, functools.partial(client.ack, msg.mid, msg.qos)) if self._manual_ack else None
         try:
             batch = IngestBatch.decode(msg.payload, topic=topic)
         except ParseError as exc:
             self._reject(topic, f"malformed payload: {exc.field or ''} {exc.message}".strip())
+            if received is not None:
+                received.ack()
             return
         if batch.user != topic_user:
             self._reject(topic, "payload user differs from the topic's user")
+            if received is not None:
+                received.ack()
             return
         with self._lock:
             if self._dedup.seen(batch):
                 self.duplicates += 1
+                if received is not None and self._on_duplicate is not None:
+                    self._on_duplicate(received)
+                elif received is not None:
+                    received.ack()
                 return
         try:
-            self._on_batch(batch)
+            if received is not None:
+                self._on_batch(batch, received)
+            else:
+                self._on_batch(batch)
         except Exception:  # noqa: BLE001 - the engine must keep receiving; the batch stays unseen
             with self._lock:
                 self.failed += 1

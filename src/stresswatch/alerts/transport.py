@@ -125,6 +125,7 @@ def connect(
     on_message: object | None = None,
     on_reconnect: Callable[[mqtt.Client, bool], None] | None = None,
     ca_file: str | None = None,
+    manual_ack: bool = False,
 ) -> mqtt.Client:
     """A connected paho client with its network loop running, or :class:`TransportError`.
 
@@ -133,6 +134,7 @@ def connect(
     connection paho reconnects by itself (backing off up to 5 s) and then calls
     ``on_reconnect(client, session_present)``. For ``mqtts://`` the server certificate is
     checked against ``ca_file`` (or the URL's ``?cafile=``), else the system's CAs.
+    ``manual_ack``: received QoS 1 messages are acknowledged only by ``client.ack(mid, qos)``.
     """
     addr = BrokerAddress.parse(url)
     ca_file = ca_file or addr.ca_file
@@ -144,7 +146,7 @@ def connect(
         kwargs: dict[str, object] = {}
         if version == mqtt.MQTTv311:
             kwargs["clean_session"] = not persistent_session
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, **kwargs)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, manual_ack=manual_ack, **kwargs)
         if username:
             client.username_pw_set(username, password)
         if addr.tls:

@@ -1,10 +1,12 @@
 """``stresswatch engine``: the long-running service's loop and lifecycle.
 
-ingest (:class:`IngestReceiver`) -> consent check -> :class:`IngestBuffer` -> the one
-:class:`Pipeline` (detector -> :class:`Dispatcher`: outbox, consent gate at send time,
-MQTT). All state changes happen on the thread that calls :meth:`Engine.run`: paho
-callbacks and the apscheduler jobs only enqueue work, so SQLite connections and the detector
-are used from one thread and a consent change is always recorded before the next publish.
+ingest (:class:`Intake`: receiver, ingest log, PUBACK once durable) -> consent check ->
+:class:`IngestBuffer` -> the one :class:`Pipeline` (detector -> :class:`Dispatcher`: outbox,
+consent gate at send time, MQTT). All state changes happen on the thread that calls
+:meth:`Engine.run`: paho callbacks, the ingest log and the apscheduler jobs only enqueue
+work, so SQLite connections and the detector are used from one thread and a consent change
+is always recorded before the next publish. No exception escapes a job: a fault in one
+user's data quarantines that user (:mod:`.quarantine`), any other is logged (rate-limited).
 """
 
 from __future__ import annotations
@@ -28,25 +30,24 @@ from ..clock import Clock, utc_now
 from ..config import Settings
 from ..consent.ledger import ConsentLedger
 from ..consent.wire import decode_consent
-from ..detect import Detector
-from ..errors import ParseError, StresswatchError
-from ..ingest import IngestBatch, IngestReceiver
+from ..detect import Detector, DetectorOutput
+from ..errors import ParseError, StresswatchError, TransportError
+from ..ingest import IngestBatch
 from ..pipeline import Pipeline
 from ..store import SampleStore
 from .consent_cache import ConsentCache
 from .erasure import erase_user
-from .ingest_buffer import IngestBuffer, frame_of
+from .ingest_buffer import IngestBuffer, readable_frame
+from .intake import Intake
 from .persist import StatePersister
+from .quarantine import Quarantine
+from .routing import FaultLog, Handler, Router
 from .status import StatusPublisher
 
 log = logging.getLogger("stresswatch.engine")
 
 ENGINE_ONLINE = b'{"schema_version":1,"status":"online"}'
 ENGINE_OFFLINE = b'{"schema_version":1,"status":"offline"}'
-
-# A message on ``{prefix}/{kind}/{id}``: called on the engine thread with (id, payload, topic).
-Handler = Callable[[str, bytes, str], None]
-
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -60,6 +61,7 @@ class EngineStats:
     accepted: int | None  # by the ingest receiver (None before start)
     duplicates: int | None
     rejected: int | None
+    quarantined: int  # users set aside after a fault in their data path
 
 
 class Engine:
@@ -91,15 +93,20 @@ class Engine:
         self.db_path = self.state_dir / "stresswatch.sqlite"
         self.store = SampleStore(self.state_dir) if settings.engine.keep_samples else None
         self.buffer = IngestBuffer()
+        self.quarantine = Quarantine()
+        self.faults = FaultLog()
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._flushed_at = 0.0
-        self._handlers: dict[str, Handler] = {"consent": self._on_consent, "acks": self._on_ack}
+        self.router = Router(self.topics.prefix, self._message_fault)
+        self.router.handlers.update(consent=self._on_consent, acks=self._on_ack)
+        self.applied_seq = 0  # the last ingest-log record handed to the detector (or dropped)
+        self._truncate_seq = 0  # the previous snapshot's: the log keeps one interval more (see persist)
         self.batches_processed = 0
         self.samples_processed = 0
         self.dropped_batches = 0
         self.transport: MqttTransport | None = None
-        self.receiver: IngestReceiver | None = None
+        self.intake: Intake | None = None
         self.dispatcher: Dispatcher | None = None
         self._scheduler: object | None = None
         self.ready = threading.Event()
@@ -109,7 +116,7 @@ class Engine:
         """Handle messages on ``{prefix}/{kind}/+`` (on the engine thread). Before :meth:`start`."""
         if self.dispatcher is not None:
             raise RuntimeError("add handlers before the engine starts")
-        self._handlers[kind] = handler
+        self.router.handlers[kind] = handler
 
     def call_soon(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the engine thread, after what is already queued (any thread)."""
@@ -120,7 +127,7 @@ class Engine:
         return self._stopping.is_set()
 
     def stats(self) -> EngineStats:
-        rx = self.receiver
+        rx = self.intake.receiver if self.intake is not None else None
         pipeline = getattr(self, "pipeline", None)
         return EngineStats(
             self.batches_processed,
@@ -131,6 +138,7 @@ class Engine:
             rx.accepted if rx else None,
             rx.duplicates if rx else None,
             len(rx.rejected) if rx else None,
+            len(self.quarantine),
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -167,17 +175,15 @@ class Engine:
             self.consent,
             lambda user: self.pipeline.detector.baseline_ready(user),
             lambda topic, body: transport.publish(topic, body, qos=1, retain=True),
+            quarantine=self.quarantine,
         )
-        self.transport.subscribe([f"{self.topics.prefix}/{kind}/+" for kind in self._handlers])
-        self.receiver = IngestReceiver(
-            self.url,
-            lambda batch: self._queue.put(_BatchJob(self, batch)),
-            topics=self.topics,
-            username=m.username,
-            password=m.password,
-            protocol=self.protocol,
-            client_id=private_client_id(f"{m.client_id}-ingest", m.password),
-        )
+        self.transport.subscribe(self.router.subscriptions())
+        # Nothing is acknowledged before it is durable: the ingest log syncs each batch before
+        # its PUBACK; the batches after the last snapshot are replayed now (docs/INGEST.md).
+        self.intake = Intake(self.state_dir / "ingest-log", self.topics, lambda b, seq: self._queue.put(_BatchJob(self, b, seq)))
+        self.intake.recover(self.outbox.ingest_seq(), self._on_batch)
+        self.flush()
+        self.intake.connect(self.url, m, self.protocol)
         from apscheduler.schedulers.background import BackgroundScheduler
 
         e = self.settings.engine
@@ -234,14 +240,15 @@ class Engine:
             job()
         except StresswatchError as exc:
             log.warning("%s", exc)
+        except Exception as exc:  # noqa: BLE001 - the engine never dies of one job; per-user faults are caught below it
+            self.faults.fault(getattr(job, "__name__", type(job).__name__), exc)
 
     def shutdown(self) -> None:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
             self._scheduler = None
-        if self.receiver is not None:
-            self.receiver.close()
-            self.receiver = None
+        if self.intake is not None:
+            self.intake.close()  # synced and acknowledged before the receiver disconnects
         self._run_queued(until_stopped=False)  # batches already received are processed, not lost
         self.flush()
         self.persist(wait=True)
@@ -273,23 +280,77 @@ class Engine:
         # stalled the engine ~8 s per save at 100,000 users (docs/SCALING.md).
         for user in [u for u in self.pipeline.detector.users if not self.consent.may_process(u, now)]:
             self._forget(user)
-        self.persister.save(self.pipeline.detector.to_bytes(), now, wait=wait)
+        seq, drop_through, intake = self.applied_seq, self._truncate_seq, self.intake
+        self._truncate_seq = seq
+        assert self.intake is not None
+        self.intake.log.rotate()
+        # The log keeps the segments of one more interval than the snapshot needs: a batch
+        # whose PUBACK was lost in a crash is redelivered, and is recognised by them.
+        self.persister.save(
+            self.pipeline.detector.to_bytes(), now, wait=wait, ingest_seq=seq, then=lambda: intake.log.truncate_through(drop_through)
+        )
 
     def flush(self) -> None:
-        """Give every pending batch to the detector, as one frame."""
+        """Give every pending batch to the detector, as one frame. A fault is isolated to the
+        users whose data caused it (:mod:`.quarantine`); everyone else's batch goes on."""
         if not len(self.buffer):
             return
         batches = self.buffer.take()
         self._flushed_at = time.monotonic()
-        frame = frame_of(batches)
-        self.pipeline.process(frame)
-        self.persister.add_samples(frame)
         self.batches_processed += len(batches)
-        self.samples_processed += frame.height
+        frame, batches, unreadable = readable_frame(batches)
+        for user, exc in unreadable.items():
+            self._quarantine(user, "reading an ingest batch", exc)
+        if frame is None:
+            return
+        try:
+            outputs = [(frame, self.pipeline.detect(frame))]
+        except Exception:  # noqa: BLE001 - retry user by user, quarantining the one that fails
+            outputs = []
+            for user, part in frame.partition_by("user", as_dict=True).items():
+                try:
+                    outputs.append((part, self.pipeline.detect(part)))
+                except Exception as exc:  # noqa: BLE001
+                    self._quarantine(str(user[0]), "the detector", exc)
+        for part, out in outputs:
+            self._dispatch(out)
+            self.persister.add_samples(part)
+            self.samples_processed += part.height
         self.status.after_flush(list(dict.fromkeys(b.user for b in batches)), self.clock())
 
-    def _on_batch(self, batch: IngestBatch) -> None:
-        if not self.consent.may_process(batch.user, self.clock()):  # SPEC: consent gates the whole engine
+    def _dispatch(self, out: DetectorOutput) -> None:
+        """Alerts to the dispatcher; if that fails, user by user (one user's alert, e.g. a
+        stored recipient no topic can carry, must not stop another's)."""
+        try:
+            self.pipeline.dispatch(out)
+        except TransportError:
+            raise
+        except Exception:  # noqa: BLE001
+            for alert in out.alerts:
+                try:
+                    self.pipeline.dispatch(DetectorOutput(out.windows.clear(), [alert]))
+                except TransportError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    self._quarantine(alert.user, "raising an alert", exc)
+
+    def _quarantine(self, user: str, where: str, exc: BaseException) -> None:
+        if self.quarantine.add(user, where, exc):
+            self._forget(user)
+            self.status.update(user, self.clock())
+
+    def _on_batch(self, batch: IngestBatch, seq: int) -> None:
+        self.applied_seq = seq
+        if batch.user in self.quarantine:
+            self.quarantine.dropped_batches += 1
+            self.batches_processed += 1
+            return
+        try:
+            allowed = self.consent.may_process(batch.user, self.clock())
+        except Exception as exc:  # noqa: BLE001 - a stored consent state that cannot be read
+            self._quarantine(batch.user, "reading consent", exc)
+            return
+        if not allowed:  # SPEC: consent gates the whole engine
             self.dropped_batches += 1
             self.batches_processed += 1
             return
@@ -309,11 +370,17 @@ class Engine:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """paho's thread: only enqueue, to the handler for the topic's kind."""
-        head, _, who = topic.rpartition("/")
-        prefix, _, kind = head.rpartition("/")
-        handler = self._handlers.get(kind) if prefix == self.topics.prefix else None
-        if handler is not None:
-            self._queue.put(lambda: handler(who, payload, topic))
+        job = self.router.route(topic, payload)
+        if job is not None:
+            self._queue.put(job)
+
+    def _message_fault(self, kind: str, who: str, exc: BaseException) -> None:
+        """A user's consent message that cannot be applied quarantines that user; any other
+        message's fault is logged (rate-limited) and the message dropped."""
+        if kind == "consent":
+            self._quarantine(who, "applying a consent message", exc)
+        else:
+            self.faults.fault(f"{kind} message from {who}", exc)
 
     def _on_consent(self, user: str, payload: bytes, topic: str) -> None:
         if not payload:  # an empty retained message: the user erased their data
@@ -356,6 +423,7 @@ class Engine:
             store=self.store,
             detector_settings=self.settings.detector,
             now=self.clock(),
+            ingest_seq=self.applied_seq,
         )
         self.status.clear(user)
         return removed
@@ -367,14 +435,15 @@ class Engine:
 class _BatchJob:
     """A received batch on the engine's work queue (told apart from other jobs by its type)."""
 
-    __slots__ = ("engine", "batch")
+    __slots__ = ("engine", "batch", "seq")
 
-    def __init__(self, engine: Engine, batch: IngestBatch) -> None:
+    def __init__(self, engine: Engine, batch: IngestBatch, seq: int) -> None:
         self.engine = engine
         self.batch = batch
+        self.seq = seq
 
     def __call__(self) -> None:
-        self.engine._on_batch(self.batch)
+        self.engine._on_batch(self.batch, self.seq)
 
 
 __all__ = ["ENGINE_OFFLINE", "ENGINE_ONLINE", "Engine", "EngineStats", "Handler"]
