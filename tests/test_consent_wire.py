@@ -77,5 +77,5 @@ def test_resolve_needs_an_outcome_and_ack_takes_none():
         AckMessage.decode(b'{"alert_id": "a", "action": "resolve"}')
     with pytest.raises(ParseError):
         AckMessage.decode(b'{"alert_id": "a", "action": "ack", "outcome": "no_answer"}')
-    m = AckMessage.decode(AckMessage(alert_id="a", action=AckAction.RESOLVE, outcome=Outcome.NOT_NEEDED, note="ok").encode())
+    m = AckMessage.decode(AckMessage(alert_id="6f1c2d8e-4b7a-5c3e-9a1d-2e5f7b9c0a11", action=AckAction.RESOLVE, outcome=Outcome.NOT_NEEDED, note="ok").encode())
     assert (m.outcome, m.note) == (Outcome.NOT_NEEDED, "ok")

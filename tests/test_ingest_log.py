@@ -72,3 +72,15 @@ def test_a_duplicate_is_reported_durable_without_a_record(tmp_path):
     log.append(LogEntry("", None, "dup"))
     log.close()
     assert done[-1].ref == "dup" and [r.seq for r in log.recover(0)] == [1]
+
+
+def test_erasure_rewrites_the_log_without_the_user(tmp_path):
+    write_all(tmp_path, [("alice", b"a1"), ("bob", b"b1"), ("alice", b"a2")])
+    log = IngestLog(tmp_path, lambda group: None)
+    list(log.recover(0))
+    log.start()
+    log.append(LogEntry("bob", b"b2", None))
+    log.erase("alice")
+    log.close()
+    assert [(r.user, r.payload) for r in log.recover(0)] == [("bob", b"b1"), ("bob", b"b2")]
+    assert b"a1" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())

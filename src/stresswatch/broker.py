@@ -284,13 +284,15 @@ def render_acl(prefix: str, accounts: Mapping[str, Role]) -> str:
         "#",
         "# Every authenticated account; %u is its username (its user or worker id).",
         f"pattern read {p}/engine/status",
-        "# a support worker: its own alerts in, its acks out",
+        "# a support worker: its own alerts and the engine's replies in, its acks (and list requests) out",
         f"pattern read {p}/alerts/%u",
         f"pattern write {p}/acks/%u",
-        "# a service user: its own samples and consent out, its status in",
+        f"pattern read {p}/replies/%u",
+        "# a service user: its own samples, consent and check-ins out, its status in",
         f"pattern write {p}/ingest/%u",
         f"pattern write {p}/consent/%u",
         f"pattern read {p}/status/%u",
+        f"pattern write {p}/checkin/%u",
     ]
     for account_id in sorted(accounts):
         role = Role(accounts[account_id])
@@ -302,14 +304,16 @@ def render_acl(prefix: str, accounts: Mapping[str, Role]) -> str:
                 # readwrite: `stresswatch erase` clears a user's retained consent through the engine
                 f"topic readwrite {p}/consent/+",
                 f"topic read {p}/acks/+",
+                f"topic write {p}/replies/+",
+                f"topic read {p}/checkin/+",
                 f"topic write {p}/alerts/+",
                 f"topic readwrite {p}/status/+",
                 f"topic readwrite {p}/engine/status",
             ]
         elif role is Role.WORKER:
-            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("ingest", "consent", "status")]
+            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("ingest", "consent", "status", "checkin")]
         else:
-            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("alerts", "acks")]
+            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("alerts", "acks", "replies")]
     return "\n".join(lines) + "\n"
 
 

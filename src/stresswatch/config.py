@@ -129,6 +129,7 @@ class AlertSettings(_Section):
     renotify_after_s: int = Field(default=900, ge=1, description="after the last recipient: remind, this often")
     max_reminders: int = Field(default=2, ge=0)
     cooldown_s: int = Field(default=1800, ge=0, description="wall-clock gap between two alerts sent about one user")
+    checkin_cooldown_s: int = Field(default=300, ge=0, description="the same between two check-ins of one person (its own cooldown)")
     resend_after_s: float = Field(default=10.0, gt=0, description="no PUBACK this long: publish again (same alert_id)")
 
 

@@ -1,39 +1,68 @@
-"""What a support worker sends back on ``{prefix}/acks/{worker}`` (QoS 1).
+"""What a support worker sends on ``{prefix}/acks/{worker}`` (QoS 1).
 
 Payload (``schema_version`` 1, JSON)::
 
-    {"schema_version": 1, "alert_id": "…", "action": "ack"}
+    {"schema_version": 1, "alert_id": "…", "action": "ack", "request_id": "…"}
     {"schema_version": 1, "alert_id": "…", "action": "resolve", "outcome": "reached_out", "note": "called, OK"}
+    {"schema_version": 1, "action": "list", "request_id": "…", "states": ["delivered", "escalated"]}
 
 The worker is the topic's last level (the broker's ACL lets a worker write only its own).
+The engine answers each message on ``{prefix}/replies/{worker}`` with what it recorded,
+quoting ``request_id`` (:mod:`stresswatch.alerts.replies`).
 """
 
 from __future__ import annotations
 
 import enum
+import uuid
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..model import decode_json
-from .lifecycle import Outcome
+from .lifecycle import AlertState, Outcome
 
 
 class AckAction(str, enum.Enum):
     ACK = "ack"
     RESOLVE = "resolve"
+    LIST = "list"  # the worker's alerts (history), answered from the engine's outbox
+
+
+def check_alert_id(value: str) -> str:
+    """Alert ids are UUIDs (model.alert_id_for): anything else is refused before it travels."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        raise ValueError(f"alert id {value!r} is not a UUID (copy it from `stresswatch alerts list`)") from None
 
 
 class AckMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: int = Field(default=1, ge=1, le=1)
-    alert_id: str = Field(min_length=1, max_length=64)
+    alert_id: str | None = Field(default=None, min_length=1, max_length=64)
     action: AckAction
     outcome: Outcome | None = None
     note: str | None = Field(default=None, max_length=500)
+    request_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    states: list[AlertState] | None = Field(default=None, max_length=len(AlertState))
+    limit: int = Field(default=200, ge=1, le=1000)
+
+    @field_validator("alert_id")
+    @classmethod
+    def _uuid(cls, v: str | None) -> str | None:
+        return check_alert_id(v) if v is not None else None
 
     @model_validator(mode="after")
-    def _resolve_needs_outcome(self) -> AckMessage:
+    def _fields_fit_action(self) -> AckMessage:
+        if self.action is AckAction.LIST:
+            if self.alert_id is not None or self.outcome is not None or self.note is not None:
+                raise ValueError("list carries no alert_id, outcome or note")
+            return self
+        if self.alert_id is None:
+            raise ValueError(f"{self.action.value} needs an alert_id")
+        if self.states is not None:
+            raise ValueError(f"{self.action.value} carries no states")
         if self.action is AckAction.RESOLVE and self.outcome is None:
             raise ValueError("resolve needs an outcome")
         if self.action is AckAction.ACK and (self.outcome is not None or self.note is not None):
@@ -41,7 +70,7 @@ class AckMessage(BaseModel):
         return self
 
     def encode(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode()
+        return self.model_dump_json(exclude_none=True, exclude_defaults=False).encode()
 
     @classmethod
     def decode(cls, payload: bytes, *, topic: str = "acks") -> AckMessage:

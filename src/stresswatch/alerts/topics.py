@@ -30,6 +30,14 @@ class Topics:
     def acks(self, worker: str) -> str:
         return f"{self.prefix}/acks/{check_id('worker', worker)}"
 
+    def replies(self, worker: str) -> str:
+        """The engine's answers to the worker's acks and list requests (alerts/replies.py)."""
+        return f"{self.prefix}/replies/{check_id('worker', worker)}"
+
+    def checkin(self, user: str) -> str:
+        """The person's own request for contact (alerts/checkin.py)."""
+        return f"{self.prefix}/checkin/{check_id('user', user)}"
+
     def status(self, user: str) -> str:
         return f"{self.prefix}/status/{check_id('user', user)}"
 

@@ -81,7 +81,7 @@ class IngestLog:
         self.folder = folder
         self._on_durable = on_durable
         self._fsync = fsync
-        self._queue: queue.SimpleQueue[LogEntry | str | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[LogEntry | str | tuple[str, str] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._segments: dict[Path, int] = {}  # closed or open segment -> last seq written (0: none)
         self._next_seq = 1
@@ -123,6 +123,11 @@ class IngestLog:
     def rotate(self) -> None:
         """New records go to a new segment (so that a snapshot can delete the old one whole)."""
         self._queue.put("rotate")
+
+    def erase(self, user: str) -> None:
+        """Erasure: rewrite every segment without ``user``'s records (on the log's thread,
+        after what is queued; new records go to a new segment)."""
+        self._queue.put(("erase", user))
 
     def truncate_through(self, seq: int) -> int:
         """Delete closed segments whose records all have ``seq`` at most ``seq`` (a snapshot
@@ -174,9 +179,34 @@ class IngestLog:
                     self._write(group)  # what came before the rotation stays in the old segment
                     group = []
                     self._open_segment()
+                elif isinstance(item, tuple):
+                    self._write(group)
+                    group = []
+                    self._open_segment()
+                    self._rewrite_without(item[1])
                 elif isinstance(item, LogEntry):
                     group.append(item)
             self._write(group)
+
+    def _rewrite_without(self, user: str) -> None:
+        with self._lock:
+            closed = [p for p in self._segments if p != self._path]
+        for path in closed:
+            recs = list(read_segment(path))
+            if not any(r.user == user for r in recs):
+                continue
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                for r in recs:
+                    if r.user != user:
+                        u = r.user.encode()
+                        f.write(_HEAD.pack(r.seq, len(u), len(r.payload), zlib.crc32(u + r.payload)) + u + r.payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        if closed:
+            _fsync_dir(self.folder)
 
     def _write(self, group: list[LogEntry]) -> None:
         if not group:

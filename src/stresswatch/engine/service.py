@@ -16,12 +16,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from ..alerts.dispatch import Dispatcher
-from ..alerts.lifecycle import LifecycleError
 from ..alerts.outbox import Outbox
 from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
@@ -29,16 +29,17 @@ from ..broker import check_broker_security, private_client_id
 from ..clock import Clock, utc_now
 from ..config import Settings
 from ..consent.ledger import ConsentLedger
-from ..consent.wire import decode_consent
-from ..detect import Detector, DetectorOutput
-from ..errors import ParseError, StresswatchError, TransportError
+from ..detect import Detector
+from ..errors import StresswatchError
 from ..ingest import IngestBatch
 from ..pipeline import Pipeline
 from ..store import SampleStore
 from .consent_cache import ConsentCache
 from .erasure import erase_user
 from .ingest_buffer import IngestBuffer, readable_frame
+from . import handlers
 from .intake import Intake
+from .isolation import detect_isolated, dispatch_isolated
 from .persist import StatePersister
 from .quarantine import Quarantine
 from .routing import FaultLog, Handler, Router
@@ -99,7 +100,8 @@ class Engine:
         self._stopping = threading.Event()
         self._flushed_at = 0.0
         self.router = Router(self.topics.prefix, self._message_fault)
-        self.router.handlers.update(consent=self._on_consent, acks=self._on_ack)
+        for kind, handler in (("consent", handlers.on_consent), ("acks", handlers.on_ack), ("checkin", handlers.on_checkin)):
+            self.router.handlers[kind] = partial(handler, self)
         self.applied_seq = 0  # the last ingest-log record handed to the detector (or dropped)
         self._truncate_seq = 0  # the previous snapshot's: the log keeps one interval more (see persist)
         self.batches_processed = 0
@@ -279,7 +281,7 @@ class Engine:
         # cache, which the status sweep refreshes from the ledger: a ledger read per user here
         # stalled the engine ~8 s per save at 100,000 users (docs/SCALING.md).
         for user in [u for u in self.pipeline.detector.users if not self.consent.may_process(u, now)]:
-            self._forget(user)
+            self.forget(user)
         seq, drop_through, intake = self.applied_seq, self._truncate_seq, self.intake
         self._truncate_seq = seq
         assert self.intake is not None
@@ -303,40 +305,15 @@ class Engine:
             self._quarantine(user, "reading an ingest batch", exc)
         if frame is None:
             return
-        try:
-            outputs = [(frame, self.pipeline.detect(frame))]
-        except Exception:  # noqa: BLE001 - retry user by user, quarantining the one that fails
-            outputs = []
-            for user, part in frame.partition_by("user", as_dict=True).items():
-                try:
-                    outputs.append((part, self.pipeline.detect(part)))
-                except Exception as exc:  # noqa: BLE001
-                    self._quarantine(str(user[0]), "the detector", exc)
-        for part, out in outputs:
-            self._dispatch(out)
+        for part, out in detect_isolated(self.pipeline, frame, self._quarantine):
+            dispatch_isolated(self.pipeline, out, self._quarantine)
             self.persister.add_samples(part)
             self.samples_processed += part.height
         self.status.after_flush(list(dict.fromkeys(b.user for b in batches)), self.clock())
 
-    def _dispatch(self, out: DetectorOutput) -> None:
-        """Alerts to the dispatcher; if that fails, user by user (one user's alert, e.g. a
-        stored recipient no topic can carry, must not stop another's)."""
-        try:
-            self.pipeline.dispatch(out)
-        except TransportError:
-            raise
-        except Exception:  # noqa: BLE001
-            for alert in out.alerts:
-                try:
-                    self.pipeline.dispatch(DetectorOutput(out.windows.clear(), [alert]))
-                except TransportError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    self._quarantine(alert.user, "raising an alert", exc)
-
     def _quarantine(self, user: str, where: str, exc: BaseException) -> None:
         if self.quarantine.add(user, where, exc):
-            self._forget(user)
+            self.forget(user)
             self.status.update(user, self.clock())
 
     def _on_batch(self, batch: IngestBatch, seq: int) -> None:
@@ -382,37 +359,15 @@ class Engine:
         else:
             self.faults.fault(f"{kind} message from {who}", exc)
 
-    def _on_consent(self, user: str, payload: bytes, topic: str) -> None:
-        if not payload:  # an empty retained message: the user erased their data
-            self.erase_user(user)
-            return
-        try:
-            events = decode_consent(payload, topic_user=user, topic=topic)
-        except ParseError as exc:
-            log.warning("ignored consent message: %s", exc)
-            return
-        self.consent.drop(user)
-        if self.ledger.extend(events):
-            now = self.clock()
-            if not self.consent.may_process(user, now):
-                self._forget(user)
-            self.status.update(user, now)
-
-    def _on_ack(self, worker: str, payload: bytes, topic: str) -> None:
-        assert self.dispatcher is not None
-        try:
-            self.dispatcher.on_ack(worker, payload, topic=topic)
-        except (ParseError, LifecycleError) as exc:
-            log.warning("ignored ack from %s: %s", worker, exc)
-
-    def _forget(self, user: str) -> None:
+    def forget(self, user: str) -> None:
+        """Drop the user from memory (pending batches, detector, unsaved samples)."""
         self.buffer.drop_user(user)
         self.pipeline.forget(user)
         self.persister.drop_user(user)
 
     def erase_user(self, user: str) -> dict[str, int]:
         """Remove the user from every store this engine keeps, and clear their status topic."""
-        self._forget(user)
+        self.forget(user)
         self.consent.drop(user)
         removed = erase_user(
             user,
@@ -425,6 +380,8 @@ class Engine:
             now=self.clock(),
             ingest_seq=self.applied_seq,
         )
+        if self.intake is not None:
+            self.intake.log.erase(user)  # the raw batches kept for a restart go too
         self.status.clear(user)
         return removed
 
