@@ -15,7 +15,7 @@ from stresswatch.broker import private_client_id
 from stresswatch.config import AlertSettings, DetectorSettings, EngineSettings, MqttSettings, Settings, StoreSettings
 from stresswatch.consent import ConsentLedger
 from stresswatch.consent.state import Visibility
-from stresswatch.consent.wire import encode_consent
+from stresswatch.wire.consent import encode_consent
 from stresswatch.engine import Engine
 
 from conftest import FAST_DETECTOR

@@ -5,6 +5,7 @@ generated broker with real accounts and a real engine."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stresswatch.alerts.checkin import CheckinQueue, checkin_alert_id, decision_for
-from stresswatch.alerts.checkin_wire import NOTE_MAX, CheckinMessage, decode_checkin
+from stresswatch.wire.checkin import NOTE_MAX, CheckinMessage, decode_checkin
 from stresswatch.alerts.dispatch import Dispatcher
 from stresswatch.alerts.lifecycle import AlertState, EscalationPolicy
 from stresswatch.alerts.outbox import Outbox
@@ -185,3 +186,27 @@ def test_checkin_end_to_end_reaches_the_workers_watch_once_and_is_in_the_persons
     finally:
         sam.close()
     assert len(got) == 2
+
+
+def test_a_checkin_shows_in_alerts_watch_with_the_persons_words(secure_broker, tmp_path, capsys):
+    import threading
+
+    from stresswatch.cli import main
+
+    from engine_harness import engine_settings, publish_consent, running_engine
+
+    b = secure_broker
+    as_sam = ["--set", "mqtt.username=sam", "--set", f"mqtt.password={b.passwords['sam']}"]
+    with running_engine(engine_settings(b, tmp_path / "engine")):
+        publish_consent(b, "alice", ["sam"], tmp_path, name="Robin")
+        rc: list[int] = []
+        watch = threading.Thread(target=lambda: rc.append(main([*as_sam, "alerts", "watch", "--worker", "sam", "--broker", b.url,
+                                 "--count", "1", "--timeout-s", "30", "--seen-file", str(tmp_path / "seen.sqlite")])))  # fmt: skip
+        watch.start()
+        time.sleep(2.0)  # subscribed
+        creds = ["--set", "mqtt.username=alice", "--set", f"mqtt.password={b.passwords['alice']}"]
+        assert main([*creds, "checkin", "--user", "alice", "--note", "after 6", "--broker", b.url, "--queue-file", str(tmp_path / "q.sqlite")]) == 0
+        watch.join(40)
+    assert rc == [0]
+    out = capsys.readouterr().out
+    assert "reach out to Robin" in out and "reasons=self_report" in out and 'note="after 6"' in out

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stresswatch.alerts.acks import AckAction, AckMessage
+from stresswatch.wire.acks import AckAction, AckMessage
 from stresswatch.alerts.lifecycle import Outcome
 from stresswatch.consent import ConsentLedger
 from stresswatch.consent.state import QuietHours, Visibility
-from stresswatch.consent.wire import decode_consent, encode_consent
+from stresswatch.wire.consent import decode_consent, encode_consent
 from stresswatch.errors import ParseError
 
 T = datetime(2026, 11, 25, 9, tzinfo=timezone.utc)

@@ -7,10 +7,17 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from stresswatch.alerts import MqttTransport, WorkerClient
+import polars as pl
+
+from stresswatch.alerts import MemoryTransport, MqttTransport, WorkerClient
+from stresswatch.alerts.dispatch import Dispatcher
 from stresswatch.alerts.lifecycle import Sent, apply
 from stresswatch.alerts.outbox import Outbox
 from stresswatch.consent import ConsentLedger
+from stresswatch.detect import Detector
+from stresswatch.engine.isolation import detect_isolated, dispatch_isolated
+from stresswatch.engine.quarantine import Quarantine
+from stresswatch.pipeline import DataClock, Pipeline
 from stresswatch.model import AlertDecision, AlertLevel, Reason, alert_id_for
 from stresswatch.store import SampleStore
 
@@ -50,9 +57,10 @@ def test_a_stored_delivery_no_topic_can_carry_is_dropped_and_reported_not_a_cras
     sam.close()
 
 
-def test_a_batch_the_engine_cannot_read_quarantines_only_its_user(mosquitto, tmp_path, rr_stream):
+def test_a_batch_with_a_time_outside_int64_costs_no_one_else_anything(mosquitto, tmp_path, rr_stream):
     """Hole 3 of the issue: one 185-byte batch with a time outside int64 stopped the engine,
-    and the batches of the others, already acknowledged, were lost."""
+    and the batches of the others, already acknowledged, were lost. Now the wire boundary
+    refuses it, and were anything to get past it, the flush quarantines only its user."""
     url = mosquitto.url
     state = tmp_path / "engine"
     start_s = int(time.time()) // 60 * 60 - 3 * 3600
@@ -73,11 +81,44 @@ def test_a_batch_the_engine_cannot_read_quarantines_only_its_user(mosquitto, tmp
         db = state / "stresswatch.sqlite"
         assert wait_for(lambda: len({i for i in raised_ids(db)}) == 4, 30), len(raised_ids(db))
         assert th.is_alive()
-        body = json.loads(retained(mosquitto.port, TOPICS.status("mallory")) or b"{}")
-        assert body.get("status") == "quarantined" and "reading an ingest batch" in body.get("reason", "")
+        assert eng.stats().rejected + eng.stats().quarantined >= 1
         assert json.loads(retained(mosquitto.port, TOPICS.status("alice")))["status"] == "active"
     finally:
         eng.request_stop()
         th.join(60)
     assert not th.is_alive()
     assert SampleStore(state).users() == ["alice", "bob"]
+
+
+class FaultyDetector(Detector):
+    """A detector with a fault in one user's path (what no valid input is known to cause)."""
+
+    def update(self, batch):
+        if "mallory" in batch.get_column("user").to_list():
+            raise ArithmeticError("a fault in mallory's data path")
+        return super().update(batch)
+
+
+def test_a_detector_fault_is_retried_user_by_user_and_only_its_user_is_set_aside(tmp_path, rr_stream):
+    faults: list[tuple[str, str]] = []
+    with Outbox(":memory:") as outbox, ConsentLedger(":memory:") as ledger:
+        ledger.grant("alice", ["sam"], now=datetime.now(timezone.utc))
+        transport = MemoryTransport()
+        dispatcher = Dispatcher.from_settings(settings_for("mqtt://127.0.0.1:1", tmp_path), outbox, ledger, transport, clock=DataClock())
+        pipeline = Pipeline(FaultyDetector(settings_for("mqtt://127.0.0.1:1", tmp_path).detector), dispatcher)
+        start_s = int(time.time()) // 60 * 60 - 3 * 3600
+        frame = pl.concat([rr_stream("alice", start_s, 2, seed=1), rr_stream("mallory", start_s, 2, seed=2)])
+        outputs = detect_isolated(pipeline, frame, lambda user, step, exc: faults.append((user, step)))
+        assert faults == [("mallory", "the detector")]
+        assert [set(part.get_column("user")) for part, _ in outputs] == [{"alice"}]
+        for _, out in outputs:
+            dispatch_isolated(pipeline, out, lambda user, step, exc: faults.append((user, step)))
+        assert pipeline.detector.users == ["alice"] and len(outputs[0][1].alerts) == 2
+        assert len(transport.messages) == 2  # alice's alerts went out
+
+
+def test_quarantine_names_the_step_and_the_fault_type_never_a_value():
+    q = Quarantine()
+    assert q.add("mallory", "the detector", ArithmeticError("value 1e400 at 12:00"))
+    assert not q.add("mallory", "the detector", ValueError("again"))
+    assert q.reason("mallory") == "the detector failed (ArithmeticError)" and "mallory" in q and len(q) == 1

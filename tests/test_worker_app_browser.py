@@ -4,6 +4,7 @@ served by uvicorn. Screenshots of the page go to docs/ (desktop and phone width)
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -131,13 +132,18 @@ def test_worker_signs_in_sees_a_live_alert_acks_resolves_and_keeps_history_acros
         text = sam.locator("main").inner_text()
         assert "score" not in text.lower() and "bpm" not in text.lower() and " ms" not in text
 
-        # screenshots for docs/WORKER-APP.md, taken by this browser
+        # screenshots for docs/WORKER-APP.md, taken by this browser (written into docs/ with
+        # STRESSWATCH_UPDATE_SCREENSHOTS=1, so an ordinary test run leaves the tree clean)
+        shots = DOCS if os.environ.get("STRESSWATCH_UPDATE_SCREENSHOTS") == "1" else tmp_path
+        sam.get_by_role("button", name="Refresh").click()
+        sam.get_by_text("2 alerts.").wait_for(timeout=T)
         sam.set_viewport_size({"width": 1200, "height": 800})
-        sam.screenshot(path=str(DOCS / "worker-app-desktop.png"), full_page=True)
+        sam.screenshot(path=str(shots / "worker-app-desktop.png"), full_page=True)
         phone = signed_in(browser, base, "sam", b.passwords["sam"], viewport={"width": 390, "height": 844}, device_scale_factor=1, is_mobile=True)
         cards(phone, "Sky").wait_for(timeout=T)
         assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
-        phone.screenshot(path=str(DOCS / "worker-app-phone.png"), full_page=True)
+        phone.screenshot(path=str(shots / "worker-app-phone.png"), full_page=True)
+        assert all((shots / f"worker-app-{k}.png").stat().st_size > 10_000 for k in ("desktop", "phone"))
 
 
 def test_a_removed_account_is_signed_out(secure_broker, tmp_path, browser):
@@ -157,7 +163,7 @@ def test_a_removed_account_is_signed_out(secure_broker, tmp_path, browser):
 
 def test_checkin_from_the_companion_reaches_the_app_after_waiting_offline(secure_broker, tmp_path, browser):
     b = secure_broker
-    with running_engine(engine_settings(b, tmp_path / "engine")), serving(b.url, tmp_path / "web") as base:
+    with running_engine(engine_settings(b, tmp_path / "engine")), serving(b.url, tmp_path / "web", keepalive_s=1.0) as base:
         publish_consent(b, "alice", ["sam"], tmp_path, name="Robin")
         sam = signed_in(browser, base, "sam", b.passwords["sam"], permissions=["notifications"])
         # count the notifications the page raises (the browser's own would need a desktop)
@@ -166,6 +172,11 @@ def test_checkin_from_the_companion_reaches_the_app_after_waiting_offline(secure
             window.Notification.requestPermission = () => N.requestPermission(); }""")
         sam.get_by_role("button", name="Allow notifications and sound").click()
         sam.get_by_text("Notifications and sound on").wait_for(timeout=T)
+        # every control has a label (an accessible name) a screen reader announces
+        unlabelled = sam.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button')]
+            .filter(e => !e.closest('template') && e.offsetParent !== null)
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()).length""")
+        assert unlabelled == 0
         creds = ["--set", "mqtt.username=alice", "--set", f"mqtt.password={b.passwords['alice']}"]
         q = ["--queue-file", str(tmp_path / "alice-q.sqlite")]
         # offline: the check-in is kept on disk, nothing is lost
@@ -178,3 +189,25 @@ def test_checkin_from_the_companion_reaches_the_app_after_waiting_offline(secure
         time.sleep(1.0)
         assert cards(sam, "Robin").count() == 1
         assert sam.evaluate("window.__shown") == ["Reach out to Robin"]  # one notification, for the one alert
+        # keyboard only: the action is a real button, Enter works
+        card.get_by_role("button", name="I'm reaching out to Robin").focus()
+        sam.keyboard.press("Enter")
+        card.get_by_text("The engine recorded: acknowledged by sam").wait_for(timeout=T)
+
+        # the laptop sleeps: its connection dies without an error reaching the page, and new
+        # streams hang until the network is back; a check-in arrives meanwhile. The page finds
+        # its stream silent (no ping for 2.5 s here), says so, reconnects, asks the engine again
+        # once through: shown, once.
+        sam.route("**/api/events", lambda route: None)  # requests hang, as on a dead network
+        sam.evaluate("source.close()")  # the socket the sleep killed
+        sam.locator("#connection.reconnecting").wait_for(timeout=T)
+        publish_consent(b, "bob", ["sam"], tmp_path, name="Sky")
+        assert main(["--set", "mqtt.username=bob", "--set", f"mqtt.password={b.passwords['bob']}", "checkin", "--user", "bob",
+                     "--broker", b.url, "--queue-file", str(tmp_path / "bob-q.sqlite")]) == 0  # fmt: skip
+        time.sleep(1.0)
+        assert cards(sam, "Sky").count() == 0  # not yet: nothing reaches a sleeping laptop
+        sam.unroute("**/api/events")  # awake
+        cards(sam, "Sky").wait_for(timeout=T)
+        sam.locator("#connection.live").wait_for(timeout=T)
+        time.sleep(1.0)
+        assert cards(sam, "Sky").count() == 1 and cards(sam, "Robin").count() == 1

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .wire.limits import TimeWindow
 
 ENV_PREFIX = "STRESSWATCH_"
 
@@ -138,6 +139,12 @@ class EngineSettings(_Section):
     grace_s: int = Field(default=60, ge=0, description="a window closes this long after its end without new data")
     persist_s: float = Field(default=60.0, gt=0, description="save detector state and buffered samples this often")
     keep_samples: bool = Field(default=True, description="store consenting users' samples (export, research)")
+    ingest_max_age_days: float = Field(default=400.0, gt=0, le=73_000, description="refuse ingest samples older than this (docs/INGEST.md)")
+    ingest_max_future_s: float = Field(default=600.0, ge=0, le=86_400, description="refuse ingest samples further ahead of the engine's clock")
+
+    def time_window(self) -> TimeWindow:
+        """The wire boundary's window around now (:class:`stresswatch.wire.limits.TimeWindow`)."""
+        return TimeWindow(max_age_s=self.ingest_max_age_days * 86_400, max_future_s=self.ingest_max_future_s)
 
 
 def _check_groups(groups: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -12,10 +12,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from typing import TypeVar
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ParseError
 
@@ -77,19 +76,6 @@ WINDOW_SCHEMA: dict[str, pl.DataType] = {
     "signal": pl.String(),
     "baseline_slot": pl.Int64(),
 }
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def decode_json(model: type[M], payload: bytes, *, source: str) -> M:
-    """A wire message (JSON) as ``model``; anything malformed is one :class:`ParseError` naming
-    the first offending field (the shared boundary of ingest, consent and ack messages)."""
-    try:
-        return model.model_validate_json(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ParseError(err["msg"], source=source, field=".".join(str(p) for p in err["loc"]) or None) from None
 
 
 def empty_samples() -> pl.DataFrame:

@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import sqlite
 from ..errors import StorageError
 from ..model import AlertDecision, AlertLevel, Reason
-from .checkin_wire import MAX_AGE_S, CheckinMessage, decode_checkin
+from ..wire.checkin import MAX_AGE_S, CheckinMessage, decode_checkin
 
 _CHECKIN_NAMESPACE = uuid.UUID("0b5e7d3a-91c4-5f28-8e6a-4d2c1b9f7a35")
 

@@ -23,7 +23,7 @@ from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
 from ..errors import TransportError
 from ..model import Alert, AlertDecision, Reason
-from .acks import AckAction, AckMessage
+from ..wire.acks import AckAction, AckMessage
 from .lifecycle import (
     Acknowledged,
     AlertRecord,

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..consent.state import ConsentState, Status, Visibility
 from ..errors import ParseError, TransportError
 from ..model import AlertDecision, AlertLevel, Reason
-from .acks import AckAction, AckMessage
+from ..wire.acks import AckAction, AckMessage
 from .lifecycle import OPEN_STATES, AlertRecord, AlertState, LifecycleError, Outcome
 from .topics import Topics
 
@@ -67,7 +67,7 @@ class Reply(BaseModel):
 
     @classmethod
     def decode(cls, payload: bytes) -> Reply:
-        from ..model import decode_json
+        from ..wire.json import decode_json
 
         return decode_json(cls, payload, source="replies")
 

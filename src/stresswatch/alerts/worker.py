@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from ..broker import private_client_id
 from ..errors import StorageError, TransportError
 from ..model import Alert
-from .acks import AckAction, AckMessage
+from ..wire.acks import AckAction, AckMessage
 from .lifecycle import Outcome
 from .replies import Reply, ReplyWaiter, wait_published
 from .topics import Topics

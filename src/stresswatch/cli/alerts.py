@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..alerts.acks import AckAction, AckMessage, check_alert_id
+from ..wire.acks import AckAction, AckMessage, check_alert_id
 from ..alerts.lifecycle import OPEN_STATES, AlertState, LifecycleError, Outcome
 from ..alerts.replies import Reply, request
 from ..alerts.topics import Topics, check_id
@@ -68,6 +68,7 @@ def watch(app: AppContext, worker: str, broker: str | None, count: int | None, t
         detail = f" level={alert.level.value}" if alert.level else ""
         detail += f" reasons={','.join(r.value for r in alert.reasons)}" if alert.reasons else ""
         detail += f" score={alert.score:g}" if alert.score is not None else ""
+        detail += f' note="{alert.note}"' if alert.note else ""  # a check-in: the person's own words
         console.print(f"{alert.raised_at:%Y-%m-%d %H:%M} UTC  reach out to {alert.user}{detail}  id={alert.alert_id}", markup=False)
         if count is not None and n >= count:
             done.set()

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ..alerts.checkin import CheckinQueue
-from ..alerts.checkin_wire import NOTE_MAX
+from ..wire.checkin import NOTE_MAX
 from ..alerts.topics import Topics, check_id
 from ..alerts.transport import connect
 from ..consent.ledger import ConsentLedger

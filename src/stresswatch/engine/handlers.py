@@ -7,8 +7,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..alerts import checkin, replies
-from ..consent.wire import decode_consent
-from ..errors import ParseError
+from ..errors import ParseError, WireError
+from ..wire.acks import AckMessage
+from ..wire.consent import decode_consent
 
 if TYPE_CHECKING:
     from .service import Engine
@@ -21,9 +22,9 @@ def on_consent(engine: Engine, user: str, payload: bytes, topic: str) -> None:
         engine.erase_user(user)
         return
     try:
-        events = decode_consent(payload, topic_user=user, topic=topic)
-    except ParseError as exc:
-        log.warning("ignored consent message: %s", exc)
+        events = decode_consent(payload, topic_user=user, topic=topic, now=engine.clock(), window=engine.settings.engine.time_window())
+    except WireError as exc:
+        engine.rejections.record("consent", exc, user=user)
         return
     engine.consent.drop(user)
     if engine.ledger.extend(events):
@@ -34,11 +35,17 @@ def on_consent(engine: Engine, user: str, payload: bytes, topic: str) -> None:
 
 
 def on_ack(engine: Engine, worker: str, payload: bytes, topic: str) -> None:
-    """An ack, resolve or list request: act, then tell the worker what was recorded."""
+    """An ack, resolve or list request: act, then tell the worker what was recorded. What is
+    not recorded is counted (one log line per reason a minute), not logged per message."""
     assert engine.dispatcher is not None and engine.transport is not None
     reply = replies.answer(engine.dispatcher, worker, payload, topic=topic)
     if not reply.ok:
-        log.warning("ack from %s: %s", worker, reply.error)
+        try:
+            AckMessage.decode(payload, topic=topic)
+        except WireError as exc:
+            engine.rejections.record("ack", exc, user=worker)
+        else:  # a valid message that does not apply (unknown alert, not theirs, wrong state)
+            engine.rejections.record("ack", "not_applicable", user=worker, field_name="alert_id")
     engine.transport.publish(engine.topics.replies(worker), reply.encode(), qos=1, expiry_s=replies.REPLY_EXPIRY_S)
 
 
@@ -48,7 +55,7 @@ def on_checkin(engine: Engine, user: str, payload: bytes, topic: str) -> None:
     try:
         decision = checkin.decision_for(user, payload, now=engine.clock(), topic=topic)
     except ParseError as exc:
-        log.warning("ignored check-in: %s", exc)
+        engine.rejections.record("checkin", exc, user=user)
         return
     engine.dispatcher.raise_alerts([decision])
 

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..private_files import private_dir
+
 log = logging.getLogger("stresswatch.engine")
 
 _HEAD = struct.Struct("<QIII")
@@ -95,7 +97,7 @@ class IngestLog:
     # -- restart -----------------------------------------------------------------------
     def recover(self, after_seq: int) -> Iterator[LoggedBatch]:
         """Records with ``seq > after_seq``, oldest first (before :meth:`start`)."""
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.folder)
         for path in sorted(self.folder.glob(f"*{_SUFFIX}")):
             last = 0
             for rec in read_segment(path):
@@ -108,7 +110,7 @@ class IngestLog:
 
     # -- writing -----------------------------------------------------------------------
     def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.folder)
         if not self._segments:  # recover() not called: still never reuse a sequence number
             for _ in self.recover(after_seq=2**63):
                 pass

@@ -14,9 +14,12 @@ from pathlib import Path
 
 from ..alerts.topics import Topics
 from ..broker import private_client_id
+from ..clock import Clock
 from ..config import MqttSettings
 from ..errors import ParseError
 from ..ingest import Deduplicator, IngestBatch, IngestReceiver, Received
+from ..wire.limits import TimeWindow
+from ..wire.rejections import Rejections
 from .ingest_log import IngestLog, LogEntry
 
 log = logging.getLogger("stresswatch.engine")
@@ -56,8 +59,11 @@ class Intake:
             log.warning("ingest log: skipped %d record(s) that no longer decode", skipped)
         return replayed
 
-    def connect(self, url: str, mqtt: MqttSettings, protocol: str) -> None:
-        """Start the log and subscribe (after :meth:`recover`)."""
+    def connect(
+        self, url: str, mqtt: MqttSettings, protocol: str, *, clock: Clock, window: TimeWindow, rejections: Rejections
+    ) -> None:
+        """Start the log and subscribe (after :meth:`recover`); ``clock``, ``window`` and
+        ``rejections``: the wire boundary's (:func:`stresswatch.wire.ingest.decode_ingest`)."""
         self.log.start()
         self.receiver = IngestReceiver(
             url,
@@ -70,6 +76,9 @@ class Intake:
             manual_ack=True,
             on_duplicate=lambda rx: self.log.append(LogEntry("", None, (None, rx))),
             seen=self._kept,
+            clock=clock,
+            window=window,
+            rejections=rejections,
         )
         self._kept = []
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import StresswatchError
+from ..wire.ids import is_valid_id
 
 log = logging.getLogger("stresswatch.engine")
 
@@ -36,11 +37,16 @@ class FaultLog:
 class Router:
     """``route(topic, payload)`` (paho's thread) returns the job to queue, or None."""
 
-    def __init__(self, prefix: str, on_fault: Callable[[str, str, BaseException], None]) -> None:
-        """``on_fault(kind, id, exc)``: a handler raised something other than a StresswatchError."""
+    def __init__(
+        self, prefix: str, on_fault: Callable[[str, str, BaseException], None], *, on_bad_id: Callable[[str], None] = lambda kind: None
+    ) -> None:
+        """``on_fault(kind, id, exc)``: a handler raised something other than a StresswatchError.
+        ``on_bad_id(kind)``: the topic's last level is not a valid id (the broker's ACL should
+        already refuse it): counted, not handled."""
         self.prefix = prefix
         self.handlers: dict[str, Handler] = {}
         self._on_fault = on_fault
+        self._on_bad_id = on_bad_id
 
     def subscriptions(self) -> list[str]:
         return [f"{self.prefix}/{kind}/+" for kind in self.handlers]
@@ -50,6 +56,9 @@ class Router:
         prefix, _, kind = head.rpartition("/")
         handler = self.handlers.get(kind) if prefix == self.prefix else None
         if handler is None:
+            return None
+        if not is_valid_id(who):
+            self._on_bad_id(kind)
             return None
         return lambda: self._call(kind, handler, who, payload, topic)
 

@@ -33,7 +33,9 @@ from ..detect import Detector
 from ..errors import StresswatchError
 from ..ingest import IngestBatch
 from ..pipeline import Pipeline
+from ..private_files import DIR_MODE, private_dir, tighten
 from ..store import SampleStore
+from ..wire.rejections import Rejections
 from .consent_cache import ConsentCache
 from .erasure import erase_user
 from .ingest_buffer import IngestBuffer, readable_frame
@@ -61,7 +63,7 @@ class EngineStats:
     users: int  # in the detector
     accepted: int | None  # by the ingest receiver (None before start)
     duplicates: int | None
-    rejected: int | None
+    rejected: int  # every message refused at the wire boundary (by kind and reason: Engine.rejections.counts())
     quarantined: int  # users set aside after a fault in their data path
 
 
@@ -99,7 +101,7 @@ class Engine:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._flushed_at = 0.0
-        self.router = Router(self.topics.prefix, self._message_fault)
+        self.router = Router(self.topics.prefix, self._message_fault, on_bad_id=lambda kind: self.rejections.record(kind, "bad_id", field_name="topic"))
         for kind, handler in (("consent", handlers.on_consent), ("acks", handlers.on_ack), ("checkin", handlers.on_checkin)):
             self.router.handlers[kind] = partial(handler, self)
         self.applied_seq = 0  # the last ingest-log record handed to the detector (or dropped)
@@ -107,6 +109,8 @@ class Engine:
         self.batches_processed = 0
         self.samples_processed = 0
         self.dropped_batches = 0
+        # every message refused at the wire boundary, by (kind, reason); one log line per reason a minute
+        self.rejections = Rejections(log)
         self.transport: MqttTransport | None = None
         self.intake: Intake | None = None
         self.dispatcher: Dispatcher | None = None
@@ -139,7 +143,7 @@ class Engine:
             len(pipeline.detector.users) if pipeline is not None else 0,
             rx.accepted if rx else None,
             rx.duplicates if rx else None,
-            len(rx.rejected) if rx else None,
+            self.rejections.total,
             len(self.quarantine),
         )
 
@@ -147,6 +151,8 @@ class Engine:
     def start(self) -> Engine:
         """Open the stores, restore the detector, connect and subscribe. Call :meth:`run` from
         the same thread: the SQLite connections belong to it."""
+        private_dir(self.state_dir)
+        tighten(self.state_dir, DIR_MODE)  # heart data and consent histories: this account only
         self.ledger = ConsentLedger(self.db_path)
         self.outbox = Outbox(self.db_path)
         self.consent = ConsentCache(self.ledger)
@@ -185,7 +191,9 @@ class Engine:
         self.intake = Intake(self.state_dir / "ingest-log", self.topics, lambda b, seq: self._queue.put(_BatchJob(self, b, seq)))
         self.intake.recover(self.outbox.ingest_seq(), self._on_batch)
         self.flush()
-        self.intake.connect(self.url, m, self.protocol)
+        self.intake.connect(
+            self.url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections
+        )
         from apscheduler.schedulers.background import BackgroundScheduler
 
         e = self.settings.engine
@@ -263,6 +271,7 @@ class Engine:
             except StresswatchError as exc:
                 log.warning("closing: %s", exc)
             self.transport = None
+        self.rejections.flush()
         self.outbox.close()
         self.ledger.close()
 

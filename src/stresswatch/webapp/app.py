@@ -36,11 +36,11 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..alerts.acks import AckAction, AckMessage, check_alert_id
+from ..wire.acks import AckAction, AckMessage, check_alert_id
 from ..alerts.lifecycle import OPEN_STATES, AlertState, Outcome
 from ..alerts.topics import Topics, check_id
 from ..errors import TransportError
-from .bridge import SIGNED_OUT, WorkerBridge
+from .bridge import SIGNED_OUT, Event, WorkerBridge
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "sw_session"
@@ -68,6 +68,7 @@ class WebSettings:
     tls: bool = False  # served over HTTPS: cookies are Secure
     session_idle_s: float = 12 * 3600
     reply_timeout_s: float = 10.0
+    keepalive_s: float = 15.0  # an event-stream ping this often: the page reconnects after ~2.5 missed (laptop sleep)
 
 
 @dataclass
@@ -259,12 +260,13 @@ def create_app(settings: WebSettings) -> Starlette:
 
         async def stream():  # type: ignore[no-untyped-def]
             try:
-                yield f"retry: 2000\nevent: connection\ndata: {{\"state\":\"{s.bridge.connection}\"}}\n\n"
+                hello = {"state": s.bridge.connection, "keepalive_s": settings.keepalive_s}
+                yield f"retry: 2000\n{Event('connection', hello).sse()}"
                 while True:
                     try:
-                        ev = await asyncio.wait_for(q.get(), 15.0)
+                        ev = await asyncio.wait_for(q.get(), settings.keepalive_s)
                     except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
+                        yield "event: ping\ndata: {}\n\n"  # a named event: the page's watchdog sees it
                         continue
                     yield ev.sse()
                     if ev.kind == "connection" and ev.data.get("state") == SIGNED_OUT:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..alerts.acks import AckMessage
+from ..wire.acks import AckMessage
 from ..alerts.replies import Reply
 from ..alerts.topics import Topics
 from ..alerts.worker import WorkerClient

@@ -76,6 +76,18 @@ function signedIn(data) {
   refresh();
 }
 
+// A laptop that slept may hold a dead connection that no error reports: the server pings every
+// keepalive_s, and a stream silent for 2.5 pings is replaced (then the list is asked for again).
+let lastSeen = Date.now();
+let keepaliveS = 15;
+setInterval(() => {
+  if (source && connection !== "signed_out" && Date.now() - lastSeen > keepaliveS * 2500) {
+    setConnection("reconnecting");
+    lastSeen = Date.now();
+    openEvents();
+  }
+}, 1000);
+
 // The engine's record also changes without a message to this page (PUBACK seen, escalation,
 // another tab): ask again every half minute while live.
 setInterval(() => { if (csrf && connection === "live" && !document.hidden) refresh(); }, 30000);
@@ -83,8 +95,11 @@ setInterval(() => { if (csrf && connection === "live" && !document.hidden) refre
 function openEvents() {
   if (source) source.close();
   source = new EventSource("/api/events");
+  lastSeen = Date.now();
+  for (const kind of ["connection", "alert", "update", "ping"]) source.addEventListener(kind, () => { lastSeen = Date.now(); });
   source.addEventListener("connection", (e) => {
     const d = JSON.parse(e.data);
+    if (d.keepalive_s) keepaliveS = d.keepalive_s;
     if (d.state === "signed_out") {
       showSignIn("You were signed out: the broker no longer accepts your account (removed, or its password changed). Ask your service operator.");
       setConnection("signed_out", "Signed out: account removed");

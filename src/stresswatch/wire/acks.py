@@ -8,7 +8,9 @@ Payload (``schema_version`` 1, JSON)::
 
 The worker is the topic's last level (the broker's ACL lets a worker write only its own).
 The engine answers each message on ``{prefix}/replies/{worker}`` with what it recorded,
-quoting ``request_id`` (:mod:`stresswatch.alerts.replies`).
+quoting ``request_id`` (:mod:`stresswatch.alerts.replies`). Checked here: ``alert_id`` a
+UUID, ``note`` at most 500 characters without control characters other than line breaks and
+tabs, the payload at most a few kB; a refusal names the field and the rule, never the value.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..model import decode_json
-from .lifecycle import AlertState, Outcome
+from ..alerts.lifecycle import AlertState, Outcome
+from .json import decode_json, refuse
+from .limits import MAX_ACK_BYTES, MAX_NOTE_CHARS
 
 
 class AckAction(str, enum.Enum):
@@ -43,7 +46,7 @@ class AckMessage(BaseModel):
     alert_id: str | None = Field(default=None, min_length=1, max_length=64)
     action: AckAction
     outcome: Outcome | None = None
-    note: str | None = Field(default=None, max_length=500)
+    note: str | None = Field(default=None, max_length=MAX_NOTE_CHARS)
     request_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     states: list[AlertState] | None = Field(default=None, max_length=len(AlertState))
     limit: int = Field(default=200, ge=1, le=1000)
@@ -51,7 +54,17 @@ class AckMessage(BaseModel):
     @field_validator("alert_id")
     @classmethod
     def _uuid(cls, v: str | None) -> str | None:
-        return check_alert_id(v) if v is not None else None
+        try:
+            return check_alert_id(v) if v is not None else None
+        except ValueError:  # its message repeats the value: say the rule instead
+            raise refuse("bad_id", "alert id must be a UUID") from None
+
+    @field_validator("note")
+    @classmethod
+    def _note(cls, v: str | None) -> str | None:
+        if v is not None and not v.replace("\n", " ").replace("\t", " ").isprintable():
+            raise refuse("malformed", "must not contain control characters")
+        return v
 
     @model_validator(mode="after")
     def _fields_fit_action(self) -> AckMessage:
@@ -74,4 +87,8 @@ class AckMessage(BaseModel):
 
     @classmethod
     def decode(cls, payload: bytes, *, topic: str = "acks") -> AckMessage:
-        return decode_json(cls, payload, source=topic)
+        """:class:`~stresswatch.errors.WireError` naming the field when malformed or out of range."""
+        return decode_json(cls, payload, source=topic, max_bytes=MAX_ACK_BYTES)
+
+
+__all__ = ["AckAction", "AckMessage", "Outcome", "check_alert_id"]
