@@ -69,6 +69,10 @@ def run_with_kill(mosquitto, tmp_path, kill_after_s: float) -> None:
     proc = spawn_engine(config)
     try:
         assert wait_for(lambda: engine_online(mosquitto.port), 30), proc.stderr.read1().decode() if proc.poll() is not None else ""
+        # the engine has recorded every user's consent (their status is published): a batch
+        # acknowledged before its user's consent was recorded is not covered (docs/INGEST.md)
+        for u in users:
+            assert wait_for(lambda u=u: retained(mosquitto.port, TOPICS.status(u), timeout=0.5) is not None, 30)
         feeder = threading.Thread(target=companion, args=(url, frames, 0.03))
         feeder.start()
         time.sleep(kill_after_s)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from ..clock import Clock
 from ..config import Settings
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
@@ -75,7 +76,7 @@ class Dispatcher:
         ledger: ConsentLedger,
         transport: Transport,
         *,
-        clock: Callable[[], datetime],
+        clock: Clock,
         topics: Topics | None = None,
         groups: Mapping[str, Sequence[str]] | None = None,
         policy: EscalationPolicy | None = None,
@@ -103,7 +104,7 @@ class Dispatcher:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, outbox: Outbox, ledger: ConsentLedger, transport: Transport, *, clock: Callable[[], datetime]
+        cls, settings: Settings, outbox: Outbox, ledger: ConsentLedger, transport: Transport, *, clock: Clock
     ) -> Dispatcher:
         """The dispatcher every caller builds (engine, demo, replay): groups, escalation policy,
         expiry and re-send delay from ``settings``."""
