@@ -59,6 +59,23 @@ def test_replay_marks_consented_alerts(tmp_path: Path, demo_cohort: Path):
     assert a["recipients"].to_list() == [["sam"], []]
 
 
+def test_replay_expands_a_group_and_records_each_member_once(tmp_path: Path, demo_cohort: Path):
+    home = tmp_path / "home"
+    config = tmp_path / "groups.toml"
+    config.write_text('[groups]\nteam-north = ["kim", "lee"]\n')
+    grant = run("consent", "grant", "--user", "alice", "--to", "sam", "--to", "team-north", "--yes", env_home=home)
+    assert grant.returncode == 0, grant.stderr
+    res = run(
+        "replay", str(demo_cohort), "--out", str(tmp_path / "out"), "--consent-db", str(home / "stresswatch.sqlite"),
+        "--config", str(config),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    a = pl.read_parquet(tmp_path / "out" / "alerts.parquet").sort("user")
+    # sam first; not acknowledged (a replay acknowledges nothing), the alert escalates to the group's members
+    assert a["recipients"].to_list() == [["sam", "kim", "lee"], []]
+    assert a["consent"].to_list() == ["send", "withheld_no_consent"]
+
+
 def test_bad_input_gives_one_line_and_nonzero_exit_and_keeps_old_output(tmp_path: Path, demo_cohort: Path):
     out = tmp_path / "out"
     assert run("replay", str(demo_cohort), "--out", str(out)).returncode == 0

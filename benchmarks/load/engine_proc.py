@@ -24,24 +24,6 @@ from stresswatch.config import Settings
 from stresswatch.engine import Engine
 
 
-class CountingEngine(Engine):
-    batches = 0
-    samples = 0
-    FLUSH_S = float(os.environ.get("SWLOAD_FLUSH_S", Engine.FLUSH_S))  # experiments only
-
-    def _flush_pending(self) -> None:
-        """Counts a batch as processed once the detector has had it (not when queued)."""
-        pending = self._pending
-        super()._flush_pending()
-        self.batches += len(pending) + self._dropped_seen()
-        self.samples += sum(len(b.time_ns) for b in pending)
-
-    def _dropped_seen(self) -> int:
-        new = self.dropped_batches - getattr(self, "_dropped_counted", 0)
-        self._dropped_counted = self.dropped_batches
-        return new
-
-
 def _write_profile(path: str) -> None:
     import yappi
 
@@ -59,12 +41,13 @@ def _write_profile(path: str) -> None:
 def main() -> None:
     settings_path, state_dir, url, stats_path = sys.argv[1:5]
     settings = Settings.model_validate(json.loads(Path(settings_path).read_text()))
-    eng = CountingEngine(settings, url=url, state_dir=Path(state_dir))
+    flush_s = float(os.environ.get("SWLOAD_FLUSH_S", "0.5"))  # experiments only; 0.5 s is the engine's default
+    eng = Engine(settings, url=url, state_dir=Path(state_dir), flush_s=flush_s)
     t_start = time.time()
     eng.start()
     started = time.time() - t_start
     announced = threading.Event()
-    eng._queue.put(announced.set)  # runs after the announce/pump jobs that start() queued
+    eng.call_soon(announced.set)  # runs after the announce/pump jobs that start() queued
     signal.signal(signal.SIGTERM, lambda *_: eng.request_stop())
     signal.signal(signal.SIGINT, lambda *_: eng.request_stop())
     if len(sys.argv) > 5:  # profile between SIGUSR1 and SIGUSR2 (all threads, CPU time)
@@ -77,22 +60,22 @@ def main() -> None:
 
     def report() -> None:
         with open(stats_path, "a", buffering=1) as f:
-            while not eng._stopping.is_set():
-                rx = eng.receiver
+            while not eng.stopping:
+                st = eng.stats()
                 f.write(
                     json.dumps(
                         {
                             "wall": time.time(),
                             "start_s": started,
                             "ready": announced.is_set(),
-                            "batches": eng.batches,
-                            "samples": eng.samples,
-                            "accepted": rx.accepted if rx else None,
-                            "duplicates": rx.duplicates if rx else None,
-                            "rejected": len(rx.rejected) if rx else None,
-                            "queue": eng._queue.qsize(),
-                            "dropped": eng.dropped_batches,
-                            "users": len(eng.pipeline.detector.users),
+                            "batches": st.batches_processed,
+                            "samples": st.samples_processed,
+                            "accepted": st.accepted,
+                            "duplicates": st.duplicates,
+                            "rejected": st.rejected,
+                            "queue": st.queue,
+                            "dropped": st.dropped_batches,
+                            "users": st.users,
                         }
                     )
                     + "\n"

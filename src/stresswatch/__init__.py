@@ -5,7 +5,7 @@ Public API::
     import stresswatch
     result = stresswatch.replay(["samples.parquet"])     # polars frames: result.windows, result.alerts
     detector = stresswatch.Detector()                      # batch in, windows and alert decisions out
-    pipeline = stresswatch.Pipeline(detector, transport)   # detector -> consent gate -> transport
+    pipeline = stresswatch.Pipeline(detector, dispatcher)  # detector -> outbox, consent gate -> transport
     stresswatch.Engine(settings, url="mqtt://...").run()   # the long-running service (docs/ALERTS.md)
 """
 
@@ -13,8 +13,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import Settings, load_settings
 from .detect import Detector, DetectorOutput
-from .engine import Engine, Pipeline, PipelineReport
+from .engine import Engine
 from .errors import ConfigError, ConsentError, ParseError, StorageError, StresswatchError, TransportError
+from .pipeline import Pipeline, PipelineReport
 from .model import SAMPLES_SCHEMA, WINDOW_SCHEMA, Alert, AlertDecision, AlertLevel, Metric, Reason, WindowState
 from .replay import ReplayResult, replay
 

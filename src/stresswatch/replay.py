@@ -2,8 +2,10 @@
 
 ``replay(paths)`` returns polars frames; with ``out=DIR`` it also writes ``windows.parquet``,
 ``alerts.parquet`` (every alert raised, with the consent verdict) and ``summary.json``.
-Alerts go to an in-memory transport: a replay alerts no one, but records what consent
-would have let through.
+Alerts go through the same :class:`Dispatcher` as the engine's (consent gate, groups,
+cooldown, quiet hours, escalation), with an in-memory outbox and transport and the data's
+time as its clock: a replay alerts no one, but records what consent would have let through
+and to whom.
 
 Determinism: inputs are read whole, cleaned (exact duplicates dropped, conflicting
 duplicates resolved by input order, each counted in the input report), ordered by time
@@ -22,16 +24,19 @@ import json
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import polars as pl
 
+from .alerts.dispatch import Dispatcher
+from .alerts.outbox import Outbox
 from .alerts.transport import MemoryTransport
 from .config import Settings
 from .consent.ledger import ConsentLedger
 from .detect import Detector
-from .engine import Clock, Pipeline, PipelineReport, utc_now
+from .pipeline import DataClock, Pipeline, PipelineReport
 from .errors import ConfigError, ParseError, StorageError
 from .model import SAMPLES_SCHEMA, empty_samples
 from .sources import SourceRegistry, collect
@@ -320,42 +325,53 @@ def _run_pipeline(
     blocks: Iterable[pl.DataFrame],
     n_blocks: int,
     settings: Settings,
-    ledger: ConsentLedger | None,
-    clock: Clock,
+    ledger: ConsentLedger,
     speed: float,
     on_batch: Callable[[int, int], None] | None,
 ) -> tuple[PipelineReport, pl.DataFrame]:
-    """Run every block; returns the report and each user's first and last sample time."""
-    pipeline = Pipeline(
-        Detector(settings.detector),
-        MemoryTransport(),
-        ledger=ledger,
-        clock=clock,
-        alert_expiry_s=settings.mqtt.alert_expiry_s,
-        keep_windows=True,
-    )
-    spans: list[pl.DataFrame] = []
-    if speed > 0:
-        # a demonstration in real time: every user's hour together, as the engine sees them
-        everything = pl.concat([empty_samples(), *blocks], how="vertical")
-        spans.append(user_spans(everything))
-        batches = time_batches(everything, BATCH_S)
-        for i, batch in enumerate(batches):
+    """Run every block; returns the report and each user's first and last sample time.
+
+    The outbox is an in-memory SQLite database: a replay is re-run from its inputs, so it
+    needs the outbox's logic (groups, cooldown, escalation), not its durability, and no file
+    writes keep it fast and leave nothing behind. The clock is the data's: each batch sets it
+    to its last sample (it may go back between blocks, which share no user)."""
+    clock = DataClock()
+    with Outbox(":memory:") as outbox:
+        dispatcher = Dispatcher.from_settings(settings, outbox, ledger, MemoryTransport(), clock=clock)
+        pipeline = Pipeline(Detector(settings.detector), dispatcher, keep_windows=True, keep_alerts=True, data_clock=clock)
+
+        def feed(batch: pl.DataFrame) -> None:
+            clock.set_to_end_of(batch)
             pipeline.process(batch)
-            time.sleep(BATCH_S / speed)
-            if on_batch:
-                on_batch(i + 1, len(batches))
-    else:
-        # as fast as possible, one block at a time: blocks share no user, and any chunking of
-        # a user's time-ordered samples gives the same windows (streaming equals batch)
-        for i, block in enumerate(blocks):
-            spans.append(user_spans(block))
-            for batch in time_batches(block, 86400):
-                pipeline.process(batch)
-            if on_batch:
-                on_batch(i + 1, n_blocks)
-    pipeline.finish()
-    return pipeline.report, pl.concat([user_spans(empty_samples()), *spans], how="vertical").sort("user")
+            pipeline.tick()
+
+        spans: list[pl.DataFrame] = []
+        if speed > 0:
+            # a demonstration in real time: every user's hour together, as the engine sees them
+            everything = pl.concat([empty_samples(), *blocks], how="vertical")
+            spans.append(user_spans(everything))
+            batches = time_batches(everything, BATCH_S)
+            for i, batch in enumerate(batches):
+                feed(batch)
+                time.sleep(BATCH_S / speed)
+                if on_batch:
+                    on_batch(i + 1, len(batches))
+        else:
+            # as fast as possible, one block at a time: blocks share no user, and any chunking of
+            # a user's time-ordered samples gives the same windows (streaming equals batch)
+            for i, block in enumerate(blocks):
+                spans.append(user_spans(block))
+                for batch in time_batches(block, 86400):
+                    feed(batch)
+                if on_batch:
+                    on_batch(i + 1, n_blocks)
+        all_spans = pl.concat([user_spans(empty_samples()), *spans], how="vertical").sort("user")
+        if all_spans.height:
+            last = all_spans.get_column("end").max()
+            assert isinstance(last, datetime)
+            clock.set(last)
+        pipeline.finish()
+    return pipeline.report, all_spans
 
 
 def user_spans(samples: pl.DataFrame) -> pl.DataFrame:
@@ -436,7 +452,6 @@ def replay(
     labels: str | Path | pl.DataFrame | None = None,
     pseudonym_key: bytes | None = None,
     speed: float = 0.0,
-    clock: Clock = utc_now,
     registry: SourceRegistry | None = None,
     kind: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
@@ -461,17 +476,14 @@ def replay(
     label_frame = labels if isinstance(labels, pl.DataFrame) or labels is None else read_labels(labels)
     timings["read"] += time.perf_counter() - started
 
-    ledger = None
-    if consent_db is not None:
-        if not Path(consent_db).is_file():
-            raise StorageError("no consent ledger here", path=consent_db)
-        ledger = ConsentLedger(consent_db)
+    if consent_db is not None and not Path(consent_db).is_file():
+        raise StorageError("no consent ledger here", path=consent_db)
+    ledger = ConsentLedger(consent_db if consent_db is not None else ":memory:")  # none given: no one consented
     started, read_before = time.perf_counter(), timings["read"]
     try:
-        report, spans = _run_pipeline(_Timed(blocks, timings, "read"), n_blocks, settings, ledger, clock, speed, on_batch)
+        report, spans = _run_pipeline(_Timed(blocks, timings, "read"), n_blocks, settings, ledger, speed, on_batch)
     finally:
-        if ledger is not None:
-            ledger.close()
+        ledger.close()
     del blocks
     windows, alerts = report.windows_frame(), report.alerts_frame()
     # the blocks are read lazily while the pipeline runs: count that time as reading

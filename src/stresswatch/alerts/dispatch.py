@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from ..config import Settings
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
 from ..model import Alert, AlertDecision
@@ -94,6 +95,25 @@ class Dispatcher:
         self._last_collect_mono = float("-inf")
         self._on_delivered = on_delivered
         self.stats = DispatchStats()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, outbox: Outbox, ledger: ConsentLedger, transport: Transport, *, clock: Callable[[], datetime]
+    ) -> Dispatcher:
+        """The dispatcher every caller builds (engine, demo, replay): groups, escalation policy,
+        expiry and re-send delay from ``settings``."""
+        a = settings.alerts
+        return cls(
+            outbox,
+            ledger,
+            transport,
+            clock=clock,
+            topics=Topics(settings.mqtt.prefix),
+            groups=settings.groups,
+            policy=EscalationPolicy(a.escalate_after_s, a.renotify_after_s, a.max_reminders, a.cooldown_s),
+            alert_expiry_s=settings.mqtt.alert_expiry_s,
+            resend_after_s=a.resend_after_s,
+        )
 
     # -- raising -----------------------------------------------------------------------
     def raise_alert(self, d: AlertDecision, *, publish: bool = True) -> AlertRecord:

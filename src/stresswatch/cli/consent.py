@@ -17,7 +17,7 @@ from ..alerts.transport import MqttTransport
 from ..consent.ledger import ConsentLedger
 from ..consent.state import CONSENT_TEXT, CONSENT_TEXT_VERSION, ConsentState, QuietHours, Visibility
 from ..consent.wire import encode_consent
-from ..engine import utc_now
+from ..clock import utc_now
 from ..errors import ConsentError
 from ._common import AppContext, console, console_err, pass_app
 

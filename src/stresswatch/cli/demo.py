@@ -6,6 +6,7 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -19,19 +20,25 @@ from ..broker import EmbeddedBroker
 from ..consent.ledger import ConsentLedger
 from ..consent.state import Visibility
 from ..detect import Detector
-from ..engine import AlertOutcome, Pipeline, utc_now
+from ..alerts.dispatch import Dispatcher
+from ..alerts.outbox import Outbox
+from ..clock import utc_now
+from ..pipeline import AlertOutcome, DataClock, Pipeline
 from ..errors import StresswatchError, TransportError
 from ..model import Alert
 from ..replay import read_samples, time_batches
 from ._common import AppContext, console, pass_app
 
 WORKER = "sam"
+GROUP, GROUP_MEMBERS = "team-north", ("kim", "lee")  # a group of settings [groups], unless configured
 BATCH_S = 3600  # one hour of data per batch, as a companion would send it
 DEMO_CONSENT = {
-    # user: what the worker may see; 'carol' has not consented: her alert must be withheld.
-    "alice": Visibility.LEVEL_AND_REASONS,
-    "bob": Visibility.REACH_OUT,
-    "dan": Visibility.REACH_OUT,
+    # user: (recipients in order, what they may see); 'carol' has not consented: her alert
+    # must be withheld. alice chose sam, then the team-north group: unacknowledged, her alert
+    # escalates to each member of the group.
+    "alice": ((WORKER, GROUP), Visibility.LEVEL_AND_REASONS),
+    "bob": ((WORKER,), Visibility.REACH_OUT),
+    "dan": ((WORKER,), Visibility.REACH_OUT),
 }
 
 EPILOG = """
@@ -48,14 +55,16 @@ def _fixture() -> Path:
     return Path(str(files("stresswatch_fixtures").joinpath("demo_cohort.parquet")))
 
 
-def _print_alert(alert: Alert) -> None:
+def _print_alert(worker: str, alert: Alert) -> None:
     detail = ""
     if alert.level is not None:
         detail = f"  level [bold]{alert.level.value}[/]"
     if alert.reasons:
         detail += "  reasons " + ", ".join(r.value for r in alert.reasons)
+    if alert.notice:
+        detail += "  [dim](escalated: not acknowledged in time)[/]"
     console.print(
-        f"[bold magenta]worker {WORKER} received[/] {alert.raised_at:%a %H:%M} UTC  "
+        f"[bold magenta]worker {worker} received[/] {alert.raised_at:%a %H:%M} UTC  "
         f"[bold]reach out to {alert.user}[/]{detail}  (episode since {alert.episode_start:%H:%M})"
     )
 
@@ -74,6 +83,10 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
     worker's client receiving each alert. Ends with a summary.
     """
     settings = app.settings
+    if GROUP not in settings.groups:
+        settings = settings.model_copy(update={"groups": {**settings.groups, GROUP: list(GROUP_MEMBERS)}})
+    members = tuple(settings.groups[GROUP])
+    workers = tuple(dict.fromkeys((WORKER, *members)))
     topics = Topics(settings.mqtt.prefix)
     with ExitStack() as stack:
         if broker is None:
@@ -83,62 +96,63 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
             url, protocol = broker, settings.mqtt.protocol
         if state_dir is None:
             state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stresswatch-demo-")))
-        ledger = stack.enter_context(ConsentLedger(state_dir / "stresswatch.sqlite"))
+        db_path = state_dir / "stresswatch.sqlite"
+        ledger = stack.enter_context(ConsentLedger(db_path))
+        outbox = stack.enter_context(Outbox(db_path))  # durable, as in the engine
         now = utc_now()
-        for user, visibility in DEMO_CONSENT.items():
-            st = ledger.grant(user, [WORKER], now=now, visibility=visibility, via="demo")
-            console.print(f"[green]consent[/] {user} -> worker {WORKER}, shown as {st.display_name}, sees {visibility.value}")
+        for user, (to, visibility) in DEMO_CONSENT.items():
+            st = ledger.grant(user, list(to), now=now, visibility=visibility, via="demo")
+            shown = " then ".join(f"group {w} ({', '.join(settings.groups[w])})" if w in settings.groups else f"worker {w}" for w in to)
+            console.print(f"[green]consent[/] {user} -> {shown}, shown as {st.display_name}, sees {visibility.value}")
         console.print("[yellow]no consent[/] carol: her alerts must be withheld")
 
         received = threading.Event()  # set whenever an alert arrives; the condition is checked below
-        sent_ids: set[str] = set()
-        got: list[Alert] = []
+        got: dict[str, list[Alert]] = {w: [] for w in workers}
 
-        def on_alert(alert: Alert) -> None:
-            _print_alert(alert)
-            got.append(alert)
-            received.set()
+        def on_alert_for(worker: str) -> Callable[[Alert], None]:
+            def on_alert(alert: Alert) -> None:
+                _print_alert(worker, alert)
+                got[worker].append(alert)
+                received.set()
 
-        worker = WorkerClient(url, WORKER, on_alert, topics=topics, protocol=protocol)
-        stack.callback(worker.close)
+            return on_alert
+
+        for w in workers:
+            client = WorkerClient(url, w, on_alert_for(w), topics=topics, protocol=protocol)
+            stack.callback(client.close)
         transport = MqttTransport(url, client_id="stresswatch-demo-engine", protocol=protocol)
         stack.callback(transport.close)
 
         def on_outcome(o: AlertOutcome) -> None:
-            if o.gate.allowed:
-                sent_ids.add(o.decision.alert_id)
-            else:
-                console.print(
-                    f"[yellow]withheld[/] alert for {o.decision.user} at {o.decision.raised_at:%a %H:%M} UTC: {o.gate.verdict.value}"
-                )
+            if not o.sent:
+                console.print(f"[yellow]withheld[/] alert for {o.decision.user} at {o.decision.raised_at:%a %H:%M} UTC: {o.verdict}")
 
-        pipeline = Pipeline(
-            Detector(settings.detector),
-            transport,
-            ledger=ledger,
-            topics=topics,
-            alert_expiry_s=settings.mqtt.alert_expiry_s,
-            on_alert=on_outcome,
-        )
+        # The demo replays two days in seconds: its clock is the data's, so cooldown and
+        # escalation act as they would have over those two days (as in a replay).
+        clock = DataClock()
+        dispatcher = Dispatcher.from_settings(settings, outbox, ledger, transport, clock=clock)
+        pipeline = Pipeline(Detector(settings.detector), dispatcher, keep_alerts=True, on_alert=on_outcome, data_clock=clock)
         samples = read_samples([_fixture()])
         batches = time_batches(samples, BATCH_S)
         started = time.monotonic()
         with Progress(TextColumn("replaying"), BarColumn(), TextColumn("{task.completed}/{task.total} h"), TimeRemainingColumn(), console=console, transient=True) as bar:
             task = bar.add_task("replay", total=len(batches))
             for batch in batches:
+                clock.set_to_end_of(batch)
                 pipeline.process(batch)
+                pipeline.tick()
                 bar.advance(task)
                 if speed > 0:
                     time.sleep(BATCH_S / speed)
         pipeline.finish()
         report = pipeline.report
-        # The worker may receive an alert before its outcome is recorded here (another thread),
-        # so wait on the condition, not on a single notification.
+        # Every worker an alert was sent to (groups expanded) must receive it, once.
+        expected = {(w, o.decision.alert_id) for o in report.sent for w in o.record.targets}
         deadline = time.monotonic() + wait_s
-        while not sent_ids <= {a.alert_id for a in got}:
+        while not expected <= {(w, a.alert_id) for w in workers for a in got[w]}:
             if time.monotonic() > deadline:
-                missing = len(sent_ids - {a.alert_id for a in got})
-                raise TransportError(f"worker did not receive {missing} of {len(sent_ids)} alert(s) within {wait_s:g} s", url=url)
+                missing = len(expected - {(w, a.alert_id) for w in workers for a in got[w]})
+                raise TransportError(f"workers did not receive {missing} of {len(expected)} alert notice(s) within {wait_s:g} s", url=url)
             received.wait(0.1)
             received.clear()
 
@@ -149,7 +163,8 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
         table.add_row("alerts raised", str(len(report.outcomes)))
         table.add_row("alerts sent", str(len(report.sent)))
         table.add_row("alerts withheld by consent", str(len(report.withheld)))
-        table.add_row(f"received by worker {WORKER}", str(len(got)))
+        for w in workers:
+            table.add_row(f"received by worker {w}", str(len(got[w])))
         table.add_row("time", f"{time.monotonic() - started:.1f} s")
         console.print(table)
         if not report.sent:

@@ -9,7 +9,7 @@ from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
 from ..consent.ledger import ConsentLedger
 from ..consent.rights import erase_stores
-from ..engine import utc_now
+from ..clock import utc_now
 from ..store import SampleStore
 from ._common import AppContext, console, console_err, pass_app
 

@@ -10,7 +10,7 @@ import click
 from ..alerts.outbox import Outbox
 from ..consent.ledger import ConsentLedger
 from ..consent.rights import atomic_write_text, export_user
-from ..engine import utc_now
+from ..clock import utc_now
 from ..store import SampleStore
 from ._common import AppContext, console_err, pass_app
 
