@@ -219,6 +219,7 @@ def plot(path: Path, curves: dict[str, dict], defaults: dict[str, dict]) -> None
         ax.set_title(f"{g}: {', '.join(GROUPS[g])}")
         ax.set_xlabel("false alerts per calm user-day")
         ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("recall (all episode scenarios)")
     axes[0].legend(fontsize=8)
@@ -242,7 +243,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write raw counts here")
     ap.add_argument("--compare", type=Path, nargs="*", default=[], help="JSON of other runs to overlay in the PNG")
     ap.add_argument("--png", type=Path, default=HERE / "detector_curve.png")
+    ap.add_argument("--from-json", type=Path, help="print and plot a stored run (--json) instead of running")
     a = ap.parse_args()
+    if a.from_json:
+        z = json.loads(a.from_json.read_text())
+        report(z["rows"], z["values"], z["curve_key"], z["label"], None, a)
+        return
     seeds = sc.seeds("tune" if a.tune else "evaluate", tuple(a.seeds) if a.seeds else None)
     names = [x for x in a.scenarios.split(",") if x]
     over = {}
@@ -268,22 +274,26 @@ def main() -> None:
     print(f"\n{a.label}: seeds {list(seeds)} ({'tuning' if a.tune else 'evaluation'}), scenarios {len(names)}, "
           f"{a.users_per_source} person per source, overrides {over or 'none'}; {elapsed:.0f} s; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {load}\n")
+    report(rows, values, a.curve_key, a.label, a.json, a)
+
+
+def report(rows: list[dict], values: list[float], curve_key: str, label: str, json_out: Path | None, a: argparse.Namespace) -> None:
     default_rows = [r for r in rows if r["k"] == 0]
     print(tables(default_rows))
     print("\n| target | value | goal |\n|---|---|---|")
-    for (label, goal), v in zip(TARGETS, target_values(default_rows)):
-        print(f"| {label} | {v:.2f} | {goal} |")
+    for (what, goal), v in zip(TARGETS, target_values(default_rows)):
+        print(f"| {what} | {v:.2f} | {goal} |")
     curves, defaults = {}, {}
     if values:
-        curves[a.label] = curve_points(rows, values)
-        print(f"\ntrade-off over {a.curve_key} (recall over every episode scenario; false alerts per calm user-day):\n")
-        print(f"| {a.curve_key} | " + " | ".join(f"{g} recall | {g} false/day" for g in GROUPS) + " |")
+        curves[label] = curve_points(rows, values)
+        print(f"\ntrade-off over {curve_key} (recall over every episode scenario; false alerts per calm user-day):\n")
+        print(f"| {curve_key} | " + " | ".join(f"{g} recall | {g} false/day" for g in GROUPS) + " |")
         print("|---|" + "---|---|" * len(GROUPS))
         for k, v in enumerate(values):
-            print(f"| {v:g} | " + " | ".join(f"{curves[a.label][g][k][2]:.2f} | {curves[a.label][g][k][1]:.2f}" for g in GROUPS) + " |")
-    defaults[a.label] = {g: (_agg([r for r in default_rows if r["source"] in s])["fa"], _agg([r for r in default_rows if r["source"] in s])["recall"]) for g, s in GROUPS.items()}
-    if a.json:
-        a.json.write_text(json.dumps({"label": a.label, "values": values, "curve_key": a.curve_key, "rows": rows}))
+            print(f"| {v:g} | " + " | ".join(f"{curves[label][g][k][2]:.2f} | {curves[label][g][k][1]:.2f}" for g in GROUPS) + " |")
+    defaults[label] = {g: (_agg([r for r in default_rows if r["source"] in s])["fa"], _agg([r for r in default_rows if r["source"] in s])["recall"]) for g, s in GROUPS.items()}
+    if json_out:
+        json_out.write_text(json.dumps({"label": label, "values": values, "curve_key": curve_key, "rows": rows}))
     for other in a.compare:
         z = json.loads(other.read_text())
         if z["values"]:
