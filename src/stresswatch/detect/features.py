@@ -27,7 +27,9 @@ Conventions (stated because libraries differ):
 * ``pnn50``: share of the n-1 successive differences whose absolute value exceeds 50 ms
   (hrv-analysis, pyhrv; NeuroKit2 divides by n instead).
 * ``hr_mean``: mean of 60000 / RR over kept beats; from ``hr_bpm`` samples when a window has
-  no kept beat (HR-only sources; readings outside the RR range's bpm equivalent are dropped).
+  no kept beat (HR-only sources; readings outside the RR range's bpm equivalent are dropped),
+  or when its beats cover less than ``min_coverage`` and its readings do (an optical watch's
+  gappy beat-to-beat intervals); such windows are ``hr_only``.
 * ``coverage``: sum of kept RR divided by the window length (0..1); for HR-only windows the
   share of minutes holding at least one valid HR reading.
 * ``signal``: ``rr`` (beat-to-beat features), ``hr_only`` (HR from readings, no HRV) or
