@@ -122,14 +122,15 @@ def test_an_account_added_to_a_running_broker_works_after_sighup_and_a_removed_o
 # -- isolation, proven by delivery --------------------------------------------------------------
 
 
-def test_worker_never_receives_another_workers_alerts(secure_broker):
+@pytest.mark.parametrize("kind", ["alerts", "replies"])
+def test_worker_never_receives_another_workers_alerts(secure_broker, kind):
     b = secure_broker
-    # kim tries every way to see sam's alerts; sam listens on its own topic
-    kim = Inbox(b.url, "kim", b.passwords["kim"], [f"{P}/alerts/sam", f"{P}/alerts/+", f"{P}/#", "#", f"{P}/alerts/kim"])
-    sam = Inbox(b.url, "sam", b.passwords["sam"], [f"{P}/alerts/sam"])
+    # kim tries every way to see sam's alerts (or the engine's replies to sam); sam listens on its own topic
+    kim = Inbox(b.url, "kim", b.passwords["kim"], [f"{P}/{kind}/sam", f"{P}/{kind}/+", f"{P}/#", "#", f"{P}/{kind}/kim"])
+    sam = Inbox(b.url, "sam", b.passwords["sam"], [f"{P}/{kind}/sam"])
     try:
-        publish(b, ENGINE, [(f"{P}/alerts/sam", f"for-sam-{i}".encode()) for i in range(5)])
-        publish(b, ENGINE, [(f"{P}/alerts/kim", b"for-kim")])
+        publish(b, ENGINE, [(f"{P}/{kind}/sam", f"for-sam-{i}".encode()) for i in range(5)])
+        publish(b, ENGINE, [(f"{P}/{kind}/kim", b"for-kim")])
         kim.wait_for(b"for-kim")  # kim's subscriptions deliver: its own alert arrived
         sam.wait_for(b"for-sam-4")
         time.sleep(0.3)
@@ -140,16 +141,16 @@ def test_worker_never_receives_another_workers_alerts(secure_broker):
         sam.close()
 
 
-def test_user_cannot_publish_to_another_users_ingest_or_consent(secure_broker):
+def test_user_cannot_publish_to_another_users_ingest_consent_or_checkin(secure_broker):
     b = secure_broker
-    engine = Inbox(b.url, ENGINE, b.passwords[ENGINE], [f"{P}/ingest/+", f"{P}/consent/+"])
+    engine = Inbox(b.url, ENGINE, b.passwords[ENGINE], [f"{P}/ingest/+", f"{P}/consent/+", f"{P}/checkin/+"])
     try:
-        publish(b, "alice", [(f"{P}/ingest/bob", b"forged-samples"), (f"{P}/consent/bob", b"forged-consent")])
-        publish(b, "sam", [(f"{P}/ingest/sam", b"worker-as-user"), (f"{P}/consent/sam", b"worker-consent")])
-        publish(b, "alice", [(f"{P}/ingest/alice", b"alice-samples")])
-        engine.wait_for(b"alice-samples")
+        publish(b, "alice", [(f"{P}/ingest/bob", b"forged-samples"), (f"{P}/consent/bob", b"forged-consent"), (f"{P}/checkin/bob", b"forged-checkin")])
+        publish(b, "sam", [(f"{P}/ingest/sam", b"worker-as-user"), (f"{P}/consent/sam", b"worker-consent"), (f"{P}/checkin/sam", b"worker-checkin")])
+        publish(b, "alice", [(f"{P}/ingest/alice", b"alice-samples"), (f"{P}/checkin/alice", b"alice-asks")])
+        engine.wait_for(b"alice-asks")
         time.sleep(0.3)
-        assert engine.payloads() == [b"alice-samples"]
+        assert engine.payloads() == [b"alice-samples", b"alice-asks"]
     finally:
         engine.close()
     # nor can a forged consent sit retained on bob's topic for the engine's next start
@@ -164,14 +165,15 @@ def test_user_cannot_publish_to_another_users_ingest_or_consent(secure_broker):
         later.close()
 
 
-def test_forged_alerts_from_a_user_or_a_worker_never_reach_a_worker(secure_broker):
+@pytest.mark.parametrize("kind", ["alerts", "replies"])
+def test_forged_alerts_from_a_user_or_a_worker_never_reach_a_worker(secure_broker, kind):
     b = secure_broker
-    sam = Inbox(b.url, "sam", b.passwords["sam"], [f"{P}/alerts/sam"])
+    sam = Inbox(b.url, "sam", b.passwords["sam"], [f"{P}/{kind}/sam"])
     try:
-        publish(b, "alice", [(f"{P}/alerts/sam", b'{"alert_id": "forged-by-user"}')])
-        publish(b, "kim", [(f"{P}/alerts/sam", b'{"alert_id": "forged-by-worker"}')])
-        publish(b, "sam", [(f"{P}/alerts/sam", b'{"alert_id": "forged-by-sam-itself"}')])
-        publish(b, ENGINE, [(f"{P}/alerts/sam", b'{"alert_id": "genuine"}')])
+        publish(b, "alice", [(f"{P}/{kind}/sam", b'{"alert_id": "forged-by-user"}')])
+        publish(b, "kim", [(f"{P}/{kind}/sam", b'{"alert_id": "forged-by-worker"}')])
+        publish(b, "sam", [(f"{P}/{kind}/sam", b'{"alert_id": "forged-by-sam-itself"}')])
+        publish(b, ENGINE, [(f"{P}/{kind}/sam", b'{"alert_id": "genuine"}')])
         sam.wait_for(b'{"alert_id": "genuine"}')
         time.sleep(0.3)
         assert sam.payloads() == [b'{"alert_id": "genuine"}']
@@ -198,10 +200,11 @@ def test_roles_do_not_leak_through_the_id_patterns(secure_broker):
     """%u patterns apply to every account: the per-account deny lines keep a user from
     reading alerts on a topic named after it and a worker from reading a status."""
     b = secure_broker
-    alice = Inbox(b.url, "alice", b.passwords["alice"], [f"{P}/alerts/alice", f"{P}/status/alice", f"{P}/status/bob"])
+    alice = Inbox(b.url, "alice", b.passwords["alice"], [f"{P}/alerts/alice", f"{P}/replies/alice", f"{P}/status/alice", f"{P}/status/bob"])
     sam = Inbox(b.url, "sam", b.passwords["sam"], [f"{P}/status/sam", f"{P}/engine/status"])
     try:
-        publish(b, ENGINE, [(f"{P}/alerts/alice", b"alert-on-alice-topic"), (f"{P}/status/sam", b"status-sam")])
+        publish(b, ENGINE, [(f"{P}/alerts/alice", b"alert-on-alice-topic"), (f"{P}/replies/alice", b"reply-on-alice-topic")])
+        publish(b, ENGINE, [(f"{P}/status/sam", b"status-sam")])
         publish(b, ENGINE, [(f"{P}/status/bob", b"status-bob"), (f"{P}/status/alice", b"status-alice")])
         publish(b, ENGINE, [(f"{P}/engine/status", b"online")])
         alice.wait_for(b"status-alice")

@@ -18,7 +18,7 @@ from stresswatch.alerts.transport import MqttTransport, connect
 from stresswatch.broker import private_client_id
 from stresswatch.config import AlertSettings, DetectorSettings, EngineSettings, MqttSettings, Settings, StoreSettings
 from stresswatch.consent import ConsentLedger
-from stresswatch.consent.wire import encode_consent
+from stresswatch.wire.consent import encode_consent
 from stresswatch.engine import Engine
 from stresswatch.ingest import IngestBatch
 

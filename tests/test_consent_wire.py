@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stresswatch.alerts.acks import AckAction, AckMessage
+from stresswatch.wire.acks import AckAction, AckMessage
 from stresswatch.alerts.lifecycle import Outcome
 from stresswatch.consent import ConsentLedger
 from stresswatch.consent.state import QuietHours, Visibility
-from stresswatch.consent.wire import decode_consent, encode_consent
+from stresswatch.wire.consent import decode_consent, encode_consent
 from stresswatch.errors import ParseError
 
 T = datetime(2026, 11, 25, 9, tzinfo=timezone.utc)
@@ -77,5 +77,5 @@ def test_resolve_needs_an_outcome_and_ack_takes_none():
         AckMessage.decode(b'{"alert_id": "a", "action": "resolve"}')
     with pytest.raises(ParseError):
         AckMessage.decode(b'{"alert_id": "a", "action": "ack", "outcome": "no_answer"}')
-    m = AckMessage.decode(AckMessage(alert_id="a", action=AckAction.RESOLVE, outcome=Outcome.NOT_NEEDED, note="ok").encode())
+    m = AckMessage.decode(AckMessage(alert_id="6f1c2d8e-4b7a-5c3e-9a1d-2e5f7b9c0a11", action=AckAction.RESOLVE, outcome=Outcome.NOT_NEEDED, note="ok").encode())
     assert (m.outcome, m.note) == (Outcome.NOT_NEEDED, "ok")

@@ -16,7 +16,7 @@ from stresswatch.alerts.outbox import Outbox
 from stresswatch.alerts.transport import MqttTransport
 from stresswatch.config import AlertSettings, DetectorSettings, EngineSettings, MqttSettings, Settings, StoreSettings
 from stresswatch.consent import ConsentLedger
-from stresswatch.consent.wire import encode_consent
+from stresswatch.wire.consent import encode_consent
 from stresswatch.engine import Engine
 from stresswatch.ingest import IngestBatch
 from stresswatch.store import SampleStore
@@ -278,7 +278,7 @@ def test_expired_consent_stops_processing_and_forgets_the_user(mosquitto, tmp_pa
 
             assert wait_for(lambda: "alice" not in Detector.from_bytes(ob.load_detector()).users, 10)
         before = eng.dropped_batches
-        publish_stream(url, rr_stream("alice", start_s + 7200, 1, seed=6))
+        publish_stream(url, rr_stream("alice", start_s + 1800, 1, seed=6))  # still in the past: the future is refused
         assert wait_for(lambda: eng.dropped_batches > before, timeout=15.0)
     finally:
         eng.request_stop()

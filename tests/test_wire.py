@@ -1,4 +1,4 @@
-"""The compact binary ingest payload (stresswatch.wire) and its use by IngestBatch / IngestReceiver."""
+"""The compact binary ingest payload (stresswatch.wire.binary) and its use by IngestBatch / IngestReceiver."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stresswatch import wire
+from stresswatch.wire import binary as wire
 from stresswatch.alerts.topics import Topics
 from stresswatch.alerts.transport import MqttTransport
 from stresswatch.errors import ParseError

@@ -31,6 +31,7 @@ from stresswatch.alerts.topics import Topics
 from stresswatch.alerts.transport import BrokerAddress
 from stresswatch.errors import TransportError
 from stresswatch.ingest import MAX_BATCH_SAMPLES, IngestBatch
+from stresswatch.wire.ingest import representable
 
 from .outbox import Outbox
 from .session import Gap, LinkLost, Reading, Rejected, SampleAssembler, SessionItem
@@ -218,6 +219,9 @@ class IngestStreamer:
     def flush(self, *, final: bool = True) -> None:
         """Buffer what is ready as batches (``final``: everything, at the end of the stream)."""
         frame = self._assembler.flush() if final else self._assembler.ready()
+        kept = representable(frame)  # a strap's glitch (e.g. HR 0xFFFF) would get the whole batch refused
+        self.stats.rejected += frame.height - kept.height
+        frame = kept
         self._chunk_start = None
         for start in range(0, max(frame.height, 1), MAX_BATCH_SAMPLES):
             part = frame.slice(start, MAX_BATCH_SAMPLES)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from users import NS, load_templates  # noqa: E402
 
-from stresswatch import wire  # noqa: E402
+from stresswatch.wire import binary as wire  # noqa: E402
 from stresswatch.ingest import IngestBatch  # noqa: E402
 from stresswatch.model import Metric  # noqa: E402
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from stresswatch import wire
+from stresswatch.wire import binary as wire
 from stresswatch.config import DetectorSettings
 from stresswatch.consent.ledger import ConsentLedger
 from stresswatch.consent.state import Action, ConsentEvent

@@ -30,6 +30,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, TransportError
+from .wire.ids import ID_RULE, is_valid_id
+from .wire.limits import MAX_PAYLOAD_BYTES
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -117,6 +119,10 @@ class TlsListener:
     host: str = "127.0.0.1"
 
 
+# Fixed header, topic (prefix + level + id) and MQTT 5 properties of one PUBLISH around its payload.
+PACKET_OVERHEAD_BYTES = 64 * 1024
+
+
 def mosquitto_conf(
     *,
     port: int,
@@ -135,7 +141,11 @@ def mosquitto_conf(
       to a subscriber that fell behind;
     * ``autosave_on_changes`` with ``autosave_interval 1``: default persistence lost every
       queued message on SIGKILL;
-    * ``persistent_client_expiration``: offline workers keep their queue for a week.
+    * ``persistent_client_expiration``: offline workers keep their queue for a week;
+    * ``message_size_limit`` = the largest legitimate payload of any message
+      (:data:`stresswatch.wire.limits.MAX_PAYLOAD_BYTES`, computed from the message caps; see
+      docs/BROKER.md): a larger publish is refused, neither forwarded nor retained;
+      ``max_packet_size`` a little above it disconnects a client sending far more.
 
     ``tls`` adds a TLS listener (TLS 1.2 or later); ``plaintext=False`` leaves it the only one.
     """
@@ -152,6 +162,8 @@ def mosquitto_conf(
         "max_queued_messages 0",
         "max_inflight_messages 100",
         "persistent_client_expiration 7d",
+        f"message_size_limit {MAX_PAYLOAD_BYTES}",
+        f"max_packet_size {MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",
@@ -212,6 +224,8 @@ def check_account_id(value: str, role: Role | str = "account") -> str:
         else:
             continue
         raise ConfigError(f"{kind} id {value!r} {why}; use letters, digits, '-', '_' or '.'", field="id")
+    if not is_valid_id(value):  # the one id grammar (stresswatch.wire.ids), which topics use too
+        raise ConfigError(f"{kind} id {value!r} must be {ID_RULE}", field="id")
     return value
 
 
@@ -284,13 +298,15 @@ def render_acl(prefix: str, accounts: Mapping[str, Role]) -> str:
         "#",
         "# Every authenticated account; %u is its username (its user or worker id).",
         f"pattern read {p}/engine/status",
-        "# a support worker: its own alerts in, its acks out",
+        "# a support worker: its own alerts and the engine's replies in, its acks (and list requests) out",
         f"pattern read {p}/alerts/%u",
         f"pattern write {p}/acks/%u",
-        "# a service user: its own samples and consent out, its status in",
+        f"pattern read {p}/replies/%u",
+        "# a service user: its own samples, consent and check-ins out, its status in",
         f"pattern write {p}/ingest/%u",
         f"pattern write {p}/consent/%u",
         f"pattern read {p}/status/%u",
+        f"pattern write {p}/checkin/%u",
     ]
     for account_id in sorted(accounts):
         role = Role(accounts[account_id])
@@ -302,14 +318,16 @@ def render_acl(prefix: str, accounts: Mapping[str, Role]) -> str:
                 # readwrite: `stresswatch erase` clears a user's retained consent through the engine
                 f"topic readwrite {p}/consent/+",
                 f"topic read {p}/acks/+",
+                f"topic write {p}/replies/+",
+                f"topic read {p}/checkin/+",
                 f"topic write {p}/alerts/+",
                 f"topic readwrite {p}/status/+",
                 f"topic readwrite {p}/engine/status",
             ]
         elif role is Role.WORKER:
-            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("ingest", "consent", "status")]
+            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("ingest", "consent", "status", "checkin")]
         else:
-            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("alerts", "acks")]
+            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("alerts", "acks", "replies")]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .wire.limits import TimeWindow
 
 ENV_PREFIX = "STRESSWATCH_"
 
@@ -139,6 +140,7 @@ class AlertSettings(_Section):
     renotify_after_s: int = Field(default=900, ge=1, description="after the last recipient: remind, this often")
     max_reminders: int = Field(default=2, ge=0)
     cooldown_s: int = Field(default=1800, ge=0, description="wall-clock gap between two alerts sent about one user")
+    checkin_cooldown_s: int = Field(default=300, ge=0, description="the same between two check-ins of one person (its own cooldown)")
     resend_after_s: float = Field(default=10.0, gt=0, description="no PUBACK this long: publish again (same alert_id)")
 
 
@@ -147,6 +149,12 @@ class EngineSettings(_Section):
     grace_s: int = Field(default=60, ge=0, description="a window closes this long after its end without new data")
     persist_s: float = Field(default=60.0, gt=0, description="save detector state and buffered samples this often")
     keep_samples: bool = Field(default=True, description="store consenting users' samples (export, research)")
+    ingest_max_age_days: float = Field(default=400.0, gt=0, le=73_000, description="refuse ingest samples older than this (docs/INGEST.md)")
+    ingest_max_future_s: float = Field(default=600.0, ge=0, le=86_400, description="refuse ingest samples further ahead of the engine's clock")
+
+    def time_window(self) -> TimeWindow:
+        """The wire boundary's window around now (:class:`stresswatch.wire.limits.TimeWindow`)."""
+        return TimeWindow(max_age_s=self.ingest_max_age_days * 86_400, max_future_s=self.ingest_max_future_s)
 
 
 def _check_groups(groups: dict[str, list[str]]) -> dict[str, list[str]]:

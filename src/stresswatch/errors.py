@@ -45,6 +45,32 @@ class ParseError(StresswatchError):
         return f"{where}: {self.message}" if where else self.message
 
 
+class InvalidId(ParseError, ValueError):
+    """An id (user, worker, group, recipient, account) outside the one id grammar
+    (:mod:`stresswatch.wire.ids`); also a ``ValueError`` so pydantic validators can raise it."""
+
+
+class WireError(ParseError):
+    """A wire message (ingest, consent, ack) refused at the boundary (:mod:`stresswatch.wire`).
+
+    ``reason`` is a short code for counters and rate-limited logs (``malformed``, ``too_large``,
+    ``time_range``, ``value_range``, ``bad_id``, ``wrong_user``); ``field`` names the field. The
+    message never carries a value from the payload.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        source: str | Path | None = None,
+        position: int | str | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.reason = reason
+        super().__init__(message, source=source, position=position, field=field)
+
+
 class ConfigError(StresswatchError):
     """Configuration (TOML file, environment, command-line overrides) that does not validate."""
 

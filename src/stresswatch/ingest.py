@@ -5,112 +5,29 @@ within it). QoS 1 and the companion's durable buffer may deliver a batch more th
 :class:`Deduplicator` makes the engine see each (stream_id, seq) exactly once, and
 :class:`IngestReceiver` is the engine's subscriber that applies it.
 
-Wire format (``schema_version`` 1): a JSON object (pydantic :class:`IngestBatch`), columnar::
-
-    {"schema_version": 1, "user": "alice", "stream_id": "…", "seq": 7, "source": "ble_hrs/…",
-     "time_ns": [...], "metric": ["rr_ms", ...], "value": [...]}
-
-The same batch may also arrive in the compact binary format of :mod:`stresswatch.wire`
-(first bytes ``FF 53 57``); :meth:`IngestBatch.decode` accepts both (docs/INGEST.md).
+The message itself (JSON or binary) and its checks are :mod:`stresswatch.wire.ingest`; the
+receiver decodes each payload there, with the engine's clock, before anything else sees it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
-import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .alerts.topics import Topics
 from .alerts.transport import connect
-from .errors import ParseError, TransportError
-from .model import SAMPLES_SCHEMA, Metric, decode_json
-from . import wire
+from .errors import TransportError, WireError
+from .wire.ingest import MAX_BATCH_SAMPLES, IngestBatch, decode_ingest
+from .wire.limits import TimeWindow
+from .wire.rejections import Rejections
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH_SAMPLES = 100_000
-_METRICS = tuple(Metric(m) for m in wire.METRICS)
-
-
-class IngestBatch(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    schema_version: int = Field(default=1, ge=1, le=1)
-    user: str = Field(min_length=1)
-    stream_id: str = Field(min_length=1, max_length=64)
-    seq: int = Field(ge=0)
-    source: str
-    time_ns: list[int] = Field(max_length=MAX_BATCH_SAMPLES)
-    metric: list[Metric] = Field(max_length=MAX_BATCH_SAMPLES)
-    value: list[float] = Field(max_length=MAX_BATCH_SAMPLES)
-
-    @model_validator(mode="after")
-    def _same_length(self) -> IngestBatch:
-        if not len(self.time_ns) == len(self.metric) == len(self.value):
-            raise ValueError("time_ns, metric and value must have the same length")
-        return self
-
-    @classmethod
-    def from_frame(cls, frame: pl.DataFrame, *, user: str, stream_id: str, seq: int, source: str) -> IngestBatch:
-        return cls(
-            user=user,
-            stream_id=stream_id,
-            seq=seq,
-            source=source,
-            time_ns=frame.get_column("time").dt.epoch("ns").to_list(),
-            metric=frame.get_column("metric").to_list(),
-            value=frame.get_column("value").to_list(),
-        )
-
-    def to_frame(self) -> pl.DataFrame:
-        n = len(self.time_ns)
-        return pl.DataFrame(
-            {
-                "user": [self.user] * n,
-                "time": pl.Series(self.time_ns, dtype=pl.Int64).cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"),
-                "metric": [m.value for m in self.metric],
-                "value": pl.Series(self.value, dtype=pl.Float64),
-                "source": [self.source] * n,
-            },
-            schema=SAMPLES_SCHEMA,
-        )
-
-    def encode(self) -> bytes:
-        return self.model_dump_json().encode()
-
-    def encode_binary(self) -> bytes:
-        """The same batch in the compact binary format (:mod:`stresswatch.wire`)."""
-        return wire.encode(
-            user=self.user,
-            stream_id=self.stream_id,
-            seq=self.seq,
-            source=self.source,
-            time_ns=self.time_ns,
-            metric_code=[wire.METRIC_CODE[m.value] for m in self.metric],
-            value=self.value,
-        )
-
-    @classmethod
-    def from_wire(cls, b: wire.WireBatch) -> IngestBatch:
-        """From a decoded binary batch (already checked against this model's constraints)."""
-        metrics = [_METRICS[c] for c in b.metric_code]
-        return cls.model_construct(
-            schema_version=1, user=b.user, stream_id=b.stream_id, seq=b.seq, source=b.source,
-            time_ns=b.time_ns, metric=metrics, value=b.value,
-        )  # fmt: skip
-
-    @classmethod
-    def decode(cls, payload: bytes, *, topic: str = "ingest") -> IngestBatch:
-        """Parse a payload, JSON or binary (:mod:`stresswatch.wire`, told apart by its first
-        byte); anything malformed raises :class:`ParseError` naming the field."""
-        if wire.is_binary(payload):
-            return cls.from_wire(wire.decode(payload, source=topic))
-        return decode_json(cls, payload, source=topic)
 
 
 @dataclass
@@ -166,9 +83,11 @@ class IngestReceiver:
       batches a companion publishes while the engine is away are queued by the broker.
     * The subscription is renewed on every (re)connect: paho reconnects on its own and
       a broker that lost its session state must not silently stop delivering.
-    * A payload that does not decode, or whose ``user`` differs from the topic's user (a
-      companion may only speak for its own user), is counted in :attr:`rejected` and passed
-      to ``on_invalid``; it never reaches ``on_batch``.
+    * A payload that does not pass :func:`~stresswatch.wire.ingest.decode_ingest` (with
+      ``clock()`` as now and ``window``), or whose ``user`` differs from the topic's user (a
+      companion may only speak for its own user), is counted in ``rejections`` (one
+      rate-limited log line per reason), kept among the last :attr:`rejected` and passed to
+      ``on_invalid``; it never reaches ``on_batch``.
     * A batch is recorded as seen only after ``on_batch`` returned, so a callback that
       raised can be delivered again by a redelivery; the exception is logged and counted.
 
@@ -188,6 +107,9 @@ class IngestReceiver:
         on_invalid: Callable[[Rejection], None] | None = None,
         timeout_s: float = 10.0,
         reconnect_max_s: int = 10,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        window: TimeWindow = TimeWindow(),
+        rejections: Rejections | None = None,
     ) -> None:
         self.url = url
         self.topics = topics
@@ -199,7 +121,10 @@ class IngestReceiver:
         self._lock = threading.Lock()
         self.accepted = 0
         self.duplicates = 0
-        self.rejected: list[Rejection] = []
+        self._clock = clock
+        self._window = window
+        self.rejections = rejections if rejections is not None else Rejections(log)
+        self.rejected: deque[Rejection] = deque(maxlen=100)  # the latest only: a flood must not grow memory
         self.failed = 0
         self._subscribed = threading.Event()
         self._client = connect(
@@ -227,11 +152,12 @@ class IngestReceiver:
         if not getattr(rc, "is_failure", False):
             client.subscribe(self.subscription, qos=1)
 
-    def _reject(self, topic: str, reason: str) -> None:
+    def _reject(self, topic: str, topic_user: str, error: WireError) -> None:
+        reason = f"malformed payload: {error.field or ''} {error.message}".strip() if error.reason != "wrong_user" else error.message
         rejection = Rejection(topic, reason)
         with self._lock:
             self.rejected.append(rejection)
-        log.warning("ingest: rejected a batch: %s", reason)  # reason names a field, never a value
+        self.rejections.record("ingest", error, user=topic_user)  # names a field and rule, never a value
         if self._on_invalid:
             self._on_invalid(rejection)
 
@@ -239,12 +165,12 @@ class IngestReceiver:
         topic = msg.topic
         topic_user = topic[len(self._topic_head):] if topic.startswith(self._topic_head) else ""
         try:
-            batch = IngestBatch.decode(msg.payload, topic=topic)
-        except ParseError as exc:
-            self._reject(topic, f"malformed payload: {exc.field or ''} {exc.message}".strip())
+            batch = decode_ingest(msg.payload, topic=topic, now=self._clock(), window=self._window)
+        except WireError as exc:
+            self._reject(topic, topic_user, exc)
             return
         if batch.user != topic_user:
-            self._reject(topic, "payload user differs from the topic's user")
+            self._reject(topic, topic_user, WireError("payload user differs from the topic's user", reason="wrong_user", source=topic, field="user"))
             return
         with self._lock:
             if self._dedup.seen(batch):
@@ -266,3 +192,6 @@ class IngestReceiver:
         self._client.on_connect = None
         self._client.disconnect()
         self._client.loop_stop()
+
+
+__all__ = ["MAX_BATCH_SAMPLES", "Deduplicator", "IngestBatch", "IngestReceiver", "Rejection"]

@@ -12,10 +12,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from typing import TypeVar
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ParseError
 
@@ -79,19 +78,6 @@ WINDOW_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def decode_json(model: type[M], payload: bytes, *, source: str) -> M:
-    """A wire message (JSON) as ``model``; anything malformed is one :class:`ParseError` naming
-    the first offending field (the shared boundary of ingest, consent and ack messages)."""
-    try:
-        return model.model_validate_json(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ParseError(err["msg"], source=source, field=".".join(str(p) for p in err["loc"]) or None) from None
-
-
 def empty_samples() -> pl.DataFrame:
     return pl.DataFrame(schema=SAMPLES_SCHEMA)
 
@@ -150,6 +136,7 @@ class Reason(str, enum.Enum):
 
     HRV_BELOW_BASELINE = "hrv_below_baseline"
     HR_ABOVE_BASELINE = "hr_above_baseline"
+    SELF_REPORT = "self_report"  # the person asked for contact themselves (`stresswatch checkin`)
 
 
 _ALERT_NAMESPACE = uuid.UUID("6f1c2d8e-4b7a-5c3e-9a1d-2e5f7b9c0a11")
@@ -171,6 +158,7 @@ class AlertDecision:
     level: AlertLevel
     reasons: tuple[Reason, ...]
     score: float
+    note: str | None = None  # a check-in's own words from the person to the workers they chose
 
 
 class Alert(BaseModel):
@@ -186,5 +174,6 @@ class Alert(BaseModel):
     level: AlertLevel | None = Field(default=None, description="present only if the user allows it")
     reasons: list[Reason] = Field(default_factory=list, description="present only if the user allows it")
     message: str = "Someone you support may welcome a check-in."
+    note: str | None = Field(default=None, description="a check-in: the person's own words to the workers they chose")
     score: float | None = Field(default=None, description="present only if the user explicitly allows it")
     notice: int = Field(default=0, ge=0, description="0: first notice; n: n-th reminder or escalation, same alert_id")

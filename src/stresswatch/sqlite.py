@@ -12,10 +12,18 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+from .private_files import private_dir, private_file, tighten
+
 
 def connect(path: Path, *pragmas: str) -> sqlite3.Connection:
-    """Open (creating its folder) a WAL-mode SQLite file; errors are the caller's to wrap."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Open (creating its folder, 0700) a WAL-mode SQLite file, private to this account: the
+    file is created 0600 before SQLite opens it, and SQLite gives its ``-wal`` and ``-shm``
+    files the database file's mode. Errors are the caller's to wrap."""
+    if str(path) != ":memory:":
+        private_dir(path.parent)
+        private_file(path)
+        for extra in ("-wal", "-shm", "-journal"):  # left 0644 by an older version
+            tighten(path.with_name(path.name + extra))
     db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
     db.execute("PRAGMA journal_mode=WAL")
     for pragma in pragmas:

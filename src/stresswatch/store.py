@@ -53,6 +53,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from .errors import StorageError
+from .private_files import DIR_MODE, FILE_MODE, private_dir, private_file
 from .model import SAMPLES_SCHEMA, empty_samples, validate_samples
 
 KEY_COLUMNS: tuple[str, ...] = ("user", "time", "metric", "value", "source")
@@ -86,6 +87,7 @@ def _write_parquet_atomic_tmp(frame: pl.DataFrame, target: Path) -> Path:
     """Write ``frame`` to a temporary file next to ``target`` and fsync it; return the temp path."""
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
     frame.write_parquet(tmp, compression="zstd", statistics=True)
+    os.chmod(tmp, FILE_MODE)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -123,8 +125,8 @@ class SampleStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fh = open(self.dir / ".lock", "a+b")  # noqa: SIM115 - held for the block
+            private_dir(self.dir)
+            fh = open(private_file(self.dir / ".lock"), "a+b")  # noqa: SIM115 - held for the block
         except OSError as exc:
             raise StorageError(f"cannot open the store: {exc.strerror}", path=self.dir) from None
         try:
@@ -146,7 +148,7 @@ class SampleStore:
                 continue
             for tmp, final in moves:
                 if Path(tmp).exists():
-                    Path(final).parent.mkdir(parents=True, exist_ok=True)
+                    private_dir(Path(final).parent)
                     os.replace(tmp, final)
             for old in deletes:
                 Path(old).unlink(missing_ok=True)
@@ -236,7 +238,8 @@ class StagedAdd:
         if self._dir is None:
             self._dir = self.store.dir / ".staging" / uuid.uuid4().hex
             try:
-                self._dir.mkdir(parents=True)
+                private_dir(self._dir.parent)
+                self._dir.mkdir(mode=DIR_MODE)
             except OSError as exc:
                 raise StorageError(f"cannot create a staging folder: {exc.strerror}", path=self._dir) from None
         return self._dir
@@ -255,6 +258,7 @@ class StagedAdd:
             self._n += 1
             try:
                 part.drop("_month").write_parquet(path, compression="lz4")
+                os.chmod(path, FILE_MODE)
             except OSError as exc:
                 raise StorageError(f"cannot stage samples: {exc.strerror}", path=path) from None
             self._parts.setdefault((str(user), str(month)), []).append(path)
@@ -290,7 +294,7 @@ class StagedAdd:
                     if new.height == 0:
                         continue  # nothing new: no file is touched
                     added += new.height
-                    pdir.mkdir(parents=True, exist_ok=True)
+                    private_dir(pdir)
                     small = [p for p in stored if pq.ParquetFile(p).metadata.num_rows < SMALL_PART_ROWS]
                     if new.height < SMALL_PART_ROWS and len(small) + 1 >= COMPACT_PARTS:
                         new = pl.concat([*(pl.read_parquet(p) for p in small), new], how="vertical").sort(
@@ -303,7 +307,7 @@ class StagedAdd:
                 if moves:
                     journal = store.dir / f".journal-{uuid.uuid4().hex}.json"
                     jtmp = journal.with_suffix(".tmp")
-                    jtmp.write_text(json.dumps({"moves": moves, "deletes": deletes}))
+                    private_file(jtmp).write_text(json.dumps({"moves": moves, "deletes": deletes}))
                     os.replace(jtmp, journal)
                     for tmp, final_s in moves:
                         os.replace(tmp, final_s)

@@ -20,8 +20,8 @@ from datetime import datetime, timedelta
 from ..config import Settings
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
-from ..model import Alert, AlertDecision
-from .acks import AckAction, AckMessage
+from ..model import Alert, AlertDecision, Reason
+from ..wire.acks import AckAction, AckMessage
 from .lifecycle import (
     Acknowledged,
     AlertRecord,
@@ -110,7 +110,7 @@ class Dispatcher:
             clock=clock,
             topics=Topics(settings.mqtt.prefix),
             groups=settings.groups,
-            policy=EscalationPolicy(a.escalate_after_s, a.renotify_after_s, a.max_reminders, a.cooldown_s),
+            policy=EscalationPolicy(a.escalate_after_s, a.renotify_after_s, a.max_reminders, a.cooldown_s, a.checkin_cooldown_s),
             alert_expiry_s=settings.mqtt.alert_expiry_s,
             resend_after_s=a.resend_after_s,
         )
@@ -135,8 +135,11 @@ class Dispatcher:
                 payload: Alert | None = None
                 if new:
                     self.stats.raised += 1
-                    last = self.outbox.last_sent_at(d.user, excluding=d.alert_id) if self.policy.cooldown_s else None
-                    if last is not None and (now - last).total_seconds() < self.policy.cooldown_s:
+                    # a check-in and a detector alert each have their own cooldown: neither silences the other
+                    checkin = Reason.SELF_REPORT in d.reasons
+                    cooldown = self.policy.checkin_cooldown_s if checkin else self.policy.cooldown_s
+                    last = self.outbox.last_sent_at(d.user, excluding=d.alert_id, self_report=checkin) if cooldown else None
+                    if last is not None and (now - last).total_seconds() < cooldown:
                         rec = self.outbox.save(apply(rec, Suppressed(now)), "suppressed", now, detail="cooldown")
                     else:
                         rec, payload = self._first_notice(rec, d, now)

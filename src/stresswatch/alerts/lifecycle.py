@@ -213,6 +213,7 @@ class EscalationPolicy:
     renotify_after_s: int = 900  # after the last step: remind everyone notified, this often
     max_reminders: int = 2
     cooldown_s: int = 1800  # wall clock between two alerts sent about the same user
+    checkin_cooldown_s: int = 300  # the same, between two check-ins (`stresswatch checkin`) of one person
 
 
 @dataclass(frozen=True)

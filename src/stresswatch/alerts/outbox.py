@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     outcome       TEXT,
     note          TEXT,
     resolved_by   TEXT,
-    resolved_at   TEXT
+    resolved_at   TEXT,
+    person_note   TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_user ON alerts(user, created_at);
 CREATE INDEX IF NOT EXISTS alerts_user_sent ON alerts(user, last_sent_at);
@@ -141,6 +142,9 @@ class Outbox:
         try:
             self._db = sqlite.connect(self.path, "synchronous=NORMAL", "foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(alerts)")}
+            if "person_note" not in cols:  # an outbox written before check-ins (stresswatch checkin)
+                self._db.execute("ALTER TABLE alerts ADD COLUMN person_note TEXT")
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open alert outbox: {exc}", path=self.path) from None
 
@@ -167,7 +171,7 @@ class Outbox:
             with self.transaction():
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO alerts (alert_id, user, raised_at, episode_start, level, reasons, score,"
-                    " created_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'raised')",
+                    " created_at, state, person_note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'raised', ?)",
                     (
                         d.alert_id,
                         d.user,
@@ -177,6 +181,7 @@ class Outbox:
                         json.dumps([r.value for r in d.reasons]),
                         float(d.score),
                         _iso(now),
+                        d.note,
                     ),
                 )
                 if cur.rowcount:
@@ -187,13 +192,14 @@ class Outbox:
 
     def decision(self, alert_id: str) -> AlertDecision:
         r = self._db.execute(
-            "SELECT alert_id, user, raised_at, episode_start, level, reasons, score FROM alerts WHERE alert_id = ?", (alert_id,)
+            "SELECT alert_id, user, raised_at, episode_start, level, reasons, score, person_note FROM alerts WHERE alert_id = ?",
+            (alert_id,),
         ).fetchone()
         if r is None:
             raise KeyError(alert_id)
         return AlertDecision(
             r[0], r[1], datetime.fromisoformat(r[2]), datetime.fromisoformat(r[3]), AlertLevel(r[4]),
-            tuple(Reason(x) for x in json.loads(r[5])), r[6],
+            tuple(Reason(x) for x in json.loads(r[5])), r[6], r[7],
         )  # fmt: skip
 
     def get(self, alert_id: str) -> AlertRecord | None:
@@ -205,6 +211,18 @@ class Outbox:
             rows = self._db.execute(f"SELECT {_RECORD_COLS} FROM alerts ORDER BY created_at, alert_id")
         else:
             rows = self._db.execute(f"SELECT {_RECORD_COLS} FROM alerts WHERE user = ? ORDER BY created_at, alert_id", (user,))
+        return [_record(r) for r in rows]
+
+    def records_for_worker(
+        self, worker: str, *, states: tuple[AlertState, ...] | None = None, limit: int = 200
+    ) -> list[AlertRecord]:
+        """Alerts sent to ``worker`` (directly or as a member of a group), newest first."""
+        sql = f"SELECT {_RECORD_COLS} FROM alerts WHERE EXISTS (SELECT 1 FROM json_each(targets) WHERE value = ?)"
+        args: list[Any] = [worker]
+        if states:
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            args += [st.value for st in states]
+        rows = self._db.execute(f"{sql} ORDER BY created_at DESC, alert_id LIMIT ?", (*args, limit))
         return [_record(r) for r in rows]
 
     def due(self, now: datetime) -> list[AlertRecord]:
@@ -222,11 +240,14 @@ class Outbox:
         r = self._db.execute("SELECT MIN(due_at) FROM alerts WHERE state IN (?, ?, ?)", states).fetchone()
         return _dt(r[0])
 
-    def last_sent_at(self, user: str, *, excluding: str | None = None) -> datetime | None:
-        r = self._db.execute(
-            "SELECT MAX(last_sent_at) FROM alerts WHERE user = ? AND alert_id != ?", (user, excluding or "")
-        ).fetchone()
-        return _dt(r[0])
+    def last_sent_at(self, user: str, *, excluding: str | None = None, self_report: bool | None = None) -> datetime | None:
+        """When an alert about ``user`` was last sent; ``self_report`` True/False: only check-ins /
+        only detector alerts (each kind has its own cooldown)."""
+        sql = "SELECT MAX(last_sent_at) FROM alerts WHERE user = ? AND alert_id != ?"
+        if self_report is not None:
+            sql += " AND (instr(reasons, '\"self_report\"') > 0) = ?"
+        args = (user, excluding or "") + ((self_report,) if self_report is not None else ())
+        return _dt(self._db.execute(sql, args).fetchone()[0])
 
     def save(
         self,

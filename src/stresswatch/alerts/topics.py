@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_FORBIDDEN = set("+#/")
+from ..wire.ids import validate_id
 
-
-def check_id(kind: str, value: str) -> str:
-    """User and worker ids become topic levels: no wildcards, separators or control characters."""
-    if not value or any(c in _FORBIDDEN or ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError(f"{kind} id {value!r} must be non-empty without '+', '#', '/' or control characters")
-    return value
+# User and worker ids become topic levels: the one id grammar (no wildcards, separators,
+# control characters; stresswatch.wire.ids). Raises InvalidId (a ParseError and a ValueError).
+check_id = validate_id
 
 
 @dataclass(frozen=True)
@@ -29,6 +26,14 @@ class Topics:
 
     def acks(self, worker: str) -> str:
         return f"{self.prefix}/acks/{check_id('worker', worker)}"
+
+    def replies(self, worker: str) -> str:
+        """The engine's answers to the worker's acks and list requests (alerts/replies.py)."""
+        return f"{self.prefix}/replies/{check_id('worker', worker)}"
+
+    def checkin(self, user: str) -> str:
+        """The person's own request for contact (alerts/checkin.py)."""
+        return f"{self.prefix}/checkin/{check_id('user', user)}"
 
     def status(self, user: str) -> str:
         return f"{self.prefix}/status/{check_id('user', user)}"

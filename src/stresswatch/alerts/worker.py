@@ -23,8 +23,9 @@ from pydantic import ValidationError
 from ..broker import private_client_id
 from ..errors import StorageError, TransportError
 from ..model import Alert
-from .acks import AckAction, AckMessage
+from ..wire.acks import AckAction, AckMessage
 from .lifecycle import Outcome
+from .replies import Reply, ReplyWaiter, wait_published
 from .topics import Topics
 from .transport import connect
 
@@ -82,6 +83,8 @@ class WorkerClient:
         on_invalid: Callable[[str, str], None] | None = None,
         on_reminder: Callable[[Alert], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
+        on_reply: Callable[[Reply], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
         seen_path: str | Path | None = None,
         session_expiry_s: int = 7 * 24 * 3600,
         client_id: str | None = None,
@@ -93,6 +96,10 @@ class WorkerClient:
         self._on_invalid = on_invalid
         self._on_reminder = on_reminder
         self._on_connection = on_connection
+        self._on_reply = on_reply
+        self._on_refused = on_refused
+        self.replies_topic = self.topics.replies(worker)
+        self._waiter = ReplyWaiter()
         self._seen = SeenIds(seen_path)
         self._lock = threading.Lock()
         self.received: list[Alert] = []
@@ -111,15 +118,36 @@ class WorkerClient:
         )
         self._client.on_disconnect = self._disconnected
         subscribed = threading.Event()
-        self._client.on_subscribe = lambda *a: subscribed.set()
-        self._client.subscribe(self.topic, qos=1)
+        granted: list[object] = []
+
+        def on_subscribe(c: object, u: object, mid: int, codes: list[object], props: object = None) -> None:
+            granted.extend(codes)
+            subscribed.set()
+
+        self._client.on_subscribe = on_subscribe
+        self._client.subscribe([(self.topic, 1), (self.replies_topic, 1)])
         if not subscribed.wait(10):
             self.close()
             raise TransportError(f"no SUBACK for {self.topic!r}", url=url)
+        if any(getattr(code, "is_failure", False) or code == 128 for code in granted):
+            self.close()
+            raise TransportError(f"the broker does not let this account read {self.topic!r}: not {worker}'s worker account")
+        self._client.on_connect = self._connected
+
+    def _connected(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
+        if getattr(rc, "is_failure", False):
+            # The broker refuses the account now (removed, or its password changed): retrying
+            # forever would only repeat that, so stop and say so.
+            client.disconnect()
+            threading.Thread(target=client.loop_stop, daemon=True).start()
+            if self._on_refused:
+                self._on_refused(str(rc))
+            return
+        self._reconnected(client, bool(getattr(flags, "session_present", False)))
 
     def _reconnected(self, client: mqtt.Client, session_present: bool) -> None:
         if not session_present:  # the broker lost our session (e.g. no persistence): subscribe again
-            client.subscribe(self.topic, qos=1)
+            client.subscribe([(self.topic, 1), (self.replies_topic, 1)])
         if self._on_connection:
             self._on_connection(True)
 
@@ -128,6 +156,11 @@ class WorkerClient:
             self._on_connection(False)
 
     def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.replies_topic:
+            reply = self._waiter.feed(msg.payload)
+            if reply is not None and self._on_reply:
+                self._on_reply(reply)
+            return
         try:
             alert = Alert.model_validate(json.loads(msg.payload))
         except (ValueError, ValidationError) as exc:
@@ -148,13 +181,13 @@ class WorkerClient:
             self._on_reminder(alert)
 
     def _send(self, msg: AckMessage, timeout_s: float) -> None:
-        info = self._client.publish(self.topics.acks(self.worker), msg.encode(), qos=1)
-        try:
-            info.wait_for_publish(timeout_s)
-        except (RuntimeError, ValueError) as exc:
-            raise TransportError(f"not acknowledged by the broker: {exc}") from None
-        if not info.is_published():
-            raise TransportError(f"not acknowledged by the broker within {timeout_s:g} s")
+        wait_published(self._client.publish(self.topics.acks(self.worker), msg.encode(), qos=1), timeout_s)
+
+    def request(self, msg: AckMessage, *, timeout_s: float = 10.0) -> Reply:
+        """Send an ack, resolve or list request and return the engine's :class:`Reply`."""
+        rid = self._waiter.expect()
+        self._send(msg.model_copy(update={"request_id": rid}), timeout_s)
+        return self._waiter.wait(rid, timeout_s)
 
     def ack(self, alert_id: str, *, timeout_s: float = 10.0) -> None:
         """Tell the engine "I'm reaching out" (stops escalation)."""
@@ -168,28 +201,3 @@ class WorkerClient:
         self._client.loop_stop()
         self._seen.close()
 
-
-def send_ack(
-    url: str,
-    worker: str,
-    msg: AckMessage,
-    *,
-    topics: Topics | None = None,
-    username: str | None = None,
-    password: str | None = None,
-    protocol: str = "auto",
-    timeout_s: float = 10.0,
-) -> None:
-    """One-shot: publish an ack/resolve for ``worker`` and wait for the broker's PUBACK.
-
-    Uses its own client id, so a running ``alerts watch`` session is not disturbed.
-    """
-    client = connect(url, f"stresswatch-worker-{worker}-ack", username=username, password=password, protocol=protocol)
-    try:
-        info = client.publish((topics or Topics()).acks(worker), msg.encode(), qos=1)
-        info.wait_for_publish(timeout_s)
-        if not info.is_published():
-            raise TransportError(f"not acknowledged by the broker within {timeout_s:g} s", url=url)
-    finally:
-        client.disconnect()
-        client.loop_stop()

@@ -13,6 +13,7 @@ from ..errors import StresswatchError
 from ._common import AppContext
 from .alerts import alerts
 from .broker import broker
+from .checkin import checkin
 from .consent import consent
 from .demo import demo
 from .engine import engine
@@ -20,6 +21,7 @@ from .erase import erase
 from .export import export
 from .imports import import_
 from .replay import replay
+from .webapp import worker_app
 
 EXAMPLES = """
 \b
@@ -46,7 +48,7 @@ def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...])
     ctx.obj = AppContext(config_path, overrides)
 
 
-for command in (demo, replay, consent, alerts, import_, engine, export, erase, broker):
+for command in (demo, replay, consent, alerts, checkin, import_, engine, export, erase, broker, worker_app):
     cli.add_command(command)
 
 COMMANDS_ENTRY_POINT_GROUP = "stresswatch.commands"

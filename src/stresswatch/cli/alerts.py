@@ -1,4 +1,4 @@
-"""``stresswatch alerts``: the support worker's side (watch, ack, resolve)."""
+"""``stresswatch alerts``: the support worker's side (watch, ack, resolve, list)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from ..alerts.acks import AckAction, AckMessage
-from ..alerts.lifecycle import Outcome
+from ..wire.acks import AckAction, AckMessage, check_alert_id
+from ..alerts.lifecycle import OPEN_STATES, AlertState, LifecycleError, Outcome
+from ..alerts.replies import Reply, request
 from ..alerts.topics import Topics, check_id
-from ..alerts.worker import WorkerClient, send_ack
+from ..alerts.worker import WorkerClient
 from ..errors import ConfigError
 from ..model import Alert
 from ._common import AppContext, console, console_err, pass_app
@@ -22,10 +23,12 @@ Examples:
   stresswatch alerts watch --worker sam --count 1      # exit after the first alert
   stresswatch alerts ack 3f2c...e1 --worker sam
   stresswatch alerts resolve 3f2c...e1 --worker sam --outcome reached_out --note "called, all fine"
+  stresswatch alerts list --worker sam --open
 """
 
 _broker = click.option("--broker", metavar="URL", help="mqtt://HOST:PORT (default: mqtt.url from settings).")
 _worker = click.option("--worker", required=True, help="Your worker id: you receive and act only on alerts meant for you.")
+_wait = click.option("--timeout-s", "wait_s", type=click.FloatRange(0.1, 600), default=10.0, show_default=True, help="Wait this long for the engine's answer.")
 
 
 def _url(app: AppContext, broker: str | None) -> str:
@@ -65,6 +68,7 @@ def watch(app: AppContext, worker: str, broker: str | None, count: int | None, t
         detail = f" level={alert.level.value}" if alert.level else ""
         detail += f" reasons={','.join(r.value for r in alert.reasons)}" if alert.reasons else ""
         detail += f" score={alert.score:g}" if alert.score is not None else ""
+        detail += f' note="{alert.note}"' if alert.note else ""  # a check-in: the person's own words
         console.print(f"{alert.raised_at:%Y-%m-%d %H:%M} UTC  reach out to {alert.user}{detail}  id={alert.alert_id}", markup=False)
         if count is not None and n >= count:
             done.set()
@@ -92,21 +96,59 @@ def watch(app: AppContext, worker: str, broker: str | None, count: int | None, t
         client.close()
 
 
-def _send(app: AppContext, broker: str | None, worker: str, msg: AckMessage) -> None:
-    s = app.settings.mqtt
+def _worker_account(app: AppContext, worker: str) -> None:
+    """The broker account acts for one worker: refuse a --worker that is not the account's."""
     check_id("worker", worker)
-    send_ack(_url(app, broker), worker, msg, topics=Topics(s.prefix), username=s.username, password=s.password, protocol=s.protocol)
+    account = app.settings.mqtt.username
+    if account and account != worker:
+        raise ConfigError(
+            f"--worker {worker} but the broker account is {account!r}: a worker acts only on its own alerts"
+            f" (sign in as {worker}, or pass --worker {account})",
+            field="--worker",
+        )
+
+
+def _request(app: AppContext, broker: str | None, worker: str, msg: AckMessage, wait_s: float) -> Reply:
+    s = app.settings.mqtt
+    _worker_account(app, worker)
+    return request(
+        _url(app, broker), worker, msg, topics=Topics(s.prefix), username=s.username, password=s.password, protocol=s.protocol, timeout_s=wait_s
+    )
+
+
+def _alert_id(value: str) -> str:
+    try:
+        return check_alert_id(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="ALERT_ID") from None
+
+
+def _recorded(reply: Reply) -> None:
+    """Print what the engine recorded; an error exit if it recorded nothing."""
+    if not reply.ok:
+        now = f" (the alert is {reply.alert.state.value})" if reply.alert else ""
+        raise LifecycleError(f"{reply.error}{now}")
+    assert reply.alert is not None
+    a = reply.alert
+    if a.state is AlertState.RESOLVED:
+        console.print(f"the engine recorded {a.alert_id}: resolved by {a.resolved_by} ({a.outcome.value if a.outcome else '?'})", markup=False)
+    else:
+        console.print(f"the engine recorded {a.alert_id}: {a.state.value} by {a.acked_by}", markup=False)
 
 
 @alerts.command(epilog=EPILOG)
 @click.argument("alert_id")
 @_worker
 @_broker
+@_wait
 @pass_app
-def ack(app: AppContext, alert_id: str, worker: str, broker: str | None) -> None:
-    """Acknowledge ALERT_ID: "I'm reaching out" (stops escalation to others)."""
-    _send(app, broker, worker, AckMessage(alert_id=alert_id, action=AckAction.ACK))
-    console.print(f"acknowledged {alert_id}")
+def ack(app: AppContext, alert_id: str, worker: str, broker: str | None, wait_s: float) -> None:
+    """Acknowledge ALERT_ID: "I'm reaching out" (stops escalation to others).
+
+    Prints what the engine recorded, and exits non-zero if it recorded nothing (not your
+    alert, already acknowledged, no answer from the engine).
+    """
+    _recorded(_request(app, broker, worker, AckMessage(alert_id=_alert_id(alert_id), action=AckAction.ACK), wait_s))
 
 
 @alerts.command(epilog=EPILOG)
@@ -115,8 +157,42 @@ def ack(app: AppContext, alert_id: str, worker: str, broker: str | None) -> None
 @_broker
 @click.option("--outcome", required=True, type=click.Choice([o.value for o in Outcome]), help="What happened.")
 @click.option("--note", help="A short note for the record (no health details, please).")
+@_wait
 @pass_app
-def resolve(app: AppContext, alert_id: str, worker: str, broker: str | None, outcome: str, note: str | None) -> None:
-    """Resolve ALERT_ID with an outcome."""
-    _send(app, broker, worker, AckMessage(alert_id=alert_id, action=AckAction.RESOLVE, outcome=Outcome(outcome), note=note))
-    console.print(f"resolved {alert_id}: {outcome}")
+def resolve(app: AppContext, alert_id: str, worker: str, broker: str | None, outcome: str, note: str | None, wait_s: float) -> None:
+    """Resolve ALERT_ID with an outcome; prints what the engine recorded."""
+    msg = AckMessage(alert_id=_alert_id(alert_id), action=AckAction.RESOLVE, outcome=Outcome(outcome), note=note)
+    _recorded(_request(app, broker, worker, msg, wait_s))
+
+
+@alerts.command("list", epilog=EPILOG)
+@_worker
+@_broker
+@click.option("--open", "open_only", is_flag=True, help="Only alerts still waiting for someone (raised, delivered, escalated).")
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in AlertState]), help="Only alerts in this state (repeatable).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="At most this many, newest first.")
+@_wait
+@pass_app
+def list_(app: AppContext, worker: str, broker: str | None, open_only: bool, states: tuple[str, ...], limit: int, wait_s: float) -> None:
+    """Your alerts as the engine recorded them (newest first), with their ids.
+
+    The engine answers from its outbox: only alerts sent to you (or to a group you are in).
+    """
+    wanted = [AlertState(s) for s in states] + (list(OPEN_STATES) if open_only else [])
+    reply = _request(app, broker, worker, AckMessage(action=AckAction.LIST, states=wanted or None, limit=limit), wait_s)
+    if not reply.ok:
+        raise LifecycleError(reply.error or "the engine refused the request")
+    rows = reply.alerts or []
+    if not rows:
+        console.print("no alerts" + (" open" if open_only else ""), markup=False)
+        return
+    for a in rows:
+        detail = f" level={a.level.value}" if a.level else ""
+        detail += f" reasons={','.join(r.value for r in a.reasons)}" if a.reasons else ""
+        when = f" escalates {a.escalation_due_at:%Y-%m-%d %H:%M} UTC" if a.escalation_due_at else ""
+        who = f" by {a.resolved_by or a.acked_by}" if (a.resolved_by or a.acked_by) else ""
+        outcome = f" ({a.outcome.value})" if a.outcome else ""
+        console.print(
+            f"{a.raised_at:%Y-%m-%d %H:%M} UTC  {a.state.value:<12} {a.user}{detail}{who}{outcome}{when}  id={a.alert_id}",
+            markup=False,
+        )

@@ -16,7 +16,7 @@ from ..alerts.topics import Topics, check_id
 from ..alerts.transport import MqttTransport
 from ..consent.ledger import ConsentLedger
 from ..consent.state import CONSENT_TEXT, CONSENT_TEXT_VERSION, ConsentState, QuietHours, Visibility
-from ..consent.wire import encode_consent
+from ..wire.consent import encode_consent
 from ..clock import utc_now
 from ..errors import ConsentError
 from ._common import AppContext, console, console_err, pass_app

@@ -75,6 +75,7 @@ def decide(
         level=alert.level if detail else None,
         reasons=list(alert.reasons) if detail else [],
         score=round(alert.score, 2) if state.visibility is Visibility.LEVEL_REASONS_AND_SCORE else None,
+        note=alert.note,
     )
     return GateDecision(Verdict.SEND, state.recipients, payload)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 import sqlite3
 from datetime import datetime, timezone
@@ -21,7 +22,10 @@ from pathlib import Path
 
 from .. import sqlite
 from ..errors import ConsentError, StorageError
+from ..wire.ids import is_valid_id
 from .state import Action, ConsentEvent, ConsentState, QuietHours, Visibility, fold
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS consent_events (
@@ -70,6 +74,9 @@ class ConsentLedger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # Stored rows that could not be read back (skipped) or recipients that are not valid ids
+        # (dropped from their grant), by row seq: reported once each, never a crash.
+        self.skipped: dict[int, str] = {}
         try:
             self._db = sqlite.connect(self.path)
             self._db.executescript(_SCHEMA)
@@ -97,6 +104,10 @@ class ConsentLedger:
     def append(self, event: ConsentEvent) -> ConsentEvent:
         """Store ``event`` once: an event whose ``event_id`` is already stored is not stored again."""
         try:
+            at, expires_at = _iso(event.at), _iso(event.expires_at)
+        except (OverflowError, ValueError):
+            raise ConsentError("a consent time is out of range (years 2000-2200)", user=event.user) from None
+        try:
             with self.transaction():
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO consent_events (user, action, at, via, text_version, recipients, visibility,"
@@ -104,7 +115,7 @@ class ConsentLedger:
                     (
                         event.user,
                         event.action.value,
-                        _iso(event.at),
+                        at,
                         event.via,
                         event.text_version,
                         json.dumps(list(event.recipients)),
@@ -112,7 +123,7 @@ class ConsentLedger:
                         event.display_name,
                         event.event_id,
                         event.quiet_hours.encode() if event.quiet_hours else None,
-                        _iso(event.expires_at),
+                        expires_at,
                     ),
                 )
         except sqlite3.Error as exc:
@@ -124,24 +135,48 @@ class ConsentLedger:
         return sum(1 for ev in events if self.append(ev).seq is not None)
 
     def events(self, user: str) -> list[ConsentEvent]:
+        """The user's events in order. A stored row that cannot be read back (written by an older
+        version, or by hand) is skipped, and a recipient that is not a valid id is dropped from
+        its grant; each is logged once and kept in :attr:`skipped`. Skipping fails safe: a grant
+        that is not read alerts no one."""
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM consent_events WHERE user = ? ORDER BY seq", (user,)).fetchall()
-        return [
-            ConsentEvent(
-                seq=r[0],
-                user=r[1],
-                action=Action(r[2]),
-                at=datetime.fromisoformat(r[3]),
-                via=r[4],
-                text_version=r[5],
-                recipients=tuple(json.loads(r[6])),
-                visibility=Visibility(r[7]),
-                display_name=r[8],
-                event_id=r[9] or f"legacy-{r[0]}",
-                quiet_hours=QuietHours.decode(r[10]),
-                expires_at=datetime.fromisoformat(r[11]) if r[11] else None,
-            )
-            for r in rows
-        ]
+        out = []
+        for r in rows:
+            try:
+                recipients = json.loads(r[6])
+                if not isinstance(recipients, list):
+                    raise TypeError("recipients is not a list")
+                valid = tuple(x for x in recipients if is_valid_id(x))
+                if len(valid) != len(recipients):
+                    self._report(r[0], user, "recipient(s) that are not valid ids dropped")
+                at = datetime.fromisoformat(r[3])
+                expires_at = datetime.fromisoformat(r[11]) if r[11] else None
+                if at.tzinfo is None or (expires_at is not None and expires_at.tzinfo is None):
+                    raise ValueError("a time without a time zone")
+                out.append(
+                    ConsentEvent(
+                        seq=r[0],
+                        user=r[1],
+                        action=Action(r[2]),
+                        at=at,
+                        via=r[4],
+                        text_version=r[5],
+                        recipients=valid,
+                        visibility=Visibility(r[7]),
+                        display_name=r[8],
+                        event_id=r[9] or f"legacy-{r[0]}",
+                        quiet_hours=QuietHours.decode(r[10]),
+                        expires_at=expires_at,
+                    )
+                )
+            except (ValueError, TypeError, OverflowError, ConsentError) as exc:  # JSONDecodeError is a ValueError
+                self._report(r[0], user, f"skipped ({type(exc).__name__})")
+        return out
+
+    def _report(self, seq: int, user: str, what: str) -> None:
+        if seq not in self.skipped:
+            self.skipped[seq] = what
+            log.warning("consent ledger %s: stored event %d of user %r: %s", self.path.name, seq, user, what)
 
     def state(self, user: str) -> ConsentState:
         return fold(user, self.events(user))

@@ -112,6 +112,7 @@ def export_user(
                 "acknowledged_at": _iso(rec.acked_at),
                 "outcome": rec.outcome.value if rec.outcome else None,
                 "note": rec.note,
+                "checkin_note": d.note,  # a check-in: the person's own words to the workers
                 "resolved_at": _iso(rec.resolved_at),
                 "history": [h for h in history if h["alert_id"] == rec.alert_id],
             }

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from ..alerts import checkin, replies
 from ..alerts.dispatch import Dispatcher
-from ..alerts.lifecycle import LifecycleError
 from ..alerts.outbox import Outbox
 from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
@@ -27,12 +27,16 @@ from ..broker import check_broker_security, private_client_id
 from ..clock import Clock, utc_now
 from ..config import Settings
 from ..consent.ledger import ConsentLedger
-from ..consent.wire import decode_consent
 from ..detect import Detector
-from ..errors import ParseError, StresswatchError
+from ..errors import ParseError, StresswatchError, WireError
 from ..ingest import IngestBatch, IngestReceiver
 from ..pipeline import Pipeline
+from ..private_files import DIR_MODE, private_dir, tighten
 from ..store import SampleStore
+from ..wire.acks import AckMessage
+from ..wire.consent import decode_consent
+from ..wire.ids import is_valid_id
+from ..wire.rejections import Rejections
 from .consent_cache import ConsentCache
 from .erasure import erase_user
 from .ingest_buffer import IngestBuffer, frame_of
@@ -59,7 +63,7 @@ class EngineStats:
     users: int  # in the detector
     accepted: int | None  # by the ingest receiver (None before start)
     duplicates: int | None
-    rejected: int | None
+    rejected: int  # every message refused at the wire boundary (by kind and reason: Engine.rejections.counts())
 
 
 class Engine:
@@ -94,10 +98,12 @@ class Engine:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._flushed_at = 0.0
-        self._handlers: dict[str, Handler] = {"consent": self._on_consent, "acks": self._on_ack}
+        self._handlers: dict[str, Handler] = {"consent": self._on_consent, "acks": self._on_ack, "checkin": self._on_checkin}
         self.batches_processed = 0
         self.samples_processed = 0
         self.dropped_batches = 0
+        # every message refused at the wire boundary, by (kind, reason); one log line per reason a minute
+        self.rejections = Rejections(log)
         self.transport: MqttTransport | None = None
         self.receiver: IngestReceiver | None = None
         self.dispatcher: Dispatcher | None = None
@@ -130,13 +136,15 @@ class Engine:
             len(pipeline.detector.users) if pipeline is not None else 0,
             rx.accepted if rx else None,
             rx.duplicates if rx else None,
-            len(rx.rejected) if rx else None,
+            self.rejections.total,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> Engine:
         """Open the stores, restore the detector, connect and subscribe. Call :meth:`run` from
         the same thread: the SQLite connections belong to it."""
+        private_dir(self.state_dir)
+        tighten(self.state_dir, DIR_MODE)  # heart data and consent histories: this account only
         self.ledger = ConsentLedger(self.db_path)
         self.outbox = Outbox(self.db_path)
         self.consent = ConsentCache(self.ledger)
@@ -177,6 +185,9 @@ class Engine:
             password=m.password,
             protocol=self.protocol,
             client_id=private_client_id(f"{m.client_id}-ingest", m.password),
+            clock=self.clock,
+            window=self.settings.engine.time_window(),
+            rejections=self.rejections,
         )
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -254,6 +265,7 @@ class Engine:
             except StresswatchError as exc:
                 log.warning("closing: %s", exc)
             self.transport = None
+        self.rejections.flush()
         self.outbox.close()
         self.ledger.close()
 
@@ -308,21 +320,26 @@ class Engine:
         self.status.announce(self.ledger.users(), self.clock())  # the reads also warm the consent cache
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        """paho's thread: only enqueue, to the handler for the topic's kind."""
+        """paho's thread: only enqueue, to the handler for the topic's kind. A topic whose last
+        level is not a valid id (the broker's ACL should already refuse it) is counted, not handled."""
         head, _, who = topic.rpartition("/")
         prefix, _, kind = head.rpartition("/")
         handler = self._handlers.get(kind) if prefix == self.topics.prefix else None
-        if handler is not None:
-            self._queue.put(lambda: handler(who, payload, topic))
+        if handler is None:
+            return
+        if not is_valid_id(who):
+            self.rejections.record(kind, "bad_id", field_name="topic")
+            return
+        self._queue.put(lambda: handler(who, payload, topic))
 
     def _on_consent(self, user: str, payload: bytes, topic: str) -> None:
         if not payload:  # an empty retained message: the user erased their data
             self.erase_user(user)
             return
         try:
-            events = decode_consent(payload, topic_user=user, topic=topic)
-        except ParseError as exc:
-            log.warning("ignored consent message: %s", exc)
+            events = decode_consent(payload, topic_user=user, topic=topic, now=self.clock(), window=self.settings.engine.time_window())
+        except WireError as exc:
+            self.rejections.record("consent", exc, user=user)
             return
         self.consent.drop(user)
         if self.ledger.extend(events):
@@ -332,11 +349,28 @@ class Engine:
             self.status.update(user, now)
 
     def _on_ack(self, worker: str, payload: bytes, topic: str) -> None:
+        """An ack, resolve or list request: act, then tell the worker what was recorded. What is
+        not recorded is counted (one log line per reason a minute), not logged per message."""
+        assert self.dispatcher is not None and self.transport is not None
+        reply = replies.answer(self.dispatcher, worker, payload, topic=topic)
+        if not reply.ok:
+            try:
+                AckMessage.decode(payload, topic=topic)
+            except WireError as exc:
+                self.rejections.record("ack", exc, user=worker)
+            else:  # a valid message that does not apply (unknown alert, not theirs, wrong state)
+                self.rejections.record("ack", "not_applicable", user=worker, field_name="alert_id")
+        self.transport.publish(self.topics.replies(worker), reply.encode(), qos=1, expiry_s=replies.REPLY_EXPIRY_S)
+
+    def _on_checkin(self, user: str, payload: bytes, topic: str) -> None:
+        """The person asked for contact: the same dispatcher (and consent gate) as a detector alert."""
         assert self.dispatcher is not None
         try:
-            self.dispatcher.on_ack(worker, payload, topic=topic)
-        except (ParseError, LifecycleError) as exc:
-            log.warning("ignored ack from %s: %s", worker, exc)
+            decision = checkin.decision_for(user, payload, now=self.clock(), topic=topic)
+        except ParseError as exc:
+            self.rejections.record("checkin", exc, user=user)
+            return
+        self.dispatcher.raise_alerts([decision])
 
     def _forget(self, user: str) -> None:
         self.buffer.drop_user(user)

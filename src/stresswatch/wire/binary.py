@@ -1,7 +1,9 @@
 """Compact binary ingest payload (``SWB``, version 1): a sample batch as columns of fixed-width numbers.
 
-Pure bytes in, bytes out; no I/O. :func:`decode` raises only :class:`~stresswatch.errors.ParseError`,
-whatever the bytes. The JSON payload of :class:`stresswatch.ingest.IngestBatch` carries the same
+Pure bytes in, bytes out; no I/O. :func:`decode` raises only :class:`~stresswatch.errors.WireError`
+(a ``ParseError``), whatever the bytes; :func:`stresswatch.wire.ingest.decode_ingest` then applies
+the range checks every ingest message gets. The JSON payload of
+:class:`stresswatch.wire.ingest.IngestBatch` carries the same
 fields; this one is 4-7x smaller and decodes into numpy arrays without a per-sample Python
 object (measured in ``benchmarks/load/bench_wire.py``; layout and versioning in ``docs/INGEST.md``).
 Every encoding choice is lossless: the decoded batch equals the encoded one exactly.
@@ -37,11 +39,12 @@ from operator import mul, truediv
 
 import numpy as np
 
-from .errors import ParseError
+from ..errors import WireError
+from .limits import MAX_BATCH_SAMPLES
 
 MAGIC = b"\xffSW"
 VERSION = 1
-MAX_SAMPLES = 100_000  # same bound as the JSON format (ingest.MAX_BATCH_SAMPLES)
+MAX_SAMPLES = MAX_BATCH_SAMPLES  # same bound as the JSON format
 MAX_STREAM_ID = 64
 # Wire codes are part of the format: append only, never renumber.
 METRICS: tuple[str, ...] = ("rr_ms", "hr_bpm", "steps", "motion")
@@ -149,14 +152,15 @@ def encode(
 
 
 def decode(payload: bytes, *, source: str = "ingest") -> WireBatch:
-    """Decode a payload; anything malformed raises :class:`ParseError` naming the field.
+    """Decode a payload; anything malformed raises :class:`WireError` naming the field.
 
     ``source`` names where the bytes came from (the MQTT topic) in the error.
     """
     buf = bytes(payload)
 
-    def bad(message: str, field: str, position: int | None = None) -> ParseError:
-        return ParseError(message, source=source, position=position, field=field)
+    def bad(message: str, field: str, position: int | None = None) -> WireError:
+        reason = {"n": "too_large", "time": "time_range", "value": "value_range"}.get(field, "malformed")
+        return WireError(message, reason=reason, source=source, position=position, field=field)
 
     if len(buf) < HEADER_BYTES:
         raise bad(f"payload of {len(buf)} bytes is shorter than the {HEADER_BYTES}-byte header", "header")
