@@ -106,7 +106,7 @@ class FitbitSource(ExportSource):
         ):
             k = int(out.select(bad.sum()).item())
             if k:
-                self.report.reject(f"{label}: {reason}", k)
+                self.report.reject(f"{label}: {reason}", k, metric="hr_bpm")
                 out = out.filter(~bad)
         return plausible(out, self.report, label=label).select(list(SAMPLES_SCHEMA)).sort("time", maintain_order=True)
 
@@ -131,14 +131,14 @@ class FitbitSource(ExportSource):
         if base.lower().endswith(".json"):
             times, bpms, bad = parse_fitbit_json(data, source=inp.name)
             self.report.read += len(times) + bad
-            self.report.reject("fitbit json: entry without dateTime or value.bpm", bad)
+            self.report.reject("fitbit json: entry without dateTime or value.bpm", bad, metric="hr_bpm")
             t = pl.Series(times, dtype=pl.String).str.to_datetime("%m/%d/%y %H:%M:%S", time_unit="ns", strict=False)
             t = t.dt.replace_time_zone(self.tz, non_existent="null", ambiguous="earliest").dt.convert_time_zone("UTC")
             yield self._frame(t, pl.Series(bpms, dtype=pl.Float64), "fitbit", "fitbit json")
         elif _HRV.match(base):
             frame = self._read_csv(data, inp, _HRV_COLUMNS)
             self.report.read += frame.height
-            self.report.reject("fitbit hrv details: RMSSD summaries are not samples (no metric for them)", frame.height)
+            self.report.reject("fitbit hrv details: RMSSD summaries are not samples (no metric for them)", frame.height, metric="rmssd summary")
         else:
             frame = self._read_csv(data, inp, ("timestamp", "beats per minute"))
             self.report.read += frame.height

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -41,7 +42,7 @@ from referencing.jsonschema import DRAFT4
 
 from stresswatch.errors import ParseError
 from stresswatch.importing import ExportSource, InputFile, plausible
-from stresswatch.model import SAMPLES_SCHEMA
+from stresswatch.model import METRICS, SAMPLES_SCHEMA
 
 from .tabular import parse_times
 
@@ -127,8 +128,50 @@ def _point_time(body: dict[str, Any], *, end_offset_ms: float | None) -> tuple[s
     return None, 0.0
 
 
+EXPORT_SAMPLE_FORMATS = ("openmhealth", "stresswatch-samples-v1")
+
+
+@dataclass(frozen=True)
+class OmhDocument:
+    """What one input holds: validated data points, and, when the input is a ``stresswatch
+    export`` document, the plain sample rows it carries beside them (metrics without an Open
+    mHealth schema, or every sample of an export written without the OMH writer)."""
+
+    points: list[dict[str, Any]]
+    plain_rows: list[dict[str, Any]]
+    from_export: bool
+
+
 def parse_omh(data: bytes, *, source: str = "openmhealth", ndjson: bool = False) -> tuple[list[dict[str, Any]], int]:
     """JSON bytes -> (valid data points, count). Pure. Raises only :class:`ParseError`."""
+    doc = parse_omh_document(data, source=source, ndjson=ndjson)
+    return doc.points, len(doc.points)
+
+
+def _export_parts(doc: dict[str, Any], source: str) -> tuple[list[Any], list[Any]]:
+    """(data points, plain rows) of a ``stresswatch export`` document (docs/CONSENT.md)."""
+    fmt = doc.get("samples_format")
+    if fmt not in EXPORT_SAMPLE_FORMATS:
+        raise ParseError(f"unknown samples_format {fmt!r} (known: {', '.join(EXPORT_SAMPLE_FORMATS)})", source=source, field="samples_format")
+    parts = []
+    for key in ("samples", "other_samples"):
+        items = doc.get(key, [])
+        if not isinstance(items, list):
+            raise ParseError("expected a list", source=source, field=key)
+        parts.append(items)
+    points, plain = parts
+    if fmt != "openmhealth":  # every sample is a plain row
+        points, plain = [], points + plain
+    for i, row in enumerate(plain):
+        if not isinstance(row, dict) or not all(k in row for k in ("time", "metric", "value")):
+            raise ParseError("a sample row needs time, metric and value", source=source, position=f"row {i}", field="other_samples")
+    return points, plain
+
+
+def parse_omh_document(data: bytes, *, source: str = "openmhealth", ndjson: bool = False) -> OmhDocument:
+    """JSON bytes -> :class:`OmhDocument`: one data point, a list of them, newline-delimited
+    data points, or a ``stresswatch export`` document (read back as it is written). Pure.
+    Raises only :class:`ParseError`."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -150,9 +193,13 @@ def parse_omh(data: bytes, *, source: str = "openmhealth", ndjson: bool = False)
         raise ParseError(f"not valid JSON: {getattr(exc, 'msg', exc)}", source=source, position=f"line {pos}" if pos else None) from None
     except RecursionError:
         raise ParseError("JSON nested too deeply", source=source) from None
+    plain: list[Any] = []
+    from_export = len(points) == 1 and isinstance(points[0], dict) and "header" not in points[0] and "samples_format" in points[0]
+    if from_export:
+        points, plain = _export_parts(points[0], source)
     for i, point in enumerate(points):
         validate_data_point(point, source=source, index=i)
-    return points, len(points)
+    return OmhDocument(points, plain, from_export)
 
 
 class OpenMHealthSource(ExportSource):
@@ -167,12 +214,23 @@ class OpenMHealthSource(ExportSource):
         return name.lower().endswith((".json", ".ndjson", ".jsonl"))
 
     def parse(self, inp: InputFile) -> Iterator[pl.DataFrame]:
-        points, n = parse_omh(inp.read_bytes(), source=inp.name, ndjson=inp.name.lower().endswith((".ndjson", ".jsonl")))
-        self.report.read += n
+        doc = parse_omh_document(inp.read_bytes(), source=inp.name, ndjson=inp.name.lower().endswith((".ndjson", ".jsonl")))
+        points = doc.points
+        self.report.read += len(points) + len(doc.plain_rows)
         times: list[str | None] = []
         offsets: list[float] = []
         metrics: list[str] = []
         values: list[float] = []
+        sources: list[str] = []
+        for row in doc.plain_rows:
+            times.append(row["time"] if isinstance(row["time"], str) else None)
+            offsets.append(0.0)
+            metrics.append(str(row["metric"]))
+            try:
+                values.append(float(row["value"]))
+            except (TypeError, ValueError):
+                values.append(float("nan"))
+            sources.append(str(row.get("source") or "openmhealth"))
         for point in points:
             sid = point["header"]["schema_id"]
             name = sid["name"] if sid["namespace"] == "omh" else None
@@ -193,6 +251,7 @@ class OpenMHealthSource(ExportSource):
             offsets.append(off)
             metrics.append(metric)
             values.append(float(value))
+            sources.append(_provenance(point) if doc.from_export else "openmhealth")
         n_ok = len(times)
         parsed = parse_times(pl.Series(times, dtype=pl.String), "UTC")
         frame = pl.DataFrame(
@@ -201,7 +260,7 @@ class OpenMHealthSource(ExportSource):
                 "time": parsed + (pl.Series(offsets, dtype=pl.Float64) * 1e6).round(0).cast(pl.Int64).cast(pl.Duration("ns")),
                 "metric": pl.Series(metrics, dtype=pl.String),
                 "value": pl.Series(values, dtype=pl.Float64),
-                "source": pl.repeat("openmhealth", n_ok, dtype=pl.String, eager=True),
+                "source": pl.Series(sources, dtype=pl.String),
             }
         )
         bad = pl.col("time").is_null()
@@ -209,7 +268,18 @@ class OpenMHealthSource(ExportSource):
         if k:
             self.report.reject("openmhealth: date_time does not parse", k)
             frame = frame.filter(~bad)
+        unknown = ~pl.col("metric").is_in(list(METRICS))
+        k = int(frame.select(unknown.sum()).item())
+        if k:
+            self.report.reject("openmhealth export: unknown metric", k)
+            frame = frame.filter(~unknown)
         yield plausible(frame, self.report, label="openmhealth").select(list(SAMPLES_SCHEMA)).sort("time", maintain_order=True)
+
+
+def _provenance(point: dict[str, Any]) -> str:
+    """The stresswatch source a data point of an export names (:func:`to_omh`), else "openmhealth"."""
+    name = (point["header"].get("acquisition_provenance") or {}).get("source_name")
+    return name if isinstance(name, str) and 0 < len(name) <= 64 else "openmhealth"
 
 
 def _iso(col: pl.Expr) -> pl.Expr:
@@ -232,6 +302,8 @@ def to_omh(frame: pl.DataFrame) -> list[dict[str, Any]]:
             "schema_id": {"namespace": ns, "name": name, "version": version},
             "source_creation_date_time": iso,
             "modality": "sensed",
+            # which device or export it came from (no name, no address): read back on import
+            "acquisition_provenance": {"source_name": source},
         }
         if metric == "hr_bpm":
             body: dict[str, Any] = {

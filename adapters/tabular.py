@@ -147,6 +147,8 @@ class MappedTableSource(ExportSource):
         self.metric = options.get("metric")
         self.tz = check_tz(options.get("tz"))
         self.time_unit = options.get("time_unit") or "auto"
+        start = options.get("start")  # numeric times are offsets from this (a recording's start)
+        self.start_ns: int | None = None if start is None else int(start.timestamp()) * 1_000_000_000 + start.microsecond * 1000
 
     def _read(self, inp: InputFile) -> pl.DataFrame:
         data = inp.read_bytes()
@@ -172,6 +174,18 @@ class MappedTableSource(ExportSource):
         return None
 
     def _times(self, col: pl.Series) -> pl.Series:
+        if self.start_ns is not None:
+            if not col.dtype.is_numeric():
+                raise ParseError(
+                    f"--start-time is for times given as numbers from the start of a recording; this column holds {col.dtype}",
+                    source=str(self.path),
+                    field=self.mapping.get("time", "time"),
+                )
+            unit = self.time_unit if self.time_unit != "auto" else "s"
+            ok = col.cast(pl.Float64).is_finite() & (col.cast(pl.Float64).abs() < 1e15)
+            offset_ns = (col.cast(pl.Float64) * _EPOCH_UNITS[unit]).round(0)
+            ns = pl.select(pl.when(ok).then(offset_ns).otherwise(None)).to_series().cast(pl.Int64) + self.start_ns
+            return ns.cast(pl.Datetime("ns")).dt.replace_time_zone("UTC")
         if col.dtype.is_numeric():
             unit = self.time_unit if self.time_unit != "auto" else _epoch_unit(col.drop_nulls())
             factor = _EPOCH_UNITS[unit]

@@ -124,3 +124,60 @@ def test_publish_sends_ingest_batches_that_rebuild_the_samples_and_resend_identi
     assert frame.height == exp.height
     assert not (tmp_path / "samples").exists()
     assert json.loads(received[0][1])["user"] == "carol"
+
+
+def _row(out: str, name: str) -> list[str]:
+    """The cells of the summary row whose first cell is ``name`` (rich box table)."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if cells and cells[0] == name:
+            return cells[1:]
+    raise AssertionError(f"no row {name!r} in\n{out}")
+
+
+def test_summary_shows_read_kept_rejected_new_and_already_stored_per_metric(tmp_path: Path):
+    args = ("import", "fitbit", str(FIXTURES / "fitbit" / "export"), "--user", "bob", "--out", str(tmp_path), "--tz", "Europe/Berlin")
+    code, out, _ = run(*args)
+    assert code == 0
+    assert _row(out, "hr_bpm") == ["12", "6", "6", "6", "0"]  # read, kept, rejected, new, already stored
+    assert _row(out, "rmssd summary") == ["3", "0", "3", "0", "0"]
+    assert _row(out, "all") == ["15", "6", "9", "6", "0"]
+    code, out, _ = run(*args)
+    assert _row(out, "hr_bpm") == ["12", "6", "6", "0", "6"]
+    # a samples file has no adapter report: read and kept still shown, per metric
+    code, out, _ = run("import", "samples", str(FIXTURES / "demo_cohort.parquet"), "--user", "bob", "--out", str(tmp_path / "s"))
+    assert code == 0
+    assert _row(out, "steps") == ["30", "30", "0", "30", "0"]
+
+
+def test_the_same_file_with_another_time_zone_is_refused_and_never_doubles_the_data(tmp_path: Path):
+    export = FIXTURES / "fitbit" / "export"
+    args = ("import", "fitbit", str(export), "--user", "bob", "--out", str(tmp_path))
+    assert run(*args, "--tz", "Europe/Berlin")[0] == 0
+    before = SampleStore(tmp_path).read("bob")
+    code, out, err = run(*args, "--tz", "America/New_York")
+    assert code == 78
+    assert SampleStore(tmp_path).read("bob").equals(before)
+    # the same file zipped under another name is the same file
+    import zipfile
+
+    zipped = tmp_path / "renamed.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for f in export.rglob("*"):
+            if f.is_file():
+                zf.write(f, f"other/{f.name}")
+    assert run("import", "fitbit", str(zipped), "--user", "bob", "--out", str(tmp_path))[0] == 78
+    assert SampleStore(tmp_path).read("bob").equals(before)
+    # the same options again: allowed, adds nothing, says so
+    code, out, _ = run(*args, "--tz", "Europe/Berlin")
+    assert code == 0 and _row(out, "all")[3:] == ["0", "6"]
+    assert SampleStore(tmp_path).read("bob").equals(before)
+
+
+def test_a_refused_reimport_names_the_file_and_both_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    f = FIXTURES / "fitbit" / "export"
+    assert main(["import", "fitbit", str(f), "--user", "bob", "--out", str(tmp_path), "--tz", "Europe/Berlin"]) == 0
+    capsys.readouterr()
+    assert main(["import", "fitbit", str(f), "--user", "bob", "--out", str(tmp_path)]) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refused, nothing stored" in err and "--tz Europe/Berlin" in err and "--tz UTC" in err

@@ -94,6 +94,10 @@ def test_pseudonymise_leaves_no_user_id_in_any_output(tmp_path: Path, demo_cohor
     for f in out.rglob("*"):
         if f.is_file():
             data = f.read_bytes()
+            if f.suffix == ".png":  # compressed pixels can hold any 3 bytes by chance: check the PNG's text
+                from PIL import Image
+
+                data = " ".join(Image.open(f).text.values()).encode()
             for user in (b"alice", b"bob", b"carol", b"dan"):
                 assert user not in data, (f, user)
             assert not any(u in f.name for u in ("alice", "bob", "carol", "dan"))

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from stresswatch.alerts.topics import Topics
-from stresswatch.cli._common import AppContext, console, console_err, pass_app
+from stresswatch.cli._common import AppContext, console, console_err, id_option, pass_app
 from stresswatch.errors import ConfigError, ParseError, StorageError, TransportError
 
 from .client import BleakHrsClient, BleError, DeviceInfo, HrsClient, ReplayClient, mask_address
@@ -83,7 +83,7 @@ Examples:
 
 
 @click.command("pair", epilog=PAIR_EXAMPLES)
-@click.option("--user", help="Your user id (remembered with the device; `stream` uses it).")
+@click.option("--user", callback=id_option("user"), help="Your user id (remembered with the device; `stream` uses it).")
 @click.option("--choose", type=int, help="Pick device N from the list without asking.")
 @click.option("--scan-s", default=10.0, show_default=True, help="How long to scan.")
 @click.option("--verify-s", default=15.0, show_default=True, help="How long to wait for a first heart-rate notification.")
@@ -176,7 +176,7 @@ Examples:
 
 
 @click.command("stream", epilog=STREAM_EXAMPLES)
-@click.option("--user", help="Your user id (default: the one remembered by `pair`).")
+@click.option("--user", callback=id_option("user"), help="Your user id (default: the one remembered by `pair`).")
 @click.option("--broker", "broker_url", help="mqtt://HOST:PORT of the engine's broker (default: mqtt.url setting).")
 @click.option("--device", help="Device address (default: the paired device).")
 @click.option("--buffer", "buffer_path", type=click.Path(dir_okay=False, path_type=Path), help="SQLite buffer (default: in the state dir).")
@@ -271,7 +271,7 @@ Examples:
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help=f"Recording file ({SUFFIX}).")
 @click.option("--duration", "duration_s", type=float, help="Stop after this many seconds (default: Ctrl-C).")
 @click.option("--device", help="Device address (default: the paired device).")
-@click.option("--user", help="User id written into the recording header.")
+@click.option("--user", callback=id_option("user"), help="User id written into the recording header.")
 @click.option("--replay", type=click.Path(exists=True, dir_okay=False, path_type=Path), hidden=True)
 @pass_app
 def record(app: AppContext, out_path: Path, duration_s: float | None, device: str | None, user: str | None, replay: Path | None) -> None:

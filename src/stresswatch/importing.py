@@ -22,6 +22,7 @@ import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -39,7 +40,8 @@ RR_MAX_MS = 3000.0  # 20 bpm: anything longer spans a gap, not one interval
 
 @dataclass
 class ImportReport:
-    """Rows read, kept and rejected (per reason) by one import, plus progress in bytes."""
+    """Rows read, kept and rejected (per reason, and per metric where the adapter knows it)
+    by one import, plus progress in bytes."""
 
     read: int = 0
     kept: int = 0
@@ -47,10 +49,15 @@ class ImportReport:
     bytes_total: int = 0
     bytes_done: int = 0
     files: list[str] = field(default_factory=list)
+    kept_by_metric: Counter[str] = field(default_factory=Counter)
+    rejected_by_metric: Counter[str] = field(default_factory=Counter)
 
-    def reject(self, reason: str, n: int = 1) -> None:
+    def reject(self, reason: str, n: int = 1, *, metric: str | None = None) -> None:
+        """Count ``n`` rows rejected for ``reason``; ``metric`` when the rows had a known one."""
         if n:
             self.rejected[reason] += n
+            if metric is not None:
+                self.rejected_by_metric[metric] += n
 
     @property
     def n_rejected(self) -> int:
@@ -144,8 +151,8 @@ def plausible(frame: pl.DataFrame, report: ImportReport, *, label: str) -> pl.Da
     bad_hr = hr & (~finite | (pl.col("value") < HR_MIN_BPM) | (pl.col("value") > HR_MAX_BPM))
     bad_rr = rr & (~finite | (pl.col("value") < RR_MIN_MS) | (pl.col("value") > RR_MAX_MS))
     counts = frame.select(bad_hr.sum().alias("hr"), bad_rr.sum().alias("rr")).row(0)
-    report.reject(f"{label}: heart rate outside {HR_MIN_BPM:g}-{HR_MAX_BPM:g} bpm", int(counts[0]))
-    report.reject(f"{label}: RR interval outside {RR_MIN_MS:g}-{RR_MAX_MS:g} ms", int(counts[1]))
+    report.reject(f"{label}: heart rate outside {HR_MIN_BPM:g}-{HR_MAX_BPM:g} bpm", int(counts[0]), metric="hr_bpm")
+    report.reject(f"{label}: RR interval outside {RR_MIN_MS:g}-{RR_MAX_MS:g} ms", int(counts[1]), metric="rr_ms")
     if counts[0] or counts[1]:
         frame = frame.filter(~(bad_hr | bad_rr))
     return frame
@@ -189,6 +196,7 @@ class ExportSource:
             for frame in self.parse(inp):
                 self.report.kept += frame.height
                 if frame.height:
+                    self.report.kept_by_metric.update(dict(frame.get_column("metric").value_counts().iter_rows()))
                     yield frame
             done += inp.size
             self.report.bytes_done = done
@@ -196,6 +204,44 @@ class ExportSource:
     async def __aiter__(self) -> AsyncIterator[pl.DataFrame]:
         for frame in self.batches():
             yield frame
+
+
+def parse_start_time(text: str, tz: str | None = None) -> datetime:
+    """``--start-time``: an ISO 8601 date and time; without an offset it is in ``tz`` (default UTC)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ParseError(f"{text!r} is not an ISO 8601 date and time (e.g. 2026-11-20T09:30:00+01:00)", source="--start-time") from None
+    if t.tzinfo is None:
+        try:
+            t = t.replace(tzinfo=ZoneInfo(tz or "UTC"))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ParseError(f"unknown time zone {tz!r}", source="--tz") from None
+    return t.astimezone(timezone.utc)
+
+
+def input_fingerprints(source: object, path: Path) -> dict[str, str]:
+    """SHA-256 of every file an import reads -> its display name, so the same file imported
+    again (alone, in its folder or in its zip, under another name) is recognised."""
+    import hashlib
+
+    inputs = source.inputs() if isinstance(source, ExportSource) else None
+    if inputs is None:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        inputs = [InputFile(str(p), p.stat().st_size, lambda p=p: open(p, "rb")) for p in files]  # noqa: SIM115
+    out: dict[str, str] = {}
+    for inp in inputs:
+        h = hashlib.sha256()
+        with inp.open() as fh:
+            try:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+            except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error) as exc:
+                raise ParseError(f"cannot read: {exc}", source=inp.name) from None
+        out.setdefault(h.hexdigest(), inp.name)
+    return out
 
 
 class CountingReader(io.RawIOBase):

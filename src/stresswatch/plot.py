@@ -32,12 +32,48 @@ def _band(frame: pl.DataFrame, value: str, base: str, z: str) -> tuple[np.ndarra
     return b, b - 2 * scale, b + 2 * scale
 
 
+def own_slot(window_start: pl.Series, baseline_slots: int) -> pl.Series:
+    """The time-of-day slot a window belongs to (UTC), as the detector computes it."""
+    seconds = window_start.dt.hour().cast(pl.Int64) * 3600 + window_start.dt.minute().cast(pl.Int64) * 60 + window_start.dt.second().cast(pl.Int64)
+    return seconds // (86400 // baseline_slots)
+
+
+def neighbour_mask(windows: pl.DataFrame, baseline_slots: int) -> np.ndarray:
+    """True for the windows scored against a neighbouring slot's baseline, not their own."""
+    if not windows.height or "baseline_slot" not in windows.columns:
+        return np.zeros(windows.height, dtype=bool)
+    used = windows.get_column("baseline_slot")
+    return ((used != own_slot(windows.get_column("window_start"), baseline_slots)) & used.is_not_null()).to_numpy()
+
+
+def page_notes(windows: pl.DataFrame, *, baseline_slots: int, consent_given: bool) -> tuple[str, int]:
+    """The sentence under the title that says what the baseline line is (and how many windows
+    were compared with a neighbouring slot), and whether consent was known; and that count."""
+    n_neighbour = int(neighbour_mask(windows, baseline_slots).sum())
+    hours = 24 // baseline_slots
+    note = (
+        f"Baseline: the person's own, per {hours}-h time-of-day slot (UTC). "
+        + (
+            f"{n_neighbour} window(s) were compared with a neighbouring slot's baseline (the least alarming one, "
+            "e.g. an early wake-up against the night), drawn there as dots."
+            if n_neighbour
+            else "Every window was compared with its own slot."
+        )
+    )
+    if not consent_given:
+        note += " No consent database given (--consent-db): every alert counts as not consented."
+    return note, n_neighbour
+
+
 def plot_user(
     user: str,
     windows: pl.DataFrame,
     alerts: pl.DataFrame,
     labels: pl.DataFrame | None,
     path: Path,
+    *,
+    baseline_slots: int = 4,
+    consent_given: bool = True,
 ) -> Path:
     import matplotlib
 
@@ -53,13 +89,20 @@ def plot_user(
     fig, (ax_hr, ax_hrv, ax_state) = plt.subplots(
         3, 1, figsize=(14, 7), sharex=True, gridspec_kw={"height_ratios": [3, 3, 0.6]}, constrained_layout=True
     )
+    note, _ = page_notes(w, baseline_slots=baseline_slots, consent_given=consent_given)
+    neighbour = neighbour_mask(w, baseline_slots)
     for ax, value, base, z, label, colour in (
         (ax_hr, "hr_mean", "hr_baseline", "hr_z", "HR (bpm)", "#c0392b"),
         (ax_hrv, "ln_rmssd", "ln_rmssd_baseline", "ln_rmssd_z", "ln RMSSD (ln ms)", "#2c7fb8"),
     ):
         b, lo, hi = _band(w, value, base, z)
         ax.fill_between(mid, lo, hi, color=colour, alpha=0.12, linewidth=0, label="baseline ±2 robust SD")
-        ax.plot(mid, b, color=colour, alpha=0.6, linewidth=1, linestyle="--", label="baseline")
+        ax.plot(mid, b, color=colour, alpha=0.6, linewidth=1, linestyle="--", label="baseline (own time-of-day slot)")
+        if neighbour.any():
+            ax.plot(
+                [m for m, n in zip(mid, neighbour) if n], b[neighbour], linestyle="none", marker=".", markersize=3,
+                color="#555555", label="baseline of a neighbouring slot",
+            )
         ax.plot(mid, w.get_column(value).to_list(), color=colour, linewidth=0.9, label=label.split(" (")[0])
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -88,13 +131,29 @@ def plot_user(
     ax_state.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6), ncols=len(STATE_COLOURS), fontsize=8, frameon=False)
     ax_state.xaxis.set_major_formatter(mdates.DateFormatter("%a %d %b\n%H:%M UTC"))
     sent = int(a.get_column("sent").sum()) if a.height else 0
-    fig.suptitle(f"{user}: {w.height} windows, {a.height} alert(s) raised, {sent} consented")
+    consented = f"{sent} consented" if consent_given else "consent unknown (no --consent-db)"
+    import textwrap
+
+    title = f"{user}: {w.height} windows, {a.height} alert(s) raised, {consented}"
+    fig.suptitle(title + "\n" + textwrap.fill(note, 150), fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    # the page's words also as PNG text, for screen readers and scripts
+    fig.savefig(path, dpi=110, metadata={"Software": None, "Title": title, "Description": note})
     plt.close(fig)
     return path
 
 
-def plot_all(windows: pl.DataFrame, alerts: pl.DataFrame, labels: pl.DataFrame | None, out_dir: Path) -> list[Path]:
+def plot_all(
+    windows: pl.DataFrame,
+    alerts: pl.DataFrame,
+    labels: pl.DataFrame | None,
+    out_dir: Path,
+    *,
+    baseline_slots: int = 4,
+    consent_given: bool = True,
+) -> list[Path]:
     users = sorted(windows.get_column("user").unique().to_list())
-    return [plot_user(u, windows, alerts, labels, out_dir / f"{u}.png") for u in users]
+    return [
+        plot_user(u, windows, alerts, labels, out_dir / f"{u}.png", baseline_slots=baseline_slots, consent_given=consent_given)
+        for u in users
+    ]

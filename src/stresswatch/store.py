@@ -44,6 +44,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ class AddResult:
     read: int
     added: int
     duplicates: int
+    read_by_metric: dict[str, int] = field(default_factory=dict)
+    added_by_metric: dict[str, int] = field(default_factory=dict)
 
 
 def _user_dir_name(user: str) -> str:
@@ -166,6 +169,36 @@ class SampleStore:
             staged.add(frame)
             return staged.commit()
 
+    # -- which source files were imported, with which options (import dedupe by file) ----
+
+    def _import_log_path(self, user: str) -> Path:
+        # inside the user's folder, so erasure removes it with the samples
+        return self.dir / _user_dir_name(user) / "imports.json"
+
+    def import_log(self, user: str) -> dict[str, dict[str, object]]:
+        """Files imported for ``user``: SHA-256 -> ``{"file", "options", "at"}``."""
+        path = self._import_log_path(user)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read the import log: {exc}", path=path) from None
+        return data if isinstance(data, dict) else {}
+
+    def record_imports(self, user: str, entries: dict[str, dict[str, object]]) -> None:
+        """Add ``entries`` to ``user``'s import log (atomic replace, under the store lock)."""
+        with self._locked():
+            path = self._import_log_path(user)
+            log = {**self.import_log(user), **entries}
+            try:
+                private_dir(path.parent)
+                tmp = private_file(path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}"))  # names of the user's files
+                tmp.write_text(json.dumps(log, indent=1, sort_keys=True), encoding="utf-8")
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise StorageError(f"cannot write the import log: {exc.strerror}", path=path) from None
+
     def erase(self, user: str) -> int:
         """Remove every stored sample of ``user`` and their files; return how many rows went."""
         with self._locked():
@@ -223,6 +256,7 @@ class StagedAdd:
 
     store: SampleStore
     read: int = 0
+    read_by_metric: Counter[str] = field(default_factory=Counter)
     _dir: Path | None = None
     _n: int = 0
     _done: bool = False
@@ -252,6 +286,7 @@ class StagedAdd:
             return
         frame = validate_samples(frame, source="samples to store")
         self.read += frame.height
+        self.read_by_metric.update(dict(frame.get_column("metric").value_counts().iter_rows()))
         staging = self._staging()
         for (user, month), part in frame.with_columns(_month_key(frame)).group_by("user", "_month"):
             path = staging / f"{self._n:06d}.parquet"
@@ -269,6 +304,7 @@ class StagedAdd:
             raise StorageError("this staged add is already committed or aborted")
         store = self.store
         added = 0
+        added_by_metric: Counter[str] = Counter()
         moves: list[tuple[str, str]] = []
         deletes: list[str] = []
         try:
@@ -294,6 +330,7 @@ class StagedAdd:
                     if new.height == 0:
                         continue  # nothing new: no file is touched
                     added += new.height
+                    added_by_metric.update(dict(new.get_column("metric").value_counts().iter_rows()))
                     private_dir(pdir)
                     small = [p for p in stored if pq.ParquetFile(p).metadata.num_rows < SMALL_PART_ROWS]
                     if new.height < SMALL_PART_ROWS and len(small) + 1 >= COMPACT_PARTS:
@@ -325,7 +362,7 @@ class StagedAdd:
             for tmp, _ in moves:  # written but never renamed: the old files stay as they were
                 Path(tmp).unlink(missing_ok=True)
             self.abort()
-        return AddResult(read=self.read, added=added, duplicates=self.read - added)
+        return AddResult(self.read, added, self.read - added, dict(self.read_by_metric), dict(added_by_metric))
 
     def abort(self) -> None:
         """Discard whatever was staged (idempotent)."""

@@ -7,9 +7,11 @@ one line on stderr and a non-zero exit; nothing else is caught.
 from __future__ import annotations
 
 
+import re
+
 import click
 
-from ..errors import StresswatchError
+from ..errors import StresswatchError, TransportError
 from ._common import AppContext
 from .alerts import alerts
 from .broker import broker
@@ -23,6 +25,12 @@ from .imports import import_
 from .replay import replay
 from .webapp import worker_app
 
+CREDENTIALS_HINT = (
+    "pass the account as mqtt://USER:PASSWORD@HOST, or set mqtt.username with mqtt.password or "
+    "mqtt.password_file (environment: STRESSWATCH_MQTT__USERNAME, STRESSWATCH_MQTT__PASSWORD, "
+    "STRESSWATCH_MQTT__PASSWORD_FILE); docs/BROKER.md"
+)
+
 EXAMPLES = """
 \b
 Examples:
@@ -30,7 +38,12 @@ Examples:
   stresswatch replay fixtures/demo_cohort.parquet --out out/
   stresswatch import fit run.fit --user alice
   stresswatch consent grant --user alice --to sam
-  stresswatch alerts watch --worker sam --broker mqtt://127.0.0.1:1883
+  stresswatch alerts watch --worker sam --broker mqtt://sam:PASSWORD@127.0.0.1:1883
+
+
+Broker accounts (docs/BROKER.md): give the account in the URL (mqtt://USER:PASSWORD@HOST),
+or set mqtt.username with mqtt.password or mqtt.password_file (environment:
+STRESSWATCH_MQTT__USERNAME, STRESSWATCH_MQTT__PASSWORD, STRESSWATCH_MQTT__PASSWORD_FILE).
 """
 
 
@@ -76,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="stresswatch", standalone_mode=False)
     except StresswatchError as exc:
-        click.echo(f"stresswatch: error: {exc}", err=True)
+        message = re.sub(r"(mqtts?://)[^/@\s]*@", r"\1", str(exc))  # never print a URL's password
+        if isinstance(exc, TransportError) and "not authori" in message.lower() and "docs/BROKER.md" not in message:
+            message += f" ({CREDENTIALS_HINT})"  # a wrong or missing password: say how to give one
+        click.echo(f"stresswatch: error: {message}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("stresswatch: aborted", err=True)

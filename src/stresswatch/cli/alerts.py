@@ -11,15 +11,16 @@ from ..wire.acks import AckAction, AckMessage, check_alert_id
 from ..alerts.lifecycle import OPEN_STATES, AlertState, LifecycleError, Outcome
 from ..alerts.replies import Reply, request
 from ..alerts.topics import Topics, check_id
+from ..alerts.transport import BrokerAddress
 from ..alerts.worker import WorkerClient
-from ..errors import ConfigError
+from ..errors import ConfigError, TransportError
 from ..model import Alert
-from ._common import AppContext, console, console_err, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app
 
 EPILOG = """
 \b
 Examples:
-  stresswatch alerts watch --worker sam --broker mqtt://127.0.0.1:1883
+  stresswatch alerts watch --worker sam --broker mqtt://sam:PASSWORD@127.0.0.1:1883
   stresswatch alerts watch --worker sam --count 1      # exit after the first alert
   stresswatch alerts ack 3f2c...e1 --worker sam
   stresswatch alerts resolve 3f2c...e1 --worker sam --outcome reached_out --note "called, all fine"
@@ -27,7 +28,7 @@ Examples:
 """
 
 _broker = click.option("--broker", metavar="URL", help="mqtt://HOST:PORT (default: mqtt.url from settings).")
-_worker = click.option("--worker", required=True, help="Your worker id: you receive and act only on alerts meant for you.")
+_worker = click.option("--worker", required=True, callback=id_option("worker"), help="Your worker id: you receive and act only on alerts meant for you.")
 _wait = click.option("--timeout-s", "wait_s", type=click.FloatRange(0.1, 600), default=10.0, show_default=True, help="Wait this long for the engine's answer.")
 
 
@@ -55,12 +56,23 @@ def watch(app: AppContext, worker: str, broker: str | None, count: int | None, t
 
     The session survives reconnects and restarts of this command (MQTT persistent session);
     alerts already shown are remembered on disk, so a re-sent alert is not shown twice.
+    If the broker stops accepting the account (removed, password changed), it says
+    "not authorised" and exits with status 77.
+
+    Your account: in the URL (mqtt://sam:PASSWORD@HOST:1883), or mqtt.username with
+    mqtt.password or mqtt.password_file (environment: STRESSWATCH_MQTT__USERNAME,
+    STRESSWATCH_MQTT__PASSWORD, STRESSWATCH_MQTT__PASSWORD_FILE). See docs/ALERTS.md.
     """
     s = app.settings.mqtt
     url = _url(app, broker)
     check_id("worker", worker)
     done = threading.Event()
+    refused: list[str] = []
     n = 0
+
+    def on_refused(reason: str) -> None:
+        refused.append(reason)
+        done.set()
 
     def on_alert(alert: Alert) -> None:
         nonlocal n
@@ -86,7 +98,8 @@ def watch(app: AppContext, worker: str, broker: str | None, count: int | None, t
         protocol=s.protocol,
         on_invalid=lambda topic, why: console_err.print(f"ignored an invalid message on {topic}: {why}", markup=False),
         on_reminder=on_reminder,
-        on_connection=lambda up: console_err.print("connected again" if up else "connection lost; reconnecting..."),
+        on_connection=lambda up: refused or console_err.print("connected again" if up else "connection lost; reconnecting..."),
+        on_refused=on_refused,
         seen_path=seen_file or app.settings.store.state_dir / f"worker-{worker}-seen.sqlite",
     )
     console_err.print(f"watching alerts for {worker} (Ctrl-C to stop)")
@@ -94,6 +107,18 @@ def watch(app: AppContext, worker: str, broker: str | None, count: int | None, t
         done.wait(timeout_s)
     finally:
         client.close()
+    if refused:
+        raise AccountRefused(
+            f"not authorised: the broker refused {worker}'s account when it connected again ({refused[0]}): the account was removed "
+            "or its password changed; ask the operator, then pass the new password",
+            url=str(BrokerAddress.parse(url)),
+        )
+
+
+class AccountRefused(TransportError):
+    """The broker stopped accepting the worker's account while watching."""
+
+    exit_code = 77  # EX_NOPERM
 
 
 def _worker_account(app: AppContext, worker: str) -> None:

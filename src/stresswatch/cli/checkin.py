@@ -20,7 +20,7 @@ from ..consent.ledger import ConsentLedger
 from ..consent.state import Status
 from ..errors import ConfigError, StresswatchError, TransportError
 from ..model import AlertLevel
-from ._common import AppContext, console, console_err, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app
 
 EPILOG = """
 \b
@@ -32,7 +32,7 @@ Examples:
 
 
 @click.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Your user id.")
+@click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
 @click.option("--note", help=f"A few words for the workers you chose (at most {NOTE_MAX} characters).")
 @click.option("--level", type=click.Choice([lv.value for lv in AlertLevel]), default=AlertLevel.ELEVATED.value, show_default=True, help="How much you would welcome contact.")
 @click.option("--broker", metavar="URL", help="mqtt://HOST:PORT (default: mqtt.url from settings).")

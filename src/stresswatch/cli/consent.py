@@ -12,14 +12,14 @@ from datetime import datetime, time, timedelta, timezone
 import click
 from rich.table import Table
 
-from ..alerts.topics import Topics, check_id
+from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
 from ..consent.ledger import ConsentLedger
 from ..consent.state import CONSENT_TEXT, CONSENT_TEXT_VERSION, ConsentState, QuietHours, Visibility
 from ..wire.consent import encode_consent
 from ..clock import utc_now
 from ..errors import ConsentError
-from ._common import AppContext, console, console_err, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app
 
 EPILOG = """
 \b
@@ -44,9 +44,24 @@ def _ledger(app: AppContext) -> ConsentLedger:
     return ConsentLedger(app.settings.store.db_path)
 
 
-def _print_state(st: ConsentState) -> None:
-    if st.status.value == "none":
+def _print_state(st: ConsentState, now: datetime | None = None) -> None:
+    """One line: who is alerted now, and only that (a revoked consent names no recipient)."""
+    now = now or utc_now()
+    status = st.status.value
+    if status == "none":
         console.print(f"{st.user}: no consent recorded; no one is alerted")
+        return
+    if status == "revoked":
+        console.print(
+            f"{st.user}: [bold]revoked[/] since {st.since:%Y-%m-%d %H:%M} UTC; no one is alerted and the engine does not "
+            f"process your heart data (to be alerted again: stresswatch consent grant --user {st.user} --to WORKER)"
+        )
+        return
+    if st.expired(now):
+        console.print(
+            f"{st.user}: [bold]expired[/] at {st.expires_at:%Y-%m-%d %H:%M} UTC; no one is alerted "
+            f"(to be alerted again: stresswatch consent grant --user {st.user} --to WORKER)"
+        )
         return
     to = ", ".join(st.recipients) or "no one"
     extra = ""
@@ -54,10 +69,11 @@ def _print_state(st: ConsentState) -> None:
         extra += f"; quiet hours {st.quiet_hours}"
     if st.expires_at:
         extra += f"; until {st.expires_at:%Y-%m-%d %H:%M} UTC"
-    console.print(
-        f"{st.user}: [bold]{st.status.value}[/] since {st.since:%Y-%m-%d %H:%M} UTC; alerts go to {to}, "
-        f"shown as {st.display_name}, who see {st.visibility.value}{extra} (consent text v{st.text_version})"
-    )
+    choice = f"shown as {st.display_name}, who see {st.visibility.value}{extra} (consent text v{st.text_version})"
+    if status == "paused":
+        console.print(f"{st.user}: [bold]paused[/] since {st.since:%Y-%m-%d %H:%M} UTC; no one is alerted until you resume, then {to}, {choice}")
+        return
+    console.print(f"{st.user}: [bold]active[/] since {st.since:%Y-%m-%d %H:%M} UTC; alerts go to {to}, {choice}")
 
 
 def _publish(app: AppContext, ledger: ConsentLedger, user: str, broker: str | None) -> None:
@@ -93,8 +109,8 @@ def consent() -> None:
 
 
 @consent.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Your user id.")
-@click.option("--to", "recipients", multiple=True, required=True, help="A worker or group who may be alerted, in the order to try them (repeat for more).")
+@click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
+@click.option("--to", "recipients", multiple=True, required=True, callback=id_option("worker or group"), help="A worker or group who may be alerted, in the order to try them (repeat for more).")
 @click.option("--show", type=click.Choice(list(_SHOW)), default="reach-out", show_default=True, help="What they may see (the score only if you choose it).")
 @click.option("--as", "display_name", help="The name they see (default: a pseudonym).")
 @click.option("--quiet", metavar="HH:MM-HH:MM", help="No alerts during these hours (your time zone); they wait until the end.")
@@ -116,12 +132,11 @@ def grant(
     broker: str | None,
 ) -> None:
     """Allow alerts about you to reach the workers or groups you name."""
-    check_id("user", user)
-    for r in recipients:
-        check_id("worker", r)
     now = utc_now()
     quiet_hours = QuietHours.parse(quiet, tz) if quiet else None
     expires_at = _until(until, now)
+    if expires_at is not None and expires_at <= now:  # before the consent text is shown
+        raise ConsentError(f"--until {until}: that is in the past ({expires_at:%Y-%m-%d %H:%M} UTC); consent must end in the future")
     groups = app.settings.groups
     for r in recipients:
         if r in groups:
@@ -138,11 +153,10 @@ def grant(
 
 
 def _simple(verb: str, doc: str) -> click.Command:
-    @click.option("--user", required=True, help="Your user id.")
+    @click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
     @_broker_option
     @pass_app
     def command(app: AppContext, user: str, broker: str | None) -> None:
-        check_id("user", user)
         with _ledger(app) as ledger:
             _print_state(getattr(ledger, verb)(user, now=utc_now()))
             _publish(app, ledger, user, broker)
@@ -157,7 +171,7 @@ _simple("revoke", "Withdraw consent: no alert about you is sent from now on, and
 
 
 @consent.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Your user id.")
+@click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
 @pass_app
 def show(app: AppContext, user: str) -> None:
     """Your current consent."""
@@ -166,7 +180,7 @@ def show(app: AppContext, user: str) -> None:
 
 
 @consent.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Your user id.")
+@click.option("--user", required=True, callback=id_option("user"), help="Your user id.")
 @pass_app
 def history(app: AppContext, user: str) -> None:
     """Every consent change you made, oldest first."""

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+import polars as pl
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -27,7 +28,7 @@ from ..pipeline import AlertOutcome, DataClock, Pipeline
 from ..errors import StresswatchError, TransportError
 from ..model import Alert
 from ..replay import read_samples, time_batches
-from ._common import AppContext, console, pass_app
+from ._common import AppContext, console, pass_app, without_credentials
 
 WORKER = "sam"
 GROUP, GROUP_MEMBERS = "team-north", ("kim", "lee")  # a group of settings [groups], unless configured
@@ -69,6 +70,42 @@ def _print_alert(worker: str, alert: Alert) -> None:
     )
 
 
+def _print_people(windows: pl.DataFrame, alerts: pl.DataFrame) -> None:
+    """What happened to each person, in words: alerts and why, moving, HR-only, calibrating."""
+    table = Table(title="what happened to each person", show_header=True, header_style="bold")
+    for col in ("person", "consent", "windows scored", "calibrating", "moving (not scored)", "HR only", "alerts", "why"):
+        table.add_column(col, justify="left" if col in ("person", "consent", "why") else "right")
+    for user in sorted(windows.get_column("user").unique().to_list()):
+        w = windows.filter(pl.col("user") == user)
+        a = alerts.filter(pl.col("user") == user)
+        states = dict(w.group_by("state").len().iter_rows())
+        scored = states.get("ok", 0) + states.get("elevated", 0)
+        moving = states.get("suppressed_motion", 0)
+        hr_only = w.filter(pl.col("signal") == "hr_only").height
+        why = []
+        for alert in a.iter_rows(named=True):
+            fate = f"sent to {', '.join(alert['recipients'])}" if alert["sent"] else f"not sent: {alert['consent'].replace('_', ' ')}"
+            why.append(f"alert raised {alert['raised_at']:%a %H:%M} UTC, {fate}")
+        if not a.height:
+            measures = "heart rate" if hr_only * 2 > w.height else "heart rate and HRV"
+            why.append(f"no alert: {measures} stayed within the person's own baseline")
+        if moving:
+            why.append(f"moving in {moving} windows (steps reported): a raised heart rate there is exercise, so those windows are not scored and cannot alert")
+        if hr_only:
+            why.append(f"HR-only watch: no beat-to-beat intervals, so no HRV; {hr_only} windows scored on heart rate alone")
+        table.add_row(
+            user,
+            "yes" if user in DEMO_CONSENT else "no",
+            f"{scored:,}",
+            f"{states.get('calibrating', 0):,}",
+            f"{moving:,}",
+            f"{hr_only:,}",
+            str(a.height),
+            "; ".join(why),
+        )
+    console.print(table)
+
+
 @click.command(epilog=EPILOG)
 @click.option("--broker", metavar="URL", help="Use this broker (mqtt://HOST:PORT) instead of the embedded one.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the demo's SQLite state here (default: a temporary folder).")
@@ -81,7 +118,26 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
     Starts an embedded MQTT broker (or uses --broker), records consent for three of the
     four people, replays their heart data through the detector, and shows the support
     worker's client receiving each alert. Ends with a summary.
+
+    --broker must accept clients without an account (a local test Mosquitto with
+    allow_anonymous): the demo plays the engine and the worker at once, which the project's
+    own broker (accounts and an ACL, `stresswatch broker config`) rightly keeps apart.
     """
+    try:
+        _demo(app, broker, state_dir, speed, wait_s)
+    except TransportError as exc:
+        with_account = "@" in broker.split("//", 1)[-1].split("/", 1)[0] if broker else False
+        if broker is not None and ("not authori" in str(exc).lower() or with_account):
+            raise TransportError(
+                f"{without_credentials(str(exc), broker)}: the demo needs a broker that accepts clients without an account, "
+                "because it plays the engine and the worker at once, which a broker with accounts and an ACL keeps apart. "
+                "Run `stresswatch demo` without --broker (embedded broker), or point --broker at a local Mosquitto with "
+                "allow_anonymous true; to try accounts, see docs/BROKER.md"
+            ) from None
+        raise
+
+
+def _demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: float, wait_s: float) -> None:
     settings = app.settings
     if GROUP not in settings.groups:
         settings = settings.model_copy(update={"groups": {**settings.groups, GROUP: list(GROUP_MEMBERS)}})
@@ -131,7 +187,9 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
         # escalation act as they would have over those two days (as in a replay).
         clock = DataClock()
         dispatcher = Dispatcher.from_settings(settings, outbox, ledger, transport, clock=clock)
-        pipeline = Pipeline(Detector(settings.detector), dispatcher, keep_alerts=True, on_alert=on_outcome, data_clock=clock)
+        pipeline = Pipeline(
+            Detector(settings.detector), dispatcher, keep_alerts=True, keep_windows=True, on_alert=on_outcome, data_clock=clock
+        )  # windows: for the per-person account at the end
         samples = read_samples([_fixture()])
         batches = time_batches(samples, BATCH_S)
         started = time.monotonic()
@@ -167,5 +225,6 @@ def demo(app: AppContext, broker: str | None, state_dir: Path | None, speed: flo
             table.add_row(f"received by worker {w}", str(len(got[w])))
         table.add_row("time", f"{time.monotonic() - started:.1f} s")
         console.print(table)
+        _print_people(report.windows_frame(), report.alerts_frame())
         if not report.sent:
             raise StresswatchError("the demo raised no alert that consent allowed: the detector or fixture is broken")

@@ -12,7 +12,7 @@ from ..consent.ledger import ConsentLedger
 from ..consent.rights import atomic_write_text, export_user
 from ..clock import utc_now
 from ..store import SampleStore
-from ._common import AppContext, console_err, pass_app
+from ._common import AppContext, console_err, id_option, pass_app
 
 EPILOG = """
 \b
@@ -23,7 +23,7 @@ Examples:
 
 
 @click.command(epilog=EPILOG)
-@click.option("--user", required=True, help="Whose data to export.")
+@click.option("--user", required=True, callback=id_option("user"), help="Whose data to export.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here (atomically) instead of stdout.")
 @pass_app
 def export(app: AppContext, user: str, out: Path | None) -> None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +22,15 @@ import polars as pl
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from ..alerts.topics import Topics
+from ..alerts.transport import BrokerAddress, MqttTransport
 from ..config import Settings
-from ..errors import ConfigError, ParseError
-from ..importing import ImportReport
+from ..errors import ConfigError, ParseError, TransportError
+from ..importing import ImportReport, input_fingerprints, parse_start_time
 from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
 from ..sources import Source, SourceRegistry
 from ..store import AddResult, SampleStore, StagedAdd
-from ._common import AppContext, console, console_err, pass_app
+from ._common import AppContext, console, console_err, id_option, pass_app, without_credentials
 
 EPILOG = """
 \b
@@ -52,17 +57,67 @@ def _parse_map(items: tuple[str, ...]) -> dict[str, str]:
     return mapping
 
 
+@dataclass
+class UserFilter:
+    """``--user`` on a file that names its own users (a samples file, a table with
+    ``--map user=COLUMN``): only that user's rows are imported; the others are counted."""
+
+    user: str
+    other_rows: int = 0
+    other_users: set[str] = field(default_factory=set)
+
+    def __call__(self, batch: pl.DataFrame) -> pl.DataFrame:
+        mine = pl.col("user") == self.user
+        others = batch.filter(~mine)
+        if others.height:
+            self.other_rows += others.height
+            self.other_users.update(others.get_column("user").unique().to_list())
+            batch = batch.filter(mine)
+        return batch
+
+
+def reading_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that say how an adapter reads a file (shared by `import` and `replay`)."""
+    for option in reversed(
+        [
+            click.option("--tz", help="Time zone of exports whose times carry none (Fitbit, naive CSV), e.g. Europe/Berlin. Default UTC."),
+            click.option("--map", "maps", multiple=True, metavar="TARGET=COLUMN", help="table kind: which column holds time, value, metric, source, user."),
+            click.option("--metric", type=click.Choice(["hr_bpm", "rr_ms", "steps", "motion"]), help="table kind: the metric of every row when no column holds it."),
+            click.option("--time-unit", type=click.Choice(["auto", "s", "ms", "us", "ns"]), default="auto", show_default=True, help="table kind: unit of numeric times."),
+            click.option(
+                "--start-time",
+                metavar="ISO",
+                help="table kind: numeric times count from this moment (a recording's start; seconds unless --time-unit), e.g. 2026-11-20T09:30:00+01:00.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def source_options(tz: str | None, maps: tuple[str, ...], metric: str | None, time_unit: str, start_time: str | None) -> dict[str, Any]:
+    """The keyword options of :meth:`SourceRegistry.open` from :func:`reading_options`."""
+    options: dict[str, Any] = {"tz": tz, "metric": metric, "time_unit": time_unit}
+    if maps:
+        options["mapping"] = _parse_map(maps)
+    if start_time:
+        options["start"] = parse_start_time(start_time, tz)
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def run_import(
     source: Source,
     sink: StagedAdd,
     *,
     on_progress: Callable[[ImportReport], None] | None = None,
+    keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
 ) -> AddResult:
-    """Drain ``source`` into ``sink`` and commit; any error discards everything staged."""
+    """Drain ``source`` into ``sink`` (each batch through ``keep`` if given) and commit;
+    any error discards everything staged."""
 
     async def drain() -> None:
         async for batch in source:
-            sink.add(batch)
+            sink.add(keep(batch) if keep is not None else batch)
             report = getattr(source, "report", None)
             if on_progress is not None and report is not None:
                 on_progress(report)
@@ -78,9 +133,6 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
     ``stream_id`` is derived from the data itself, so publishing the same import again sends
     the same (stream_id, seq) pairs and the engine's deduplicator drops them.
     """
-    from ..alerts.topics import Topics
-    from ..alerts.transport import MqttTransport
-
     if not settings.mqtt.url:
         raise ConfigError("--publish needs a broker: set mqtt.url (e.g. --set mqtt.url=mqtt://host:1883)", field="mqtt.url")
     topics = Topics(settings.mqtt.prefix)
@@ -109,24 +161,57 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
                     for off in range(0, part.height, PUBLISH_BATCH):
                         chunk = part.slice(off, PUBLISH_BATCH)
                         batch = IngestBatch.from_frame(chunk, user=user, stream_id=stream_id, seq=seq, source=str(source_name))
-                        transport.publish(topic, batch.encode(), qos=1)
+                        _publish_acked(transport, topic, batch.encode(), user=user, sent=seq)
                         seq += 1
-        transport.flush(timeout_s=60)
     finally:
-        transport.close()
+        try:
+            transport.close()
+        except TransportError:
+            pass  # already reported by _publish_acked, which stopped at the first failure
     return seq, total
 
 
+def _publish_acked(transport: MqttTransport, topic: str, payload: bytes, *, user: str, sent: int, timeout_s: float = 30.0) -> None:
+    """Publish one batch and wait for the broker's answer: a refusal stops the import at once,
+    naming the topic, instead of timing out after everything was queued."""
+    receipt = transport.publish(topic, payload, qos=1)
+    deadline = time.monotonic() + timeout_s
+    accepted = f"{sent} message(s) before it were accepted; nothing after it was sent"
+    hint = f"the account in mqtt.url may publish only its own user's ingest topic: give {user}'s account (mqtt://{user}:PASSWORD@HOST:PORT, docs/BROKER.md)"
+    while not receipt.is_published():
+        if not transport.connected:
+            # mosquitto may drop a client right after refusing it (MQTT 3.1.1 has no refusal code)
+            raise TransportError(f"the broker dropped the connection on the publish to {topic} (user {user}), probably not authorised; {hint}; {accepted}", url=str(BrokerAddress.parse(transport.url)))
+        if time.monotonic() > deadline:
+            raise TransportError(f"no acknowledgement for the publish to {topic} (user {user}) within {timeout_s:g} s; {accepted}", url=str(BrokerAddress.parse(transport.url)))
+        time.sleep(0.005)
+    try:
+        transport.flush(timeout_s=1.0)  # raises with the broker's MQTT 5 reason when it refused
+    except TransportError as exc:
+        why = without_credentials(str(exc), transport.url)
+        raise TransportError(f"the broker refused the publish to {topic} (user {user}): {why}; {hint}; {accepted}") from None
+
+
 def _print_report(report: ImportReport | None, result: AddResult, *, where: str) -> None:
+    """Per metric: rows read, kept, rejected, and of the kept ones new and already stored."""
     table = Table(title=f"import into {where}", show_header=True, header_style="bold")
-    table.add_column("rows")
-    table.add_column("count", justify="right")
-    if report is not None:
-        table.add_row("read", f"{report.read:,}")
-        table.add_row("kept", f"{report.kept:,}")
-        table.add_row("rejected", f"{report.n_rejected:,}")
-    table.add_row("new (stored)", f"{result.added:,}")
-    table.add_row("already stored", f"{result.duplicates:,}")
+    for col in ("metric", "read", "kept", "rejected", "new (stored)", "already stored"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    kept = dict(report.kept_by_metric) if report is not None else dict(result.read_by_metric)
+    rejected = dict(report.rejected_by_metric) if report is not None else {}
+    attributed = sum(rejected.values())
+    for metric in sorted(set(kept) | set(rejected)):
+        k, r = kept.get(metric, 0), rejected.get(metric, 0)
+        a = result.added_by_metric.get(metric, 0)
+        seen = result.read_by_metric.get(metric, 0)
+        table.add_row(metric, f"{k + r:,}", f"{k:,}", f"{r:,}", f"{a:,}", f"{seen - a:,}")
+    total_read = report.read if report is not None else result.read
+    total_kept = report.kept if report is not None else result.read
+    total_rejected = report.n_rejected if report is not None else 0
+    if total_rejected > attributed:  # rows rejected before their metric was known (e.g. no time)
+        r = total_rejected - attributed
+        table.add_row("(metric unknown)", f"{r:,}", "0", f"{r:,}", "0", "0")
+    table.add_row("all", f"{total_read:,}", f"{total_kept:,}", f"{total_rejected:,}", f"{result.added:,}", f"{result.duplicates:,}", style="bold")
     console.print(table)
     if report is not None and report.rejected:
         reasons = Table(title="rejected rows by reason", header_style="bold")
@@ -140,13 +225,17 @@ def _print_report(report: ImportReport | None, result: AddResult, *, where: str)
 @click.command("import", epilog=EPILOG)
 @click.argument("kind")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--user", required=True, help="Whose samples these are (stored and sent under this id).")
+@click.option(
+    "--user",
+    required=True,
+    callback=id_option("user"),
+    help="Whose samples these are (stored and sent under this id). A file that names its own users "
+    "(kind samples, or table with --map user=COLUMN) is filtered: only this user's rows are imported, "
+    "the others are counted and left out.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store root to import into (default: the state dir).")
 @click.option("--publish", is_flag=True, help="Send the samples to the engine over MQTT (mqtt.url) instead of storing them.")
-@click.option("--tz", help="Time zone of exports whose times carry none (Fitbit, naive CSV), e.g. Europe/Berlin. Default UTC.")
-@click.option("--map", "maps", multiple=True, metavar="TARGET=COLUMN", help="table kind: which column holds time, value, metric, source.")
-@click.option("--metric", type=click.Choice(["hr_bpm", "rr_ms", "steps", "motion"]), help="table kind: the metric of every row when no column holds it.")
-@click.option("--time-unit", type=click.Choice(["auto", "s", "ms", "us", "ns"]), default="auto", show_default=True, help="table kind: unit of numeric (epoch) times.")
+@reading_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @pass_app
 def import_(
@@ -160,30 +249,30 @@ def import_(
     maps: tuple[str, ...],
     metric: str | None,
     time_unit: str,
+    start_time: str | None,
     progress: bool | None,
 ) -> None:
     """Import a vendor export. KIND is an installed adapter: {kinds}.
 
     PATH is one file, the unpacked export folder, or the export's zip. Importing the same
     data twice adds nothing; a file that cannot be read stores nothing. Prints rows read,
-    kept and rejected (with reasons).
+    kept, rejected, new and already stored per metric, and the rejections by reason.
+
+    With --publish, mqtt.url must carry the user's own account
+    (mqtt://USER:PASSWORD@HOST:PORT): a batch the broker refuses stops the import at once,
+    naming the topic.
     """
     if out is not None and publish:
         raise click.UsageError("--out and --publish exclude each other")
-    from ..alerts.topics import check_id
-
-    try:
-        check_id("user", user)
-    except ValueError as exc:
-        raise ConfigError(str(exc), source="--user") from None
     registry = SourceRegistry.discover()
     if kind not in registry.factories:
         raise ParseError(f"unknown kind {kind!r} (known: {', '.join(registry.kinds)})", source=path)
-    options: dict[str, Any] = {"user": user, "tz": tz, "metric": metric, "time_unit": time_unit}
-    if maps:
-        options["mapping"] = _parse_map(maps)
+    options: dict[str, Any] = {"user": user, **source_options(tz, maps, metric, time_unit, start_time)}
     source = registry.open(path, kind=kind, **{k: v for k, v in options.items() if v is not None})
     settings = app.settings
+    # what decides the rows a file becomes: the same file with other options is another copy
+    parse_options = {"kind": kind, "tz": tz or "UTC", "metric": metric, "time_unit": time_unit, "map": dict(sorted(options.get("mapping", {}).items())), "start": options["start"].isoformat() if "start" in options else None}
+    fingerprints = input_fingerprints(source, path)
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if publish:
         tmp = tempfile.TemporaryDirectory(prefix="stresswatch-import-")
@@ -192,6 +281,7 @@ def import_(
     else:
         store = SampleStore(out) if out is not None else SampleStore.from_settings(settings)
         where = str(store.dir)
+        again = _check_not_imported_otherwise(store, user, fingerprints, parse_options)
     show = console_err.is_terminal if progress is None else progress
     try:
         with Progress(
@@ -209,17 +299,68 @@ def import_(
             def on_progress(report: ImportReport) -> None:
                 bar.update(task, total=report.bytes_total or None, completed=report.bytes_done)
 
-            result = run_import(source, store.stage(), on_progress=on_progress)
+            only_user = UserFilter(user)
+            result = run_import(source, store.stage(), on_progress=on_progress, keep=only_user)
         report = getattr(source, "report", None)
+        if only_user.other_rows:
+            n = len(only_user.other_users)
+            console_err.print(
+                f"--user {user}: imported only {user}'s rows; left out {only_user.other_rows:,} row(s) of {n} other user(s) in the file",
+                markup=False,
+                soft_wrap=True,
+            )
+        if result.read == 0 and only_user.other_rows:
+            names = ", ".join(sorted(only_user.other_users)[:5]) + (", ..." if len(only_user.other_users) > 5 else "")
+            raise ParseError(f"no rows of user {user!r} (the file holds {names}): pass one of them as --user", source=path, field="user")
         if publish:
             messages, samples = publish_store(store, settings, kind=kind)
             _print_report(report, result, where=where)
             console.print(f"sent {samples:,} samples in {messages:,} message(s) to {settings.mqtt.prefix}/ingest/{user}")
         else:
             _print_report(report, result, where=where)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            store.record_imports(user, {h: {"file": name, "options": parse_options, "at": now} for h, name in fingerprints.items() if h not in again})
+            for name, entry in again.values():
+                console_err.print(f"{name}: imported before ({entry['at']}) with the same options: nothing doubled", markup=False, soft_wrap=True)
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _describe(options: dict[str, Any]) -> str:
+    parts = [f"--tz {options['tz']}"]
+    if options.get("metric"):
+        parts.append(f"--metric {options['metric']}")
+    if options.get("time_unit") not in (None, "auto"):
+        parts.append(f"--time-unit {options['time_unit']}")
+    parts += [f"--map {k}={v}" for k, v in (options.get("map") or {}).items()]
+    if options.get("start"):
+        parts.append(f"--start-time {options['start']}")
+    return " ".join(parts)
+
+
+def _check_not_imported_otherwise(
+    store: SampleStore, user: str, fingerprints: dict[str, str], options: dict[str, Any]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Refuse a file already imported for ``user`` with other options (its rows would be a
+    second, shifted or relabelled copy); return the files imported before with the same ones."""
+    log = store.import_log(user)
+    same: dict[str, tuple[str, dict[str, Any]]] = {}
+    for h, name in fingerprints.items():
+        entry = log.get(h)
+        if entry is None:
+            continue
+        if entry.get("options") == options:
+            same[h] = (name, entry)
+            continue
+        before = entry.get("options") or {}
+        raise ConfigError(
+            f"refused, nothing stored: this file was imported for {user} on {entry.get('at')} as {entry.get('file')} "
+            f"with {_describe(before)}; importing it again with {_describe(options)} would store a second copy of the same "
+            f"readings (shifted in time or relabelled). Import it with the options it was imported with, or erase {user}'s data first",
+            source=name,
+        )
+    return same
 
 
 def _installed_kinds() -> str:

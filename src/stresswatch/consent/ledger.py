@@ -23,7 +23,7 @@ from pathlib import Path
 from .. import sqlite
 from ..errors import ConsentError, StorageError
 from ..wire.ids import is_valid_id
-from .state import Action, ConsentEvent, ConsentState, QuietHours, Visibility, fold
+from .state import Action, ConsentEvent, ConsentState, QuietHours, Visibility, decide_change, fold
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +232,21 @@ class ConsentLedger:
         )
         return self.state(user)
 
-    def revoke(self, user: str, *, now: datetime, via: str = "cli") -> ConsentState:
-        self.append(ConsentEvent(user, Action.REVOKE, now, via))
+    def _change(self, user: str, action: Action, now: datetime, via: str) -> ConsentState:
+        """Append ``action`` if it changes something (:func:`decide_change`); else
+        :class:`ConsentError` with the reason, and nothing is written."""
+        with self.transaction():  # the state read and the append see the same ledger
+            decision = decide_change(self.state(user), action, now)
+            if not decision.allowed:
+                raise ConsentError(decision.reason, user=user)
+            self.append(ConsentEvent(user, action, now, via))
         return self.state(user)
+
+    def revoke(self, user: str, *, now: datetime, via: str = "cli") -> ConsentState:
+        return self._change(user, Action.REVOKE, now, via)
 
     def pause(self, user: str, *, now: datetime, via: str = "cli") -> ConsentState:
-        self.append(ConsentEvent(user, Action.PAUSE, now, via))
-        return self.state(user)
+        return self._change(user, Action.PAUSE, now, via)
 
     def resume(self, user: str, *, now: datetime, via: str = "cli") -> ConsentState:
-        self.append(ConsentEvent(user, Action.RESUME, now, via))
-        return self.state(user)
+        return self._change(user, Action.RESUME, now, via)

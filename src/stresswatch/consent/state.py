@@ -180,3 +180,44 @@ def fold(user: str, events: list[ConsentEvent] | tuple[ConsentEvent, ...]) -> Co
             state = ConsentState(user, Status.REVOKED, (), Visibility.REACH_OUT, state.display_name, ev.at, ev.text_version)
     withdrawn = [ev.at for ev in events if ev.action is Action.REVOKE]
     return replace(state, history=tuple(events), withdrawn_at=max(withdrawn) if withdrawn else None)
+
+
+@dataclass(frozen=True)
+class ChangeDecision:
+    """Whether a pause, resume or revoke would change anything; if not, why (for the user)."""
+
+    allowed: bool
+    reason: str = ""
+
+
+def decide_change(state: ConsentState, action: Action, now: datetime) -> ChangeDecision:
+    """Pure: may ``action`` be recorded on ``state`` at ``now``?
+
+    An action that would change nothing (pause without an active consent, resume of a
+    consent that is not paused, a second revoke) is refused, so the ledger records only
+    what a user actually changed. A grant always changes something (it replaces the whole
+    choice), so it is always allowed here; its own checks (recipients, expiry) are the
+    ledger's.
+    """
+    if action is Action.GRANT:
+        return ChangeDecision(True)
+    user, status = state.user, state.status
+    grant_hint = f"to be alerted again, grant anew: stresswatch consent grant --user {user} --to WORKER"
+    if status is Status.NONE:
+        return ChangeDecision(False, f"{user} has no consent to {action.value}: nothing recorded (grant first: stresswatch consent grant --user {user} --to WORKER)")
+    if status is Status.REVOKED:
+        if action is Action.REVOKE:
+            return ChangeDecision(False, f"{user}'s consent is already revoked (since {state.since:%Y-%m-%d %H:%M} UTC): nothing recorded")
+        return ChangeDecision(False, f"{user}'s consent was revoked, so there is nothing to {action.value}: nothing recorded; {grant_hint}")
+    if action is Action.REVOKE:
+        return ChangeDecision(True)
+    if state.expired(now):
+        assert state.expires_at is not None
+        return ChangeDecision(
+            False, f"{user}'s consent expired at {state.expires_at:%Y-%m-%d %H:%M} UTC, so there is nothing to {action.value}: nothing recorded; {grant_hint}"
+        )
+    if action is Action.PAUSE and status is Status.PAUSED:
+        return ChangeDecision(False, f"{user}'s consent is already paused (since {state.since:%Y-%m-%d %H:%M} UTC): nothing recorded")
+    if action is Action.RESUME and status is Status.ACTIVE:
+        return ChangeDecision(False, f"{user}'s consent is not paused: alerts already go to {', '.join(state.recipients)}; nothing recorded")
+    return ChangeDecision(True)
