@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from stresswatch.alerts.lifecycle import AlertState
+from stresswatch.alerts.lifecycle import OPEN_STATES, AlertState
 from stresswatch.alerts.outbox import Outbox
 from stresswatch.cli import main
 
@@ -57,7 +57,7 @@ def test_actions_need_the_csrf_token_and_show_what_the_engine_recorded(world):
     assert c.post(f"/api/alerts/{alert_id}/ack").status_code == 403  # no token
     assert c.post(f"/api/alerts/{alert_id}/ack", headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"}).status_code == 403
     with Outbox(state / "stresswatch.sqlite") as ob:
-        assert ob.get(alert_id).state is AlertState.DELIVERED  # nothing happened
+        assert ob.get(alert_id).state in OPEN_STATES and ob.get(alert_id).acked_by is None  # nothing happened
     r = c.post(f"/api/alerts/{alert_id}/ack", headers={"X-CSRF-Token": csrf})
     assert r.status_code == 200 and r.json()["ok"] and r.json()["alert"]["state"] == "acknowledged"
     r = c.post(f"/api/alerts/{alert_id}/resolve", json={"outcome": "reached_out", "note": "talked"}, headers={"X-CSRF-Token": csrf})
@@ -77,7 +77,7 @@ def test_a_worker_sees_and_acts_on_only_their_own_alerts(world):
     r = kim.post(f"/api/alerts/{alert_id}/ack", headers={"X-CSRF-Token": r.json()["csrf"]})
     assert r.json()["ok"] is False and "no alert" in r.json()["error"] and "alert" not in r.json()
     with Outbox(state / "stresswatch.sqlite") as ob:
-        assert ob.get(alert_id).state is AlertState.DELIVERED
+        assert ob.get(alert_id).state in OPEN_STATES and ob.get(alert_id).acked_by is None
     # kim's session cookie on sam's behalf does nothing either: the session is kim's
     assert httpx.get(f"{base}/api/alerts", timeout=10).status_code == 401
 

@@ -146,10 +146,13 @@ def test_worker_signs_in_sees_a_live_alert_acks_resolves_and_keeps_history_acros
         assert all((shots / f"worker-app-{k}.png").stat().st_size > 10_000 for k in ("desktop", "phone"))
 
 
-def test_a_removed_account_is_signed_out(secure_broker, tmp_path, browser):
+def test_the_engine_going_offline_shows_and_a_removed_account_is_signed_out(secure_broker, tmp_path, browser):
     b = secure_broker
-    with running_engine(engine_settings(b, tmp_path / "engine")), serving(b.url, tmp_path / "web") as base:
+    with running_engine(engine_settings(b, tmp_path / "engine")) as eng, serving(b.url, tmp_path / "web") as base:
         sam = signed_in(browser, base, "sam", b.passwords["sam"])
+        sam.get_by_text("Engine online").wait_for(timeout=T)
+        eng.request_stop()  # its "offline" (also its last will) reaches the page
+        sam.get_by_text("Engine offline: new alerts and your actions wait until it is back").wait_for(timeout=T)
         assert main(["broker", "remove", "sam", "--dir", str(b.dir)]) == 0
         b.reload()  # mosquitto rereads its accounts and drops sam's connection; sam's reconnect is refused
         sam.locator("#connection.signed_out").wait_for(timeout=T)

@@ -85,6 +85,7 @@ class WorkerClient:
         on_connection: Callable[[bool], None] | None = None,
         on_reply: Callable[[Reply], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
+        on_engine_status: Callable[[str], None] | None = None,
         seen_path: str | Path | None = None,
         session_expiry_s: int = 7 * 24 * 3600,
         client_id: str | None = None,
@@ -99,6 +100,11 @@ class WorkerClient:
         self._on_reply = on_reply
         self._on_refused = on_refused
         self.replies_topic = self.topics.replies(worker)
+        self._on_engine_status = on_engine_status
+        # retained "online"/"offline" of the engine (its last will): only for a caller that shows it
+        self._subscriptions = [(self.topic, 1), (self.replies_topic, 1)]
+        if on_engine_status is not None:
+            self._subscriptions.append((self.topics.engine_status, 1))
         self._waiter = ReplyWaiter()
         self._seen = SeenIds(seen_path)
         self._lock = threading.Lock()
@@ -125,7 +131,7 @@ class WorkerClient:
             subscribed.set()
 
         self._client.on_subscribe = on_subscribe
-        self._client.subscribe([(self.topic, 1), (self.replies_topic, 1)])
+        self._client.subscribe(self._subscriptions)
         if not subscribed.wait(10):
             self.close()
             raise TransportError(f"no SUBACK for {self.topic!r}", url=url)
@@ -147,7 +153,7 @@ class WorkerClient:
 
     def _reconnected(self, client: mqtt.Client, session_present: bool) -> None:
         if not session_present:  # the broker lost our session (e.g. no persistence): subscribe again
-            client.subscribe([(self.topic, 1), (self.replies_topic, 1)])
+            client.subscribe(self._subscriptions)
         if self._on_connection:
             self._on_connection(True)
 
@@ -156,6 +162,14 @@ class WorkerClient:
             self._on_connection(False)
 
     def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.engine_status:
+            if self._on_engine_status is not None:
+                try:
+                    status = json.loads(msg.payload).get("status")
+                except (ValueError, AttributeError, UnicodeDecodeError):
+                    status = None
+                self._on_engine_status(status if status in ("online", "offline") else "unknown")
+            return
         if msg.topic == self.replies_topic:
             reply = self._waiter.feed(msg.payload)
             if reply is not None and self._on_reply:

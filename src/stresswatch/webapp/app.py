@@ -9,7 +9,7 @@ Routes (JSON unless said otherwise; every ``/api`` answer is ``Cache-Control: no
     GET    /api/alerts?state=S    the worker's alerts from the engine (open | acknowledged | resolved | all)
     POST   /api/alerts/{id}/ack       "I'm reaching out": the engine's recorded state   (CSRF)
     POST   /api/alerts/{id}/resolve   {outcome, note}: the engine's recorded state     (CSRF)
-    GET    /api/events            Server-Sent Events: connection, alert, update
+    GET    /api/events            Server-Sent Events: connection, engine, alert, update, ping
 
 Security: the session cookie is HttpOnly, SameSite=Strict, Secure when served over TLS, and
 names a random server-side session; every state-changing request must carry the session's
@@ -261,7 +261,7 @@ def create_app(settings: WebSettings) -> Starlette:
         async def stream():  # type: ignore[no-untyped-def]
             try:
                 hello = {"state": s.bridge.connection, "keepalive_s": settings.keepalive_s}
-                yield f"retry: 2000\n{Event('connection', hello).sse()}"
+                yield f"retry: 2000\n{Event('connection', hello).sse()}{Event('engine', {'state': s.bridge.engine}).sse()}"
                 while True:
                     try:
                         ev = await asyncio.wait_for(q.get(), settings.keepalive_s)

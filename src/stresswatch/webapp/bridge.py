@@ -51,6 +51,7 @@ class WorkerBridge:
     protocol: str = "auto"
     on_signed_out: Callable[[WorkerBridge], None] | None = None
     connection: str = LIVE
+    engine: str = "unknown"  # the engine's retained status: online / offline
     _subscribers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _client: WorkerClient | None = None
@@ -69,6 +70,7 @@ class WorkerBridge:
             on_reply=lambda r: self._emit(Event("update", r.model_dump(mode="json", exclude_none=True))) if r.alert else None,
             on_connection=self._connection,
             on_refused=self._refused,
+            on_engine_status=self._engine_status,
             seen_path=self.state_dir / f"webapp-{self.worker}-seen.sqlite",
             client_id=private_client_id(f"stresswatch-webapp-{self.worker}", self.password),
         )
@@ -83,6 +85,10 @@ class WorkerBridge:
             return
         self.connection = LIVE if up else RECONNECTING
         self._emit(Event("connection", {"state": self.connection}))
+
+    def _engine_status(self, status: str) -> None:
+        self.engine = status
+        self._emit(Event("engine", {"state": status}))
 
     def _refused(self, why: str) -> None:
         self.connection = SIGNED_OUT

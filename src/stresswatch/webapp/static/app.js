@@ -60,6 +60,7 @@ function showSignIn(message) {
   live.clear();
   $("alerts").replaceChildren();
   $("app").hidden = true;
+  $("engine").hidden = true;
   $("signin").hidden = false;
   $("signin-error").textContent = message || "";
   $("password").value = "";
@@ -96,7 +97,7 @@ function openEvents() {
   if (source) source.close();
   source = new EventSource("/api/events");
   lastSeen = Date.now();
-  for (const kind of ["connection", "alert", "update", "ping"]) source.addEventListener(kind, () => { lastSeen = Date.now(); });
+  for (const kind of ["connection", "engine", "alert", "update", "ping"]) source.addEventListener(kind, () => { lastSeen = Date.now(); });
   source.addEventListener("connection", (e) => {
     const d = JSON.parse(e.data);
     if (d.keepalive_s) keepaliveS = d.keepalive_s;
@@ -108,6 +109,15 @@ function openEvents() {
     const was = connection;
     setConnection(d.state);
     if (d.state === "live" && was !== "live") refresh(); // back after a broker restart or sleep: ask the engine again
+  });
+  source.addEventListener("engine", (e) => {
+    const d = JSON.parse(e.data);
+    const el = $("engine");
+    el.hidden = d.state === "unknown";
+    el.className = "engine " + d.state;
+    el.textContent = d.state === "online" ? "Engine online"
+      : "Engine offline: new alerts and your actions wait until it is back";
+    if (d.state === "online") refresh();
   });
   source.addEventListener("alert", (e) => {
     const a = JSON.parse(e.data);
