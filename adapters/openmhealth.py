@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
-from pathlib import Path
 from typing import Any, ClassVar
 
 import jsonschema
@@ -317,10 +316,3 @@ def to_omh(frame: pl.DataFrame) -> list[dict[str, Any]]:
             }
         out.append({"header": header, "body": body})
     return out
-
-
-def write_omh(frame: pl.DataFrame, path: Path) -> int:
-    """Write :func:`to_omh` of ``frame`` as a JSON list; return the number of data points."""
-    points = to_omh(frame)
-    Path(path).write_text(json.dumps(points, indent=1) + "\n", encoding="utf-8")
-    return len(points)

@@ -179,11 +179,11 @@ async def _frames(src):
 @given(st.sampled_from([0.5, 1.0, 3.0, 10.0, 60.0]))
 def test_stream_batches_are_contiguous_time_ordered_and_equal_one_pass(tmp_path, batch_s):
     from stresswatch.ingest import IngestBatch
-    from stresswatch_adapters.ble_hrs.outbox import Outbox
+    from stresswatch_adapters.ble_hrs.buffer import StreamBuffer
     from stresswatch_adapters.ble_hrs.stream import IngestStreamer
 
     rec, client, session, items = replay("disconnect.ble.jsonl")
-    box = Outbox(tmp_path / f"b{batch_s}.sqlite")
+    box = StreamBuffer(tmp_path / f"b{batch_s}.sqlite")
     streamer = IngestStreamer(box, user="u", batch_s=batch_s, stream_id="s")
     for item in items:
         streamer.add(item)

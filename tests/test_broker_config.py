@@ -272,3 +272,52 @@ def test_broker_check_command(tmp_path: Path):
     assert bad.returncode == 78 and "open.conf" in bad.stderr and "line 1" in bad.stderr
     anon = sw("broker", "check", "--broker", "mqtt://10.1.2.3:1883")
     assert anon.returncode == 78 and "without credentials" in anon.stderr
+
+
+@pytest.mark.mosquitto
+def test_max_packet_size_is_enforced_by_mosquitto(tmp_path: Path):
+    """The hook for sizing the broker's packet cap: mosquitto reads the rendered line and
+    refuses a larger publish, while one under the cap is delivered."""
+    import getpass
+    import threading
+    import time
+
+    from conftest import MosquittoProcess
+
+    from stresswatch.broker import free_port
+    from stresswatch.mqtt import connect
+
+    port = free_port()
+    (tmp_path / "data").mkdir()
+    conf = tmp_path / "mosquitto.conf"
+    text = mosquitto_conf(port=port, data_dir=tmp_path / "data", allow_anonymous=True, run_as=getpass.getuser(), max_packet_size_bytes=4096)
+    assert "max_packet_size 4096" in text
+    conf.write_text(text)
+    broker = MosquittoProcess(port, conf, tmp_path / "data")
+    broker.start()
+    got: list[int] = []
+    arrived = threading.Event()
+
+    def on_message(c, u, msg) -> None:
+        got.append(len(msg.payload))
+        arrived.set()
+
+    sub = connect(broker.url, "cap-sub", on_message=on_message, timeout_s=5)
+    pub = connect(broker.url, "cap-pub", timeout_s=5)
+    try:
+        done = threading.Event()
+        sub.on_subscribe = lambda *a: done.set()
+        sub.subscribe("t/#", qos=1)
+        assert done.wait(5)
+        pub.publish("t/small", b"x" * 1000, qos=1)
+        assert arrived.wait(5)
+        pub.publish("t/big", b"x" * 8192, qos=1)
+        time.sleep(1.0)
+        assert got == [1000]  # the larger one never reached the subscriber
+    finally:
+        for c in (sub, pub):
+            c.disconnect()
+            c.loop_stop()
+        broker.stop()
+    with pytest.raises(ConfigError, match="max_packet_size_bytes"):
+        mosquitto_conf(port=port, data_dir=tmp_path, max_packet_size_bytes=10)

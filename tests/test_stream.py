@@ -19,7 +19,7 @@ import pytest
 
 from stresswatch.ingest import IngestBatch, IngestReceiver
 from stresswatch.sources import SourceRegistry, collect
-from stresswatch_adapters.ble_hrs.outbox import Outbox
+from stresswatch_adapters.ble_hrs.buffer import StreamBuffer
 from stresswatch_adapters.ble_hrs.stream import DurablePublisher
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "ble"
@@ -82,7 +82,7 @@ def test_broker_stopped_and_restarted_mid_stream_delivers_every_sample_exactly_o
         mosquitto.stop()  # the broker goes away mid-stream
         time.sleep(2.0)  # ~60 s of recorded data arrive meanwhile and must be buffered on disk
         assert proc.poll() is None
-        in_buffer = Outbox(tmp_path / "buffer.sqlite")
+        in_buffer = StreamBuffer(tmp_path / "buffer.sqlite")
         buffered_during_outage = in_buffer.count()
         in_buffer.close()
         mosquitto.start()
@@ -100,7 +100,7 @@ def test_broker_stopped_and_restarted_mid_stream_delivers_every_sample_exactly_o
     assert got.height == expected.height
     assert key(got).equals(key(expected))
     assert got.select("time", "metric").is_duplicated().sum() == 0
-    assert Outbox(tmp_path / "buffer.sqlite").count() == 0  # removed only once acknowledged
+    assert StreamBuffer(tmp_path / "buffer.sqlite").count() == 0  # removed only once acknowledged
     assert "1 gap(s)" in err.decode()
 
 
@@ -115,7 +115,7 @@ def test_samples_buffered_while_the_broker_is_down_are_sent_by_a_later_run(mosqu
     _, err = first.communicate(timeout=60)
     assert first.returncode == 69, err.decode()
     assert "stay buffered" in err.decode()
-    assert Outbox(buffer).count() > 0
+    assert StreamBuffer(buffer).count() > 0
     mosquitto.start()
     engine = Engine(mosquitto.url)
     try:
@@ -127,11 +127,11 @@ def test_samples_buffered_while_the_broker_is_down_are_sent_by_a_later_run(mosqu
     finally:
         engine.rx.close()
     assert key(engine.samples()).equals(key(expected))
-    assert Outbox(buffer).count() == 0
+    assert StreamBuffer(buffer).count() == 0
 
 
 def test_rows_leave_the_buffer_only_after_puback(mosquitto, tmp_path):
-    box = Outbox(tmp_path / "b.sqlite")
+    box = StreamBuffer(tmp_path / "b.sqlite")
     for seq in range(5):
         box.add("s", seq, "stresswatch/v1/ingest/carol", b"{}", 1)
     mosquitto.stop()

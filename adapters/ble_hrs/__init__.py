@@ -9,7 +9,7 @@ Module map (docs/BLE.md has the details):
 * :mod:`.recording` - the recording file format (JSON lines) and its reader/writer
 * :mod:`.client` - the abstract client, the bleak client and the replaying fake client
 * :mod:`.session` - drives a client through the state machine into samples and gaps
-* :mod:`.outbox` / :mod:`.stream` - durable SQLite buffer and the MQTT ingest publisher
+* :mod:`.buffer` / :mod:`.stream` - durable SQLite buffer and the MQTT ingest publisher
 * :mod:`.source` - the ``ble`` Source for ``stresswatch replay``
 * :mod:`.commands` - ``stresswatch pair | stream | record`` (entry point ``stresswatch.commands``)
 """

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stresswatch.errors import StresswatchError
+from stresswatch.extras import require
 
 from .parser import BODY_SENSOR_LOCATION_UUID, HEART_RATE_MEASUREMENT_UUID, HEART_RATE_SERVICE_UUID
 from .recording import Recording
@@ -43,8 +44,15 @@ class DeviceInfo:
     services: tuple[str, ...]
 
 
-class Clock(abc.ABC):
-    """Injected time: real for the radio, virtual for replays."""
+class RadioClock(abc.ABC):
+    """The radio's timeline: notification arrival times and waits, real for the radio and
+    virtual for replays.
+
+    Not the core's :data:`stresswatch.clock.Clock` (a callable returning an aware UTC
+    datetime) because the radio needs two things that one lacks: arrival times as integer
+    nanoseconds (they become sample times and beat timing without rounding) and an awaitable
+    :meth:`sleep_until_ns` that a replay completes instantly by advancing virtual time.
+    """
 
     @abc.abstractmethod
     def now_ns(self) -> int: ...
@@ -53,7 +61,9 @@ class Clock(abc.ABC):
     async def sleep_until_ns(self, t_ns: int) -> None: ...
 
 
-class WallClock(Clock):
+class WallRadioClock(RadioClock):
+    """Arrival times from the system clock (``time.time_ns``); waits really wait."""
+
     def now_ns(self) -> int:
         return time.time_ns()
 
@@ -64,7 +74,7 @@ class WallClock(Clock):
 class HrsClient(abc.ABC):
     """What the session needs from a Heart Rate Service client. One connection at a time."""
 
-    clock: Clock
+    clock: RadioClock
 
     @abc.abstractmethod
     async def scan(self, timeout_s: float) -> list[DeviceInfo]:
@@ -93,8 +103,9 @@ class HrsClient(abc.ABC):
 class BleakHrsClient(HrsClient):
     """The real radio through bleak (BlueZ, CoreBluetooth, WinRT)."""
 
-    def __init__(self, clock: Clock | None = None) -> None:
-        self.clock = clock or WallClock()
+    def __init__(self, clock: RadioClock | None = None) -> None:
+        require("bleak", extra="ble", feature="a Bluetooth device (stresswatch pair, stream, record)")
+        self.clock = clock or WallRadioClock()
         self._client: object | None = None
 
     async def scan(self, timeout_s: float) -> list[DeviceInfo]:
@@ -158,7 +169,7 @@ class BleakHrsClient(HrsClient):
                 pass
 
 
-class VirtualClock(Clock):
+class VirtualRadioClock(RadioClock):
     """Replay time: starts at the recording's first event; ``speed`` > 0 also sleeps for real
     (``speed`` times faster than recorded), 0 runs as fast as possible."""
 
@@ -192,7 +203,7 @@ class ReplayClient(HrsClient):
     def __init__(self, recording: Recording, *, speed: float = 0.0, rssi_dbm: int = -60) -> None:
         self.recording = recording
         events = recording.events
-        self.clock = VirtualClock(events[0].t_ns if events else 0, speed)
+        self.clock = VirtualRadioClock(events[0].t_ns if events else 0, speed)
         self._events = events
         self._i = 0  # next event to deliver
         self._rssi = rssi_dbm

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -21,9 +20,10 @@ import click
 from stresswatch.alerts.topics import Topics
 from stresswatch.cli._common import AppContext, console, console_err, id_option, pass_app
 from stresswatch.errors import ConfigError, ParseError, StorageError, TransportError
+from stresswatch.fsio import atomic_write, commit_rename
 
 from .client import BleakHrsClient, BleError, DeviceInfo, HrsClient, ReplayClient, mask_address
-from .outbox import Outbox
+from .buffer import StreamBuffer
 from .parser import HEART_RATE_SERVICE_UUID, parse_heart_rate_measurement
 from .recording import SUFFIX, RecordingWriter, read_recording
 from .session import Gap, HrsSession
@@ -57,10 +57,7 @@ def load_enrolled(app: AppContext) -> dict[str, Any] | None:
 
 
 def _save_enrolled(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: the old pairing stays until the new one is complete
+    atomic_write(path, json.dumps(data, indent=2) + "\n")  # the old pairing stays until the new one is complete
 
 
 def _install_stop(stop: Callable[[], None]) -> None:
@@ -209,9 +206,9 @@ def stream(
     url = broker_url or settings.mqtt.url
     if not url:
         raise ConfigError("no broker: pass --broker or set mqtt.url")
-    outbox = Outbox(buffer_path or Path(settings.store.state_dir) / BUFFER_FILE)
+    buffer = StreamBuffer(buffer_path or Path(settings.store.state_dir) / BUFFER_FILE)
     publisher = DurablePublisher(
-        url, outbox, username=settings.mqtt.username, password=settings.mqtt.password, protocol=settings.mqtt.protocol
+        url, buffer, username=settings.mqtt.username, password=settings.mqtt.password, protocol=settings.mqtt.protocol
     )
     try:
         if not drain_only:
@@ -219,7 +216,7 @@ def stream(
             user = user or enrolled.get("user") or (read_recording(replay).user if replay else None)
             if not user:
                 raise ConfigError("no user: pass --user (or pair with --user)")
-            streamer = IngestStreamer(outbox, user=user, topics=Topics(settings.mqtt.prefix), batch_s=batch_s, on_buffered=publisher.pump)
+            streamer = IngestStreamer(buffer, user=user, topics=Topics(settings.mqtt.prefix), batch_s=batch_s, on_buffered=publisher.pump)
             stats = asyncio.run(_stream(_client(replay, replay_speed), address, streamer, publisher))
             lost = sum(g.end_ns - g.start_ns for g in stats.gaps) / 1e9
             console_err.print(
@@ -228,7 +225,7 @@ def stream(
             )
         if not publisher.drain(drain_timeout):
             raise TransportError(
-                f"{outbox.count()} batch(es) not yet acknowledged stay buffered in {outbox.path}; "
+                f"{buffer.count()} batch(es) not yet acknowledged stay buffered in {buffer.path}; "
                 "`stresswatch stream` sends them when the broker is back",
                 url=publisher.url,
             )
@@ -238,7 +235,7 @@ def stream(
             console_err.print("stream: nothing to send")
     finally:
         publisher.close()
-        outbox.close()
+        buffer.close()
 
 
 async def _stream(client: HrsClient, address: str, streamer: IngestStreamer, publisher: DurablePublisher) -> StreamStats:
@@ -293,7 +290,7 @@ def record(app: AppContext, out_path: Path, duration_s: float | None, device: st
         writer.close()
         raise
     writer.close()
-    os.replace(partial, out_path)
+    commit_rename(partial, out_path)
     console_err.print(f"record: {writer.count} events written to {out_path}; {len(gaps)} gap(s)")
 
 

@@ -23,13 +23,13 @@ reader reports), diffable in review, and ~45 bytes per notification (an hour at 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from stresswatch.errors import ParseError
+from stresswatch.fsio import atomic_writer, fsync_file
 
 FORMAT = "stresswatch-ble-hrs"
 VERSION = 1
@@ -89,9 +89,8 @@ class RecordingWriter:
         self.count += 1
 
     def close(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
+        fsync_file(self.path)  # durable before `record` renames it into place (fsio.commit_rename)
 
     def __enter__(self) -> RecordingWriter:
         return self
@@ -102,15 +101,10 @@ class RecordingWriter:
 
 def write_recording(path: Path, recording: Recording, *, note: str | None = None) -> None:
     """Write a whole recording atomically (temp file + rename): never a half-written fixture."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_writer(Path(path), mode=0o644) as fh:
         fh.write(header_line(recording.address, recording.name, user=recording.user, note=note) + "\n")
         for e in recording.events:
             fh.write(event_line(e) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:

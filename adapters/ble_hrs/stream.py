@@ -1,5 +1,5 @@
 """``stresswatch stream``: live samples to the engine as :class:`~stresswatch.ingest.IngestBatch`
-on ``{prefix}/ingest/{user}``, through the durable :class:`~.outbox.Outbox`.
+on ``{prefix}/ingest/{user}``, through the durable :class:`~.buffer.StreamBuffer`.
 
 Exactly once, end to end:
 
@@ -11,9 +11,10 @@ Exactly once, end to end:
 3. After a crash, every row still buffered is sent again with its original id; the engine's
    deduplicator drops copies the broker had already delivered.
 
-The broker may be down when streaming starts: paho keeps trying (``reconnect_delay_set``)
-while samples accumulate on disk. The companion speaks MQTT 3.1.1 when ``protocol="auto"``:
-it needs no MQTT 5 feature and 3.1.1 works with every broker (also the embedded amqtt).
+The broker may be down when streaming starts: the client (from :mod:`stresswatch.mqtt`, the
+one factory: ``"auto"`` protocol, TLS with the URL's ``cafile``, credentials) keeps trying
+while samples accumulate on disk; after the first connection paho reconnects by itself. A
+broker that refuses the account stops the attempts (:attr:`DurablePublisher.error`).
 """
 
 from __future__ import annotations
@@ -28,24 +29,24 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from stresswatch.alerts.topics import Topics
-from stresswatch.alerts.transport import BrokerAddress
 from stresswatch.errors import TransportError
 from stresswatch.ingest import MAX_BATCH_SAMPLES, IngestBatch
+from stresswatch.mqtt import BackgroundConnection, BrokerAddress
 from stresswatch.wire.ingest import representable
 
-from .outbox import Outbox
+from .buffer import StreamBuffer
 from .session import Gap, LinkLost, Reading, Rejected, SampleAssembler, SessionItem
 
 log = logging.getLogger(__name__)
 
 
 class DurablePublisher:
-    """Sends outbox rows over MQTT and deletes each on its PUBACK."""
+    """Sends buffered batches over MQTT and deletes each on its PUBACK."""
 
     def __init__(
         self,
         url: str,
-        outbox: Outbox,
+        buffer: StreamBuffer,
         *,
         client_id: str | None = None,
         username: str | None = None,
@@ -54,47 +55,51 @@ class DurablePublisher:
         window: int = 200,
         reconnect_max_s: float = 5.0,
     ) -> None:
-        self.outbox = outbox
+        self.buffer = buffer
         self.window = window
-        addr = BrokerAddress.parse(url)
-        self.url = str(addr)
-        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-        kwargs: dict[str, object] = {} if version == mqtt.MQTTv5 else {"clean_session": True}
-        self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"stresswatch-companion-{uuid.uuid4().hex[:12]}",
-            protocol=version,
-            **kwargs,  # type: ignore[arg-type]
-        )
-        user, pw = username or addr.username, password or addr.password
-        if user:
-            self._client.username_pw_set(user, pw)
-        if addr.tls:
-            self._client.tls_set()
-        self._client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(reconnect_max_s)))
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_publish = self._on_publish
+        self.url = str(BrokerAddress.parse(url))
         self._lock = threading.Lock()
         self._inflight: dict[int, tuple[str, int]] = {}  # mid -> key
         self._handed: set[tuple[str, int]] = set()
         self._early: set[int] = set()
+        self._client: mqtt.Client | None = None
         self.refused = 0
         self.connected = threading.Event()
         self.acked = 0
         self.connects = 0
-        try:
-            self._client.connect_async(addr.host, addr.port, keepalive=15)
-        except (OSError, ValueError) as exc:
-            raise TransportError(f"cannot connect: {exc}", url=self.url) from None
-        self._client.loop_start()
+        # The broker may be away when streaming starts: connect in the background while
+        # batches accumulate in the buffer (nothing is handed to paho before the first CONNACK).
+        self._connection = BackgroundConnection(
+            url,
+            client_id or f"stresswatch-companion-{uuid.uuid4().hex[:12]}",
+            self._on_first_connect,
+            username=username,
+            password=password,
+            protocol=protocol,
+            keepalive_s=15,
+            retry_max_s=reconnect_max_s,
+            on_reconnect=self._on_reconnect,
+            on_refused=self._on_refused,
+        )
 
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
-        if getattr(rc, "is_failure", False):
-            log.warning("stream: broker refused the connection: %s", rc)
-            return
+    @property
+    def error(self) -> TransportError | None:
+        """Set when the broker refused the account: retrying cannot help."""
+        return self._connection.error
+
+    def _on_first_connect(self, client: mqtt.Client) -> None:
+        client.on_publish = self._on_publish
+        client.on_disconnect = self._on_disconnect
+        with self._lock:
+            self._client = client
+        self._on_reconnect(client, False)
+
+    def _on_reconnect(self, client: mqtt.Client, session_present: bool) -> None:
         self.connects += 1
         self.connected.set()
+
+    def _on_refused(self, error: TransportError) -> None:
+        log.warning("stream: %s", error)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, *args: object) -> None:
         self.connected.clear()
@@ -116,7 +121,7 @@ class DurablePublisher:
         self._acked(key)
 
     def _acked(self, key: tuple[str, int]) -> None:
-        self.outbox.remove(*key)  # only now: the broker has it
+        self.buffer.remove(*key)  # only now: the broker has it
         with self._lock:
             self._handed.discard(key)
             self.acked += 1
@@ -128,12 +133,16 @@ class DurablePublisher:
             exclude = set(self._handed)
         if room <= 0:
             return 0
-        rows = self.outbox.pending(room, exclude=exclude)
+        with self._lock:
+            client = self._client
+        if client is None:
+            return 0  # not connected yet: the rows wait in the buffer
+        rows = self.buffer.pending(room, exclude=exclude)
         for row in rows:
             key = (row.stream_id, row.seq)
             with self._lock:
                 self._handed.add(key)
-            info = self._client.publish(row.topic, row.payload, qos=1)
+            info = client.publish(row.topic, row.payload, qos=1)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}", url=self.url)
             with self._lock:
@@ -147,19 +156,21 @@ class DurablePublisher:
         return len(rows)
 
     def drain(self, timeout_s: float, *, poll_s: float = 0.05) -> bool:
-        """Keep pumping until the outbox is empty; False if ``timeout_s`` passed first."""
+        """Keep pumping until the buffer is empty; False if ``timeout_s`` passed first.
+        Raises :class:`~stresswatch.mqtt.NotAuthorised` when the broker refused the account."""
         deadline = time.monotonic() + timeout_s
         while True:
+            if self.error is not None:
+                raise self.error
             self.pump()
-            if self.outbox.count() == 0:
+            if self.buffer.count() == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(poll_s)
 
     def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._connection.close()
 
 
 @dataclass
@@ -176,7 +187,7 @@ class IngestStreamer:
 
     def __init__(
         self,
-        outbox: Outbox,
+        buffer: StreamBuffer,
         *,
         user: str,
         topics: Topics = Topics(),
@@ -185,7 +196,7 @@ class IngestStreamer:
         stream_id: str | None = None,
         on_buffered: Callable[[], None] | None = None,
     ) -> None:
-        self.outbox = outbox
+        self.buffer = buffer
         self.user = user
         self.topic = topics.ingest(user)
         self.source = source
@@ -200,7 +211,7 @@ class IngestStreamer:
     def add(self, item: SessionItem) -> None:
         if isinstance(item, Gap):
             self.stats.gaps.append(item)
-            self.outbox.add_gap(item.start_ns, item.end_ns, item.reason)
+            self.buffer.add_gap(item.start_ns, item.end_ns, item.reason)
             return
         if isinstance(item, LinkLost):
             self.flush()  # the samples before an outage must not wait in memory for the device to return
@@ -228,7 +239,7 @@ class IngestStreamer:
             if part.height == 0:
                 return  # only missing data in this chunk: nothing to send
             batch = IngestBatch.from_frame(part, user=self.user, stream_id=self.stream_id, seq=self.seq, source=self.source)
-            self.outbox.add(self.stream_id, self.seq, self.topic, batch.encode(), part.height)
+            self.buffer.add(self.stream_id, self.seq, self.topic, batch.encode(), part.height)
             self.seq += 1
             self.stats.batches += 1
             self.stats.samples += part.height

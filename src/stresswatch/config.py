@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from .errors import ConfigError
 from .wire.limits import TimeWindow
@@ -33,6 +40,9 @@ class MqttSettings(_Section):
     prefix: str = "stresswatch/v1"
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = Field(
+        default=None, description="read the password from this file's first line (when no password is given)"
+    )
     protocol: Literal["auto", "5", "3.1.1"] = "auto"  # auto: MQTT 5, falling back to 3.1.1 (amqtt)
     client_id: str = "stresswatch-engine"
     keepalive_s: int = Field(default=30, ge=5)
@@ -44,6 +54,29 @@ class MqttSettings(_Section):
         if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/"):
             raise ValueError("must be a topic prefix without wildcards or leading/trailing '/'")
         return v
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_file(cls, data: Any) -> Any:
+        # Read once, at start-up: a missing file is a configuration error now, not at the
+        # first reconnect; every client built from these settings then has the password.
+        if isinstance(data, dict) and data.get("password") is None and data.get("password_file"):
+            data = {**data, "password": read_password_file(Path(data["password_file"]))}
+        return data
+
+
+def read_password_file(path: Path) -> str:
+    """The first line of ``path``, without its line end: a password kept out of the
+    command line, the environment and the TOML file (a secret mounted as a file)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the password file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ValueError(f"the password file {path} is empty")
+    return password
 
 
 class DetectorSettings(_Section):
@@ -164,7 +197,12 @@ def _check_groups(groups: dict[str, list[str]]) -> dict[str, list[str]]:
     return groups
 
 
-class Settings(_Section):
+class Settings(BaseSettings):
+    """All settings. Construct with :func:`load_settings` for the layers; ``Settings()`` is the
+    defaults only (it reads no environment: every layer is explicit in :func:`load_settings`)."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
     mqtt: MqttSettings = MqttSettings()
     detector: DetectorSettings = DetectorSettings()
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -178,23 +216,62 @@ class Settings(_Section):
     def _groups_not_empty(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
         return _check_groups(v)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
 
 def _deep_set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
         node = tree.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError("is not a section", field=p)
+            raise ConfigError("is not a section", source="--set", field=p)
         tree = node
     tree[leaf] = value
 
 
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _parse_scalar(text: str) -> Any:
-    """Environment and --set values are TOML scalars when they parse as one, else strings."""
+    """``--set`` values are TOML scalars when they parse as one, else strings."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (``os.environ`` by default),
+    so a caller (and a test) decides which environment a load sees."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Settings, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}  # names are case-insensitive
+
+
+def _has(tree: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def load_settings(
@@ -203,28 +280,44 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Build :class:`Settings` from the layers; any error names the file and the field."""
-    tree: dict[str, Any] = {}
-    source = "defaults"
+    """Build :class:`Settings` from the layers (defaults < TOML file < environment < ``overrides``).
+
+    Every problem is reported at once: :class:`ConfigError` has one line per invalid or
+    unknown setting, each naming the field and the layer it came from.
+    """
+    env = os.environ if env is None else env
+    layers: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
-        source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError("no such file", source=path)
         try:
-            tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("no such file", source=path) from None
+            layers.append((str(path), dict(TomlConfigSettingsSource(Settings, toml_file=Path(path))())))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"not valid TOML: {exc}", source=path) from None
-    env = os.environ if env is None else env
-    for key, raw in env.items():
-        if key.startswith(ENV_PREFIX) and "__" in key:
-            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
-            _deep_set(tree, dotted, _parse_scalar(raw))
-            source = f"{source} + environment"
+    problems: list[tuple[str, str, str]] = []  # (source, field, message)
+    for key in env:
+        section = key[len(ENV_PREFIX) :].split("__", 1)[0].lower() if key.upper().startswith(ENV_PREFIX) and "__" in key else None
+        if section is not None and section not in Settings.model_fields:
+            problems.append(("environment", key, "no such section"))
+    layers.append(("environment", _Environment(env)()))
+    tree_set: dict[str, Any] = {}
     for dotted, value in (overrides or {}).items():
-        _deep_set(tree, dotted, _parse_scalar(value) if isinstance(value, str) else value)
+        _deep_set(tree_set, dotted, _parse_scalar(value) if isinstance(value, str) else value)
+    layers.append(("--set", tree_set))
+    tree: dict[str, Any] = {}
+    for _, layer in layers:
+        tree = _deep_merge(tree, layer)
     try:
-        return Settings.model_validate(tree)
+        settings = Settings.model_validate(tree)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
-        raise ConfigError(err["msg"], source=source, field=field) from None
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            source = next((name for name, layer in reversed(layers) if _has(layer, loc)), None)
+            source = source or next((name for name, layer in reversed(layers) if loc and _has(layer, loc[:1])), "defaults")
+            problems.append((source, ".".join(str(p) for p in loc), err["msg"].removeprefix("Value error, ")))
+    if len(problems) == 1:
+        source, field, message = problems[0]
+        raise ConfigError(message, source=source, field=field or None)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {field}: {message}" for source, field, message in problems))
+    return settings

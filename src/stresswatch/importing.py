@@ -16,7 +16,6 @@ imports an adapter by name.
 
 from __future__ import annotations
 
-import io
 import zipfile
 import zlib
 from collections import Counter
@@ -243,20 +242,3 @@ def input_fingerprints(source: object, path: Path) -> dict[str, str]:
         out.setdefault(h.hexdigest(), inp.name)
     return out
 
-
-class CountingReader(io.RawIOBase):
-    """Wraps a binary stream and reports bytes consumed (for progress bars)."""
-
-    def __init__(self, raw: IO[bytes], on_read: Callable[[int], None]) -> None:
-        self._raw = raw
-        self._on_read = on_read
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self._raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self._on_read(n)
-        return n

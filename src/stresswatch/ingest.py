@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 import paho.mqtt.client as mqtt
 
 from .alerts.topics import Topics
-from .alerts.transport import connect
 from .errors import TransportError, WireError
+from .mqtt import connect
 from .wire.ingest import MAX_BATCH_SAMPLES, IngestBatch, decode_ingest
 from .wire.limits import TimeWindow
 from .wire.rejections import Rejections
@@ -135,11 +135,11 @@ class IngestReceiver:
             protocol=protocol,
             persistent_session=True,
             on_message=self._message,
+            on_reconnect=self._on_reconnect,
             timeout_s=timeout_s,
+            reconnect_max_s=reconnect_max_s,  # paho's default grows to 120 s
         )
-        self._client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)  # paho's default grows to 120 s
         self._client.on_subscribe = self._on_subscribe
-        self._client.on_connect = self._on_reconnect
         self._client.subscribe(self.subscription, qos=1)
         if not self._subscribed.wait(timeout_s):
             self.close()
@@ -148,9 +148,8 @@ class IngestReceiver:
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reason_codes: object, props: object = None) -> None:
         self._subscribed.set()
 
-    def _on_reconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
-        if not getattr(rc, "is_failure", False):
-            client.subscribe(self.subscription, qos=1)
+    def _on_reconnect(self, client: mqtt.Client, session_present: bool) -> None:
+        client.subscribe(self.subscription, qos=1)
 
     def _reject(self, topic: str, topic_user: str, error: WireError) -> None:
         reason = f"malformed payload: {error.field or ''} {error.message}".strip() if error.reason != "wrong_user" else error.message

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .extras import require
+
 STATE_COLOURS = {
     "calibrating": "#bdbdbd",
     "ok": "#8fd18f",
@@ -75,8 +77,7 @@ def plot_user(
     baseline_slots: int = 4,
     consent_given: bool = True,
 ) -> Path:
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plot", feature="replay --plot")
     matplotlib.use("Agg")
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt

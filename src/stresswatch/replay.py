@@ -38,6 +38,7 @@ from .consent.ledger import ConsentLedger
 from .detect import Detector
 from .pipeline import DataClock, Pipeline, PipelineReport
 from .errors import ConfigError, ParseError, StorageError
+from .fsio import atomic_write, commit_rename, fsync_file
 from .model import SAMPLES_SCHEMA, empty_samples
 from .sources import SourceRegistry, collect
 
@@ -572,11 +573,11 @@ def write_outputs(result: ReplayResult, out: Path) -> None:
         for name, frame in tables.items():
             tmp = out / f".{name}.tmp"
             frame.write_parquet(tmp, statistics=False)
+            fsync_file(tmp)
             staged.append((tmp, out / name))
-        tmp = out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(result.summary, indent=2, sort_keys=True, default=str) + "\n")
-        staged.append((tmp, out / "summary.json"))
         for tmp, final in staged:
-            tmp.replace(final)
+            commit_rename(tmp, final)
+        summary = json.dumps(result.summary, indent=2, sort_keys=True, default=str) + "\n"
+        atomic_write(out / "summary.json", summary, mode=0o644)  # last: its presence means the run finished
     except OSError as exc:
         raise StorageError(f"cannot write replay output: {exc}", path=out) from None

@@ -19,7 +19,7 @@ Contracts:
   same instant are both kept (nothing a device said is silently dropped); exact repeats of
   a file, or of a batch re-sent over MQTT, collapse to one.
 * **Atomic.** New data is first written in full to temporary files next to their targets;
-  only then are they renamed over the old files (``os.replace``, atomic on POSIX). A failure
+  only then are they renamed over the old files (``fsio.commit_rename``: atomic on POSIX, folder fsynced). A failure
   before that point (bad input, full disk, a crash) leaves the previous files untouched.
   The list of renames is written to a journal before the first rename and every later
   store operation finishes an interrupted journal, so a crash between two renames is
@@ -51,9 +51,9 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from .errors import StorageError
+from .fsio import atomic_write, commit_rename, fsync_dir, fsync_file
 from .private_files import DIR_MODE, FILE_MODE, private_dir, private_file
 from .model import SAMPLES_SCHEMA, empty_samples, validate_samples
 
@@ -86,26 +86,18 @@ def _month_key(frame: pl.DataFrame) -> pl.Expr:
     return pl.col("time").dt.strftime("%Y-%m").alias("_month")
 
 
+def _rows(files: list[Path]) -> int:
+    """Row count from the Parquet footers (no data pages are read)."""
+    return int(pl.scan_parquet(files).select(pl.len()).collect().item())
+
+
 def _write_parquet_atomic_tmp(frame: pl.DataFrame, target: Path) -> Path:
     """Write ``frame`` to a temporary file next to ``target`` and fsync it; return the temp path."""
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
     frame.write_parquet(tmp, compression="zstd", statistics=True)
     os.chmod(tmp, FILE_MODE)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(tmp)
     return tmp
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class SampleStore:
@@ -152,7 +144,7 @@ class SampleStore:
             for tmp, final in moves:
                 if Path(tmp).exists():
                     private_dir(Path(final).parent)
-                    os.replace(tmp, final)
+                    commit_rename(tmp, final)
             for old in deletes:
                 Path(old).unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
@@ -208,8 +200,7 @@ class SampleStore:
             rows = self.count(user)
             # Rename first so a crash mid-delete never leaves a readable partial history.
             trash = self.dir / f".erase-{uuid.uuid4().hex}"
-            os.replace(udir, trash)
-            _fsync_dir(self.dir)
+            commit_rename(udir, trash)
             shutil.rmtree(trash, ignore_errors=True)
             return rows
 
@@ -243,7 +234,8 @@ class SampleStore:
             raise StorageError(f"cannot read samples of this user: {str(exc).splitlines()[0]}", path=self.dir) from None
 
     def count(self, user: str) -> int:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.files(user))
+        files = self.files(user)
+        return _rows(files) if files else 0
 
 
 @dataclass
@@ -332,7 +324,7 @@ class StagedAdd:
                     added += new.height
                     added_by_metric.update(dict(new.get_column("metric").value_counts().iter_rows()))
                     private_dir(pdir)
-                    small = [p for p in stored if pq.ParquetFile(p).metadata.num_rows < SMALL_PART_ROWS]
+                    small = [p for p in stored if _rows([p]) < SMALL_PART_ROWS]
                     if new.height < SMALL_PART_ROWS and len(small) + 1 >= COMPACT_PARTS:
                         new = pl.concat([*(pl.read_parquet(p) for p in small), new], how="vertical").sort(
                             "time", "metric", maintain_order=True
@@ -343,15 +335,13 @@ class StagedAdd:
                     del new
                 if moves:
                     journal = store.dir / f".journal-{uuid.uuid4().hex}.json"
-                    jtmp = journal.with_suffix(".tmp")
-                    private_file(jtmp).write_text(json.dumps({"moves": moves, "deletes": deletes}))
-                    os.replace(jtmp, journal)
+                    atomic_write(journal, json.dumps({"moves": moves, "deletes": deletes}), mode=FILE_MODE)
                     for tmp, final_s in moves:
-                        os.replace(tmp, final_s)
+                        commit_rename(tmp, final_s)
                     for old in deletes:
                         Path(old).unlink(missing_ok=True)
-                    for d in {Path(f).parent for _, f in moves}:
-                        _fsync_dir(d)
+                    for d in {Path(f).parent for f in deletes}:
+                        fsync_dir(d)
                     journal.unlink()
                     moves = []
         except OSError as exc:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from ..clock import Clock
 from ..config import Settings
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
@@ -70,7 +71,7 @@ class Dispatcher:
         ledger: ConsentLedger,
         transport: Transport,
         *,
-        clock: Callable[[], datetime],
+        clock: Clock,
         topics: Topics | None = None,
         groups: Mapping[str, Sequence[str]] | None = None,
         policy: EscalationPolicy | None = None,
@@ -98,7 +99,7 @@ class Dispatcher:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, outbox: Outbox, ledger: ConsentLedger, transport: Transport, *, clock: Callable[[], datetime]
+        cls, settings: Settings, outbox: Outbox, ledger: ConsentLedger, transport: Transport, *, clock: Clock
     ) -> Dispatcher:
         """The dispatcher every caller builds (engine, demo, replay): groups, escalation policy,
         expiry and re-send delay from ``settings``."""

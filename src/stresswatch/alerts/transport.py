@@ -1,8 +1,8 @@
 """Alert transport: a one-method seam (``publish``) with a paho-mqtt implementation and an
 in-memory one for replays and tests of pure logic.
 
-The MQTT client speaks MQTT 5 where the broker does and falls back to 3.1.1 (the embedded
-amqtt broker speaks only 3.1.1; SPEC "Real components").
+The MQTT client comes from :func:`stresswatch.mqtt.connect` (protocol, TLS, credentials,
+reconnect: one meaning everywhere).
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..errors import TransportError
+from ..mqtt import BrokerAddress, connect
+
+__all__ = ["ACKED", "BrokerAddress", "MemoryTransport", "Message", "MqttTransport", "Receipt", "Transport", "connect"]
 
 
 class Receipt(Protocol):
@@ -73,126 +75,6 @@ class MemoryTransport:
         return None
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-    ca_file: str | None = None  # TLS: trust this CA (PEM) instead of the system's
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """``mqtt://[user[:password]@]HOST[:PORT]`` or ``mqtts://...[?cafile=/path/ca.pem]``."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise TransportError("expected mqtt://HOST:PORT or mqtts://HOST:PORT", url=url)
-        tls = parts.scheme == "mqtts"
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError:
-            raise TransportError("invalid port", url=url) from None
-        query = parse_qs(parts.query)
-        ca_file = query.get("cafile", [None])[-1]
-        if ca_file and not tls:
-            raise TransportError("cafile is for TLS: use mqtts://", url=url.split("?")[0])
-        return cls(
-            parts.hostname,
-            port,
-            tls,
-            unquote(parts.username) if parts.username else None,
-            unquote(parts.password) if parts.password else None,
-            ca_file,
-        )
-
-    def __str__(self) -> str:  # never print credentials
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def connect(
-    url: str,
-    client_id: str,
-    *,
-    username: str | None = None,
-    password: str | None = None,
-    protocol: str = "auto",
-    persistent_session: bool = False,
-    session_expiry_s: int = 7 * 24 * 3600,
-    keepalive_s: int = 30,
-    timeout_s: float = 10.0,
-    will: tuple[str, bytes] | None = None,
-    on_message: object | None = None,
-    on_reconnect: Callable[[mqtt.Client, bool], None] | None = None,
-    ca_file: str | None = None,
-) -> mqtt.Client:
-    """A connected paho client with its network loop running, or :class:`TransportError`.
-
-    ``persistent_session`` keeps subscriptions and queued QoS 1 messages across reconnects
-    (MQTT 5: clean start off with a session expiry; 3.1.1: clean session off). After a lost
-    connection paho reconnects by itself (backing off up to 5 s) and then calls
-    ``on_reconnect(client, session_present)``. For ``mqtts://`` the server certificate is
-    checked against ``ca_file`` (or the URL's ``?cafile=``), else the system's CAs.
-    """
-    addr = BrokerAddress.parse(url)
-    ca_file = ca_file or addr.ca_file
-    username = username or addr.username
-    password = password or addr.password
-    versions = {"auto": [mqtt.MQTTv5, mqtt.MQTTv311], "5": [mqtt.MQTTv5], "3.1.1": [mqtt.MQTTv311]}[protocol]
-    last_error = "no answer"
-    for version in versions:
-        kwargs: dict[str, object] = {}
-        if version == mqtt.MQTTv311:
-            kwargs["clean_session"] = not persistent_session
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, **kwargs)
-        if username:
-            client.username_pw_set(username, password)
-        if addr.tls:
-            try:
-                client.tls_set(ca_certs=ca_file)
-            except (OSError, ValueError) as exc:  # unreadable or not a PEM CA file
-                raise TransportError(f"TLS CA file {ca_file}: {exc}", url=str(addr)) from None
-        if will:
-            client.will_set(will[0], will[1], qos=1, retain=True)
-        if on_message is not None:
-            client.on_message = on_message  # type: ignore[assignment]
-        done = threading.Event()
-        result: list[object] = []
-
-        def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
-            result.append(rc)
-            done.set()
-
-        client.on_connect = on_connect
-        client.reconnect_delay_set(min_delay=1, max_delay=5)
-        connect_kwargs: dict[str, object] = {"keepalive": keepalive_s}
-        if version == mqtt.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)
-            if persistent_session:
-                props.SessionExpiryInterval = session_expiry_s
-            connect_kwargs["clean_start"] = not persistent_session
-            connect_kwargs["properties"] = props
-        try:
-            client.connect(addr.host, addr.port, **connect_kwargs)  # type: ignore[arg-type]
-        except (OSError, ValueError) as exc:
-            raise TransportError(f"cannot connect: {exc}", url=str(addr)) from None
-        client.loop_start()
-        if not done.wait(timeout_s):
-            client.loop_stop()
-            client.disconnect()
-            raise TransportError(f"no CONNACK within {timeout_s:g} s", url=str(addr))
-        rc = result[0]
-        if not getattr(rc, "is_failure", False):
-            client.on_connect = _reconnected(on_reconnect)
-            return client
-        client.loop_stop()
-        client.disconnect()
-        last_error = str(rc)
-        if "protocol" not in last_error.lower():
-            break  # refused for a reason other than the version: do not retry with another
-    raise TransportError(f"connection refused: {last_error}", url=str(addr))
-
-
 class _PahoReceipt:
     """paho's MQTTMessageInfo raises from ``is_published`` for a message published while
     disconnected; here that is simply "not acknowledged (yet)": the outbox publishes it again."""
@@ -207,17 +89,6 @@ class _PahoReceipt:
             return self.info.is_published()
         except (RuntimeError, ValueError):
             return False
-
-
-def _reconnected(hook: Callable[[mqtt.Client, bool], None] | None) -> Callable[..., None] | None:
-    if hook is None:
-        return None
-
-    def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
-        if not getattr(rc, "is_failure", False):
-            hook(c, bool(getattr(flags, "session_present", False)))
-
-    return on_connect
 
 
 class MqttTransport:

@@ -22,12 +22,13 @@ from pydantic import ValidationError
 
 from ..broker import private_client_id
 from ..errors import StorageError, TransportError
+from ..sqlite import connect as sqlite_connect
 from ..model import Alert
 from ..wire.acks import AckAction, AckMessage
 from .lifecycle import Outcome
 from .replies import Reply, ReplyWaiter, wait_published
 from .topics import Topics
-from .transport import connect
+from ..mqtt import connect
 
 
 class SeenIds:
@@ -38,10 +39,8 @@ class SeenIds:
         self._db: sqlite3.Connection | None = None
         if path is not None:
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
                 # paho calls back on its own thread: allow use from it, guarded by the client's lock.
-                self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
-                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db = sqlite_connect(Path(path), any_thread=True)
                 self._db.execute("CREATE TABLE IF NOT EXISTS seen (alert_id TEXT PRIMARY KEY, notice INTEGER, at TEXT)")
                 self._mem = dict(self._db.execute("SELECT alert_id, notice FROM seen").fetchall())
             except (sqlite3.Error, OSError) as exc:

@@ -12,6 +12,7 @@ import re
 import click
 
 from ..errors import StresswatchError, TransportError
+from ..mqtt import CREDENTIALS_HINT
 from ._common import AppContext
 from .alerts import alerts
 from .broker import broker
@@ -24,12 +25,6 @@ from .export import export
 from .imports import import_
 from .replay import replay
 from .webapp import worker_app
-
-CREDENTIALS_HINT = (
-    "pass the account as mqtt://USER:PASSWORD@HOST, or set mqtt.username with mqtt.password or "
-    "mqtt.password_file (environment: STRESSWATCH_MQTT__USERNAME, STRESSWATCH_MQTT__PASSWORD, "
-    "STRESSWATCH_MQTT__PASSWORD_FILE); docs/BROKER.md"
-)
 
 EXAMPLES = """
 \b
@@ -89,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="stresswatch", standalone_mode=False)
     except StresswatchError as exc:
-        message = re.sub(r"(mqtts?://)[^/@\s]*@", r"\1", str(exc))  # never print a URL's password
+        message = re.sub(r"(mqtts?://)(?!USER:PASSWORD@)[^/@\s]*@", r"\1", str(exc))  # never print a URL's password (the hint's placeholder stays)
         if isinstance(exc, TransportError) and "not authori" in message.lower() and "docs/BROKER.md" not in message:
             message += f" ({CREDENTIALS_HINT})"  # a wrong or missing password: say how to give one
-        click.echo(f"stresswatch: error: {message}", err=True)
+        for line in message.splitlines() or [""]:  # several problems: one line each
+            click.echo(f"stresswatch: error: {line}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("stresswatch: aborted", err=True)

@@ -15,7 +15,7 @@ import click
 from ..alerts.checkin import CheckinQueue
 from ..wire.checkin import NOTE_MAX
 from ..alerts.topics import Topics, check_id
-from ..alerts.transport import connect
+from ..mqtt import connect
 from ..consent.ledger import ConsentLedger
 from ..consent.state import Status
 from ..errors import ConfigError, StresswatchError, TransportError

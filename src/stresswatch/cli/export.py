@@ -9,7 +9,8 @@ import click
 
 from ..alerts.outbox import Outbox
 from ..consent.ledger import ConsentLedger
-from ..consent.rights import atomic_write_text, export_user
+from ..consent.rights import export_user
+from ..fsio import atomic_writer
 from ..clock import utc_now
 from ..store import SampleStore
 from ._common import AppContext, console_err, id_option, pass_app
@@ -37,7 +38,11 @@ def export(app: AppContext, user: str, out: Path | None) -> None:
         def write(fh: object) -> dict[str, int]:
             return export_user(user, fh, ledger=ledger, outbox=outbox, store=store, now=now)  # type: ignore[arg-type]
 
-        counts = atomic_write_text(out, write) if out is not None else write(sys.stdout)
+        if out is None:
+            counts = write(sys.stdout)
+        else:
+            with atomic_writer(out) as fh:
+                counts = write(fh)
     where = f" to {out}" if out else ""
     console_err.print(
         f"exported {counts['consent_events']} consent event(s), {counts['alerts']} alert(s) and {counts['samples']:,} sample(s){where}"

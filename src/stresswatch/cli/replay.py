@@ -13,6 +13,8 @@ from rich.table import Table
 
 from ..config import load_settings
 from ..errors import ConfigError, ParseError
+from ..extras import require
+from ..fsio import atomic_writer
 from ..sources import SourceRegistry
 from ..replay import load_inputs, parse_grid, read_labels, sweep
 from ..replay import replay as run_replay
@@ -94,6 +96,8 @@ def replay(
     (every alert raised, with whether consent would have let it through) and
     OUT/summary.json. No one is alerted.
     """
+    if plot:  # before any work: a missing extra must not cost a whole replay
+        require("matplotlib", extra="plot", feature="replay --plot")
     paths = _expand_store_folders(paths, kind)
     options = source_options(tz, maps, metric, time_unit, start_time)
     if options.keys() - {"time_unit"} and kind is None:
@@ -118,10 +122,10 @@ def replay(
             task = bar.add_task("sweep", total=None)
             table = sweep(samples, settings, multi, labels=label_frame, on_run=lambda i, n: bar.update(task, completed=i, total=n))
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".sweep.parquet.tmp"
-        table.write_parquet(tmp)
-        tmp.replace(out / "sweep.parquet")
-        table.write_csv(out / "sweep.csv")
+        with atomic_writer(out / "sweep.parquet", mode=0o644, binary=True) as fh:
+            table.write_parquet(fh)
+        with atomic_writer(out / "sweep.csv", mode=0o644) as fh:
+            table.write_csv(fh)
         _print_table(table, "sweep")
         console.print(f"wrote {out / 'sweep.parquet'} and {out / 'sweep.csv'}")
         return

@@ -25,7 +25,6 @@ import json
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import IO, Any
 
 import polars as pl
@@ -174,22 +173,3 @@ def erase_stores(
             outbox.save_detector(detector.forget(user).to_bytes(), now)
             removed["detector_state"] = 1
     return removed
-
-
-def atomic_write_text(path: Path, write: Any) -> Any:
-    """Call ``write(fh)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            result = write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return result

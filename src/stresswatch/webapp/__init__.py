@@ -5,15 +5,10 @@ Needs the ``[web]`` extra (starlette, uvicorn): :func:`require_web` names it whe
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..extras import require
 
 
 def require_web() -> None:
-    """ConfigError naming the extra if the web dependencies are not installed."""
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(
-            f"the worker app needs the [web] extra ({exc.name} is not installed): pip install 'stresswatch[web]'"
-        ) from None
+    """:class:`~stresswatch.extras.MissingExtra` naming the extra if the web dependencies are not installed."""
+    for module in ("starlette", "uvicorn"):
+        require(module, extra="web", feature="the worker app")

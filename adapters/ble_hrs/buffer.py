@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stresswatch.errors import StorageError
+from stresswatch.sqlite import connect as sqlite_connect
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -45,16 +46,15 @@ class Pending:
     payload: bytes
 
 
-class Outbox:
-    """Thread-safe (paho acknowledges on its own thread)."""
+class StreamBuffer:
+    """The companion's ingest batches until the broker acknowledged them (named apart from the
+    engine's alert :class:`stresswatch.alerts.outbox.Outbox`). Thread-safe: paho acknowledges
+    on its own thread."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = sqlite_connect(self.path, "synchronous=FULL", any_thread=True)
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the stream buffer: {exc}", path=self.path) from None
