@@ -126,6 +126,44 @@ def test_publish_sends_ingest_batches_that_rebuild_the_samples_and_resend_identi
     assert json.loads(received[0][1])["user"] == "carol"
 
 
+@pytest.mark.mosquitto
+def test_publish_sends_only_what_the_engines_boundary_accepts(mosquitto, tmp_path: Path):
+    """A stored sample the wire boundary refuses (a time before 2000, a non-finite value) is left
+    out of the batches instead of failing the whole publish with a validation traceback."""
+    import time
+    from datetime import datetime, timezone
+
+    from stresswatch.config import Settings
+    from stresswatch.cli.imports import publish_store
+
+    received: list[bytes] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sub-bounds")
+    sub.on_message = lambda c, u, m: received.append(m.payload)
+    sub.connect("127.0.0.1", mosquitto.port)
+    sub.subscribe("stresswatch/v1/ingest/#", qos=1)
+    sub.loop_start()
+    try:
+        time.sleep(0.3)
+        ok = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+        store = SampleStore(tmp_path / "store")
+        store.add(pl.DataFrame({
+            "user": ["carol"] * 4,
+            "time": [ok, ok.replace(minute=1), datetime(1999, 12, 31, tzinfo=timezone.utc), ok.replace(minute=2)],
+            "metric": ["hr_bpm", "steps", "hr_bpm", "hr_bpm"],
+            "value": [61.0, float("nan"), 62.0, 63.0],
+            "source": ["t"] * 4,
+        }))  # fmt: skip
+        publish_store(store, Settings.model_validate({"mqtt": {"url": mosquitto.url}}), kind="table")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not received:
+            time.sleep(0.05)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    batches = [IngestBatch.decode(p) for p in received]
+    assert sorted(v for b in batches for v in b.value) == [61.0, 63.0]
+
+
 def _row(out: str, name: str) -> list[str]:
     """The cells of the summary row whose first cell is ``name`` (rich box table)."""
     for line in out.splitlines():

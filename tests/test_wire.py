@@ -114,7 +114,7 @@ def test_the_sender_cannot_encode_what_the_format_cannot_carry():
 # -- properties ------------------------------------------------------------------------------
 
 @given(st.binary(max_size=400))
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 def test_arbitrary_bytes_raise_only_parse_error(data):
     for payload in (data, wire.MAGIC + data, wire.MAGIC + b"\x01" + data):
         try:
@@ -128,7 +128,7 @@ def test_arbitrary_bytes_raise_only_parse_error(data):
 
 
 @given(st.data())
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 def test_corrupting_a_valid_payload_raises_only_parse_error(data):
     payload = bytearray(realistic(data.draw(st.integers(0, 40)), data.draw(st.integers(0, 99))).encode_binary())
     for _ in range(data.draw(st.integers(1, 4))):
@@ -164,7 +164,7 @@ def batches(draw):
 
 
 @given(batches())
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_round_trip_is_exact(b):
     if any(abs(t) >= 2**62 for t in b["time_ns"]):
         with pytest.raises(ValueError):

@@ -54,6 +54,7 @@ def decoders(payload: bytes) -> None:
             assert isinstance(exc, ParseError) and exc.reason
 
 
+@settings(deadline=None)  # a loaded machine's pauses are not what these test
 @given(st.binary(max_size=400))
 @example(b"\xffSW\x01" + bytes(40))
 @example(b'{"schema_version": 1, "user": "alice", "stream_id": "s", "seq": 0, "source": "", "time_ns": [NaN], "metric": ["hr_bpm"], "value": [1]}')
@@ -61,6 +62,7 @@ def test_arbitrary_bytes_into_every_decoder_raise_only_parse_error(payload):
     decoders(payload)
 
 
+@settings(deadline=None)  # a loaded machine's pauses are not what these test
 @given(json_values)
 def test_arbitrary_json_into_every_decoder_raises_only_parse_error(doc):
     decoders(json.dumps(doc).encode())
@@ -77,7 +79,7 @@ def representable_batch(b: IngestBatch, window: tuple[int, int]) -> None:
             assert lo <= v <= hi
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
     user=ids,
     stream_id=ids,
@@ -204,6 +206,7 @@ def is_uuid(value: str) -> bool:
     return True
 
 
+@settings(deadline=None)  # a loaded machine's pauses are not what these test
 @given(alert_id=st.one_of(ids, st.uuids().map(str)), note=st.one_of(st.none(), st.text(max_size=600)))
 def test_acks_check_ids_and_notes(alert_id, note):
     doc = {"alert_id": alert_id, "action": "resolve", "outcome": "reached_out", "note": note}
@@ -215,6 +218,7 @@ def test_acks_check_ids_and_notes(alert_id, note):
     assert is_uuid(m.alert_id) and AckMessage.decode(m.encode()) == m
 
 
+@settings(deadline=None)  # a loaded machine's pauses are not what these test
 @given(st.text(max_size=70))
 def test_a_valid_id_is_a_safe_topic_level(value):
     try:

@@ -28,6 +28,7 @@ from ..config import Settings
 from ..errors import ConfigError, ParseError, TransportError
 from ..importing import ImportReport, input_fingerprints, parse_start_time
 from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
+from ..wire.ingest import representable
 from ..sources import Source, SourceRegistry
 from ..store import AddResult, SampleStore, StagedAdd
 from ._common import AppContext, console, console_err, id_option, pass_app, without_credentials
@@ -158,6 +159,7 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
             for path in store.files(user):
                 frame = pl.read_parquet(path)
                 for (source_name,), part in frame.group_by("source", maintain_order=True):
+                    part = representable(part)  # what the engine's boundary would refuse is not sent
                     for off in range(0, part.height, PUBLISH_BATCH):
                         chunk = part.slice(off, PUBLISH_BATCH)
                         batch = IngestBatch.from_frame(chunk, user=user, stream_id=stream_id, seq=seq, source=str(source_name))

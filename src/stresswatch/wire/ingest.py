@@ -81,7 +81,7 @@ class IngestBatch(BaseModel):
         if not len(self.time_ns) == len(self.metric) == len(self.value):
             raise refuse("malformed", "time_ns, metric and value must have the same length")
         window = (info.context or {}).get("window_ns")
-        problem = check_columns(self.time_ns, self.metric, self.value, window)
+        problem = check_columns(self.time_ns, self.metric, self.value, window, finite=True)  # allow_inf_nan=False
         if problem is not None:
             raise refuse(*problem)
         return self
@@ -133,10 +133,11 @@ class IngestBatch(BaseModel):
 
 
 def check_columns(
-    time_ns: list[int], metric: list[Metric] | list[int], value: list[float], window_ns: tuple[int, int] | None
+    time_ns: list[int], metric: list[Metric] | list[int], value: list[float], window_ns: tuple[int, int] | None, *, finite: bool = False
 ) -> tuple[str, str] | None:
     """(reason, message) for the first column outside the limits, or None. ``metric`` holds
-    :class:`Metric` members (JSON) or binary metric codes."""
+    :class:`Metric` members (JSON) or binary metric codes; ``finite``: the caller's decoder has
+    already refused non-finite values (pydantic's ``allow_inf_nan=False``, the binary decoder)."""
     if not time_ns:
         return None
     lo, hi = window_ns if window_ns is not None else (TIME_MIN_NS, TIME_MAX_NS - 1)
@@ -144,7 +145,7 @@ def check_columns(
     if min(time_ns) < lo or max(time_ns) > hi:
         why = "outside the accepted window around now" if window_ns is not None else "outside 2000-2200"
         return "time_range", f"time_ns {why} (docs/INGEST.md)"
-    if not all(map(math.isfinite, value)):
+    if not finite and not all(map(math.isfinite, value)):
         return "value_range", "values must be finite"
     if min(value) >= 0.0 and max(value) <= _FAST_MAX:
         return None
@@ -180,7 +181,7 @@ def decode_ingest(payload: bytes, *, topic: str = "ingest", now: datetime | None
             raise WireError(f"user id must be {ID_RULE}", reason="bad_id", source=topic, field="user")
         if not (_printable(b.stream_id) and _printable(b.source)) or len(b.source) > MAX_SOURCE_CHARS:
             raise WireError("stream_id and source must be printable (source at most 256 characters)", reason="malformed", source=topic, field="source")
-        problem = check_columns(b.time_ns, b.metric_code, b.value, window_ns)
+        problem = check_columns(b.time_ns, b.metric_code, b.value, window_ns, finite=True)
         if problem is not None:
             raise WireError(problem[1], reason=problem[0], source=topic, field="time_ns" if problem[0] == "time_range" else "value")
         return IngestBatch.model_construct(
