@@ -119,8 +119,8 @@ def main() -> None:
     print(f"ours: window_features {ours_bps:14,.0f} beats/s ({t_ours:.3f} s, all windows, best of {a.repeat})")
     print(f"ours: kernel on arrays {beats_total / t_kern:14,.0f} beats/s ({t_kern:.3f} s: clean + partials + windows, no frames)")
     print(f"neurokit2 hrv_time     {nk_bps:14,.0f} beats/s ({t_nk:.3f} s for {sel.height} windows)")
-    print(f"ratio, like for like (arrays in, as NeuroKit2 gets them): {beats_total / t_kern / nk_bps:,.0f}x (target >= 300x)")
-    print(f"ratio including our polars frame in and out:              {ours_bps / nk_bps:,.0f}x")
+    print(f"headline ratio, counting our polars frame in and out:    {ours_bps / nk_bps:,.0f}x (target >= 300x)")
+    print(f"ratio of the kernel alone (arrays in, as NeuroKit2 gets them): {beats_total / t_kern / nk_bps:,.0f}x")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_replay.py --users 100 --days 10     # 1,000 user-days (full)
     python benchmarks/bench_replay.py --users 10 --days 2       # quick
+    POLARS_MAX_THREADS=1 python benchmarks/bench_replay.py --users 6 --days 12 --mixed   # mixed metrics, one file (issue 12)
 
 Generates a simulated cohort at 1 beat/s per user (RR around 1000 ms with AR(1) beat-to-beat
 variability and a day/night rhythm; one Parquet file per user, as a study would hold it)
@@ -61,18 +62,55 @@ def generate(folder: Path, users: int, days: int, seed: int = 7) -> list[Path]:
     return paths
 
 
+def generate_mixed(folder: Path, users: int, days: int, seed: int = 11) -> list[Path]:
+    """One file holding, for the same people, per-beat RR (a strap), HR once a second (a
+    watch) and steps per minute (a phone): the realistic mixed input (issue 12), sorted by
+    time as an export of several devices would be."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "mixed.parquet"
+    if path.exists():
+        return [path]
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for u in range(users):
+        n = int(days * 86400 / 0.9)
+        night = lambda t: ((t / 3600.0) % 24 < 7).astype(np.float64)  # noqa: E731
+        ar = lfilter([np.sqrt(1 - 0.25)], [1.0, -0.5], rng.standard_normal(n))
+        t_guess = np.arange(n) * 0.9
+        rr = 880.0 + 120.0 * night(t_guess) + 35.0 * ar
+        t_ns = np.cumsum(rr * 1e6).astype(np.int64)
+        keep = t_ns < days * 86400 * NS
+        rr, t_ns = rr[keep], t_ns[keep]
+        sec = np.arange(days * 86400, dtype=np.int64)
+        hr = np.round(np.interp(sec * NS, t_ns, 60000.0 / rr))
+        minute = np.arange(60, days * 86400, 60, dtype=np.int64)
+        steps = rng.poisson(np.where(night(minute.astype(float)) > 0, 0.0, 4.0))
+        name = f"user{u:05d}"
+        for metric, tt, v, src in (("rr_ms", t_ns, np.round(rr, 1), "sim/strap"), ("hr_bpm", sec * NS, hr, "sim/watch"), ("steps", minute * NS, steps.astype(float), "sim/phone")):
+            parts.append(pl.DataFrame({"user": name, "time": T0 + tt, "metric": metric, "value": v, "source": src}))
+    frame = pl.concat(parts).sort("time").with_columns(pl.col("time").cast(pl.Datetime("ns")).dt.replace_time_zone("UTC"))
+    frame.write_parquet(path)
+    return [path]
+
+
+NS = 1_000_000_000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--days", type=int, default=10)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "stresswatch-bench-replay")
+    ap.add_argument("--mixed", action="store_true", help="one file: RR, 1 Hz HR and steps per minute for the same people")
     args = ap.parse_args()
     from stresswatch import replay
     from stresswatch.config import Settings
 
-    data = args.data / f"{args.users}x{args.days}"
+    data = args.data / f"{args.users}x{args.days}{'-mixed' if args.mixed else ''}"
     t = time.perf_counter()
-    paths = generate(data, args.users, args.days)
+    paths = generate_mixed(data, args.users, args.days) if args.mixed else generate(data, args.users, args.days)
     gen_s = time.perf_counter() - t
 
     out = Path(tempfile.mkdtemp(prefix="stresswatch-bench-out-"))
@@ -90,7 +128,7 @@ def main() -> None:
     user_days = args.users * args.days
     shutil.rmtree(out)
     print(f"date {date.today()}  machine {platform.machine()} {os.cpu_count()} cores  python {platform.python_version()}  polars {pl.__version__}  POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS', 'unset')}")
-    print(f"cohort: {args.users} users x {args.days} days = {user_days} user-days, {beats:,} beats ({gen_s:.1f} s to generate or find)")
+    print(f"cohort: {args.users} users x {args.days} days = {user_days} user-days, {beats:,} rows{' (RR, 1 Hz HR, steps/min; one file)' if args.mixed else ' (beats)'} ({gen_s:.1f} s to generate or find)")
     print(f"replay end to end: {total_s:.1f} s = {user_days / total_s:,.1f} user-days/s = {beats / total_s:,.0f} beats/s; peak RSS {rss_mb:,.0f} MB")
     for name, secs in phases.items():
         print(f"  {name:<10} {secs:7.2f} s  ({100 * secs / total_s:4.1f} %)")

@@ -89,6 +89,9 @@ FAST_DETECTOR = {
     "sustain_windows": 1,
     "exit_windows": 1,
     "cooldown_s": 0,
+    # the synthetic stress below lifts HR by 25 %, which the defaults take for a walk when the
+    # source reports no steps (docs/DETECTOR.md, section 3)
+    "activity_hr_ratio_without_motion": 1.3,
 }
 
 

@@ -80,14 +80,16 @@ def test_broker_stopped_or_killed_mid_stream(mosquitto, tmp_path, rr_stream, how
         sam.close()
 
 
-def write_config(path, url, state_dir) -> None:
+def write_config(path, url, state_dir, *, client_id: str = "engine-under-test", persist_s: float | None = 0.5) -> None:
+    """``persist_s`` None: the product's default."""
     det = "\n".join(f"{k} = {v}" for k, v in FAST_DETECTOR.items())
+    persist = f"persist_s = {persist_s}\n" if persist_s is not None else ""
     path.write_text(
-        f'[mqtt]\nurl = "{url}"\nclient_id = "engine-under-test"\n'
+        f'[mqtt]\nurl = "{url}"\nclient_id = "{client_id}"\n'
         f'[store]\nstate_dir = "{state_dir}"\n'
         f"[detector]\n{det}\n"
         "[alerts]\ncooldown_s = 0\nescalate_after_s = 3600\nresend_after_s = 2.0\n"
-        "[engine]\ntick_s = 0.2\npersist_s = 0.5\ngrace_s = 0\n"
+        f"[engine]\ntick_s = 0.2\n{persist}grace_s = 0\n"
     )
 
 

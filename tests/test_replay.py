@@ -131,11 +131,11 @@ def test_labels_errors_name_line_and_field(tmp_path: Path):
 
 
 def test_sweep_writes_one_row_per_value(tmp_path: Path, demo_cohort: Path):
-    res = cli("replay", str(demo_cohort), "--out", str(tmp_path), "--set", "detector.score_enter=2,50")
+    res = cli("replay", str(demo_cohort), "--out", str(tmp_path), "--set", "detector.cusum_h=6,500")
     assert res.returncode == 0, res.stderr
-    table = pl.read_parquet(tmp_path / "sweep.parquet").sort("detector.score_enter")
-    assert table["detector.score_enter"].to_list() == ["2", "50"]
-    assert table["alerts_raised"].to_list() == [2, 0]  # an absurd threshold raises nothing
+    table = pl.read_parquet(tmp_path / "sweep.parquet").sort("detector.cusum_h")
+    assert table["detector.cusum_h"].to_list() == ["500", "6"]
+    assert table["alerts_raised"].to_list() == [0, 2]  # (sorted as text) an absurd threshold raises nothing
 
 
 def test_single_set_on_replay_overrides_settings(tmp_path: Path, demo_cohort: Path):

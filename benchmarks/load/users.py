@@ -182,6 +182,7 @@ def detector_blob(template: Detector, templates: Templates, plan: Plan, settings
     stressed = np.array([plan.stressed(i) for i in range(n)])
     w = settings.window_s * NS
     ep.run[stressed] = settings.sustain_windows - 1  # one elevated window already counted
+    ep.cusum[stressed] = settings.cusum_h  # the evidence is already at the deciding level
     ep.run_start_ns[:] = (int(plan.t0_wall * NS) + plan.offset_ns) // w * w - w
     for f in fields(ep):
         z[f"ep_{f.name}"] = getattr(ep, f.name)
@@ -191,15 +192,16 @@ def detector_blob(template: Detector, templates: Templates, plan: Plan, settings
 
 
 def stress(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Acute stress on RR: HR +25 %, successive differences x0.35 (RMSSD ~ -65 %): strong
+    """Acute stress on RR: HR +15 %, successive differences x0.35 (RMSSD ~ -65 %): strong
     enough to be elevated even against the least alarming neighbouring time-of-day baseline
-    (the detector scores against it), below the detector's exercise ratio (HR x1.4)."""
+    (the detector scores against it), below the ratio at which a source without motion data
+    is taken to be walking (HR x1.2)."""
     rr = codes == 0
     if not rr.any():
         return values
     v = values.copy()
     m = v[rr].mean()
-    v[rr] = (m + 0.35 * (v[rr] - m)) / 1.25
+    v[rr] = (m + 0.35 * (v[rr] - m)) / 1.15
     return v
 
 

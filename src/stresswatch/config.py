@@ -91,7 +91,9 @@ class DetectorSettings(_Section):
         default=0.2, gt=0, lt=1, description="successive-difference rule: drop a beat differing >20 % from the last kept one"
     )
     min_coverage: float = Field(default=0.5, ge=0, le=1, description="share of the window covered by clean beats")
-    min_hr_samples: int = Field(default=10, ge=1, description="HR-only windows need at least this many readings")
+    min_hr_samples: int = Field(
+        default=3, ge=1, description="HR-only windows need at least this many readings (exports give one a minute)"
+    )
     baseline_slots: int = Field(
         default=4, ge=1, le=24, description="time-of-day baselines per user: 4 = 6-hour slots (UTC), 1 = one all-day baseline"
     )
@@ -109,9 +111,11 @@ class DetectorSettings(_Section):
     )
     hr_scale_floor_bpm: float = Field(default=2.0, gt=0, description="least HR scale: 1 bpm must not be a large z")
     ln_rmssd_scale_floor: float = Field(default=0.08, gt=0, description="least ln RMSSD scale (~8 % RMSSD)")
-    score_enter: float = Field(default=1.75, description="window is elevated at or above this score (robust SDs)")
+    score_enter: float = Field(default=2.5, description="a window scoring this high is not learned into the baseline")
     score_exit: float = Field(default=1.0, description="episode ends below this score (hysteresis)")
-    sustain_windows: int = Field(default=2, ge=1, description="consecutive elevated windows before an alert (10 min)")
+    cusum_k: float = Field(default=2.0, ge=0, description="CUSUM reference: each window adds (score - cusum_k) to the evidence")
+    cusum_h: float = Field(default=6.0, gt=0, description="CUSUM decision: an episode starts when the evidence reaches this")
+    sustain_windows: int = Field(default=1, ge=1, description="consecutive windows with evidence >= cusum_h before an alert")
     exit_windows: int = Field(default=2, ge=1, description="consecutive calm windows that end an episode")
     cooldown_s: int = Field(default=3600, ge=0, description="no new alert for a user this long after one")
     motion_steps_per_min: float = Field(default=60.0, ge=0, description="walking cadence: window suppressed")
@@ -121,11 +125,17 @@ class DetectorSettings(_Section):
     exercise_hr_ratio: float = Field(
         default=1.4, gt=1, description="without motion data: HR this far above baseline is treated as exercise"
     )
+    activity_hr_ratio_without_motion: float = Field(
+        default=1.2, gt=1, description="no steps or motion from this person yet: a minute's HR this far above baseline is activity"
+    )
+    activity_recovery_s: int = Field(
+        default=300, ge=0, description="windows starting this soon after a walk, stairs or other non-exercise movement are suppressed"
+    )
     exercise_hr_bpm: float = Field(
         default=120.0, gt=0, description="while a slot has no baseline yet: HR at or above this is treated as exercise"
     )
     motion_recovery_s: int = Field(
-        default=1800, ge=0, description="windows starting this soon after movement are suppressed (post-exercise recovery)"
+        default=1800, ge=0, description="windows starting this soon after exercise (HR >= exercise_hr_ratio x baseline) are suppressed"
     )
     reason_z: float = Field(default=1.0, ge=0, description="a feature is named as a reason at this robust z or beyond")
     high_score: float = Field(default=4.0, description="alert level 'high' at or above this episode peak score")

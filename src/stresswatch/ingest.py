@@ -11,10 +11,11 @@ receiver decodes each payload there, with the engine's clock, before anything el
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -68,6 +69,15 @@ class Deduplicator:
 
 
 @dataclass(frozen=True)
+class Received:
+    """A message as received with manual acknowledgement: its bytes, and the PUBACK to send
+    once it is durable (``ack()``, safe from any thread)."""
+
+    payload: bytes
+    ack: Callable[[], object]
+
+
+@dataclass(frozen=True)
 class Rejection:
     """A payload the receiver refused: the topic it came on and why (no sample values)."""
 
@@ -92,12 +102,18 @@ class IngestReceiver:
       raised can be delivered again by a redelivery; the exception is logged and counted.
 
     ``on_batch`` runs on paho's network thread, one message at a time.
+
+    With ``manual_ack`` nothing is acknowledged on receipt: ``on_batch(batch, received)``
+    must call ``received.ack()`` once the batch is durable, and a duplicate goes to
+    ``on_duplicate(received)`` (acknowledge it once its original is durable). A payload that
+    is rejected is acknowledged at once: nothing of it will ever be kept. ``seen``: batches
+    already processed (replayed from the engine's log at a restart), dropped if redelivered.
     """
 
     def __init__(
         self,
         url: str,
-        on_batch: Callable[[IngestBatch], None],
+        on_batch: Callable[..., None],
         *,
         topics: Topics = Topics(),
         username: str | None = None,
@@ -110,6 +126,9 @@ class IngestReceiver:
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         window: TimeWindow = TimeWindow(),
         rejections: Rejections | None = None,
+        manual_ack: bool = False,
+        on_duplicate: Callable[[Received], None] | None = None,
+        seen: Iterable[IngestBatch] = (),
     ) -> None:
         self.url = url
         self.topics = topics
@@ -118,6 +137,10 @@ class IngestReceiver:
         self._on_batch = on_batch
         self._on_invalid = on_invalid
         self._dedup = Deduplicator()
+        for batch in seen:
+            self._dedup.first_time(batch)
+        self._manual_ack = manual_ack
+        self._on_duplicate = on_duplicate
         self._lock = threading.Lock()
         self.accepted = 0
         self.duplicates = 0
@@ -137,6 +160,7 @@ class IngestReceiver:
             on_message=self._message,
             on_reconnect=self._on_reconnect,
             timeout_s=timeout_s,
+            manual_ack=manual_ack,
             reconnect_max_s=reconnect_max_s,  # paho's default grows to 120 s
         )
         self._client.on_subscribe = self._on_subscribe
@@ -163,20 +187,32 @@ class IngestReceiver:
     def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
         topic_user = topic[len(self._topic_head):] if topic.startswith(self._topic_head) else ""
+        received = Received(msg.payload, functools.partial(client.ack, msg.mid, msg.qos)) if self._manual_ack else None
         try:
             batch = decode_ingest(msg.payload, topic=topic, now=self._clock(), window=self._window)
         except WireError as exc:
             self._reject(topic, topic_user, exc)
+            if received is not None:
+                received.ack()
             return
         if batch.user != topic_user:
             self._reject(topic, topic_user, WireError("payload user differs from the topic's user", reason="wrong_user", source=topic, field="user"))
+            if received is not None:
+                received.ack()
             return
         with self._lock:
             if self._dedup.seen(batch):
                 self.duplicates += 1
+                if received is not None and self._on_duplicate is not None:
+                    self._on_duplicate(received)
+                elif received is not None:
+                    received.ack()
                 return
         try:
-            self._on_batch(batch)
+            if received is not None:
+                self._on_batch(batch, received)
+            else:
+                self._on_batch(batch)
         except Exception:  # noqa: BLE001 - the engine must keep receiving; the batch stays unseen
             with self._lock:
                 self.failed += 1
@@ -193,4 +229,4 @@ class IngestReceiver:
         self._client.loop_stop()
 
 
-__all__ = ["MAX_BATCH_SAMPLES", "Deduplicator", "IngestBatch", "IngestReceiver", "Rejection"]
+__all__ = ["MAX_BATCH_SAMPLES", "Deduplicator", "IngestBatch", "IngestReceiver", "Received", "Rejection"]

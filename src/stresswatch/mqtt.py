@@ -141,11 +141,12 @@ def _new_client(
     persistent_session: bool,
     will: tuple[str, bytes] | None,
     reconnect_max_s: float,
+    manual_ack: bool = False,
 ) -> mqtt.Client:
     kwargs: dict[str, object] = {}
     if version == mqtt.MQTTv311:
         kwargs["clean_session"] = not persistent_session
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, **kwargs)  # type: ignore[arg-type]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, manual_ack=manual_ack, **kwargs)  # type: ignore[arg-type]
     if creds.username:
         client.username_pw_set(creds.username, creds.password)
     if addr.tls:
@@ -177,12 +178,15 @@ def connect(
     on_refused: Callable[[TransportError], None] | None = None,
     ca_file: str | None = None,
     reconnect_max_s: float = 5.0,
+    manual_ack: bool = False,
 ) -> mqtt.Client:
     """A connected paho client with its network loop running, or :class:`TransportError`
     (:class:`NotAuthorised` when the broker refuses the account).
 
     ``persistent_session`` keeps subscriptions and queued QoS 1 messages across reconnects
     (MQTT 5: clean start off with a session expiry; 3.1.1: clean session off).
+    ``manual_ack``: a received QoS 1 message is acknowledged only by ``client.ack(mid, qos)``
+    (the engine's ingest: PUBACK once the batch is durable).
     """
     if protocol not in PROTOCOLS:
         raise TransportError(f"unknown MQTT protocol {protocol!r}: use auto, 5 or 3.1.1")
@@ -193,7 +197,7 @@ def connect(
     for version in PROTOCOLS[protocol]:
         client = _new_client(
             version, client_id, addr, creds, ca_file=ca_file, persistent_session=persistent_session, will=will,
-            reconnect_max_s=reconnect_max_s,
+            reconnect_max_s=reconnect_max_s, manual_ack=manual_ack,
         )  # fmt: skip
         if on_message is not None:
             client.on_message = on_message

@@ -146,9 +146,17 @@ class Pipeline:
 
     def process(self, batch: pl.DataFrame) -> DetectorOutput:
         """Feed one batch; hand what it raised to the dispatcher."""
+        return self.dispatch(self.detect(batch))
+
+    def detect(self, batch: pl.DataFrame) -> DetectorOutput:
+        """The detector's half of :meth:`process` (the engine isolates the two per user)."""
         if self._keep_alerts and batch.height:
             self.report.users.update(batch.get_column("user").unique().to_list())
-        return self._handle(self.detector.update(batch))
+        return self.detector.update(batch)
+
+    def dispatch(self, out: DetectorOutput) -> DetectorOutput:
+        """The dispatcher's half of :meth:`process`: windows reported, alerts raised."""
+        return self._handle(out)
 
     def advance(self, now: datetime, grace_s: int = 60) -> DetectorOutput:
         """Live tick: finish windows that ended ``grace_s`` before ``now`` without more data."""

@@ -185,9 +185,7 @@ class SampleStore:
             log = {**self.import_log(user), **entries}
             try:
                 private_dir(path.parent)
-                tmp = private_file(path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}"))  # names of the user's files
-                tmp.write_text(json.dumps(log, indent=1, sort_keys=True), encoding="utf-8")
-                os.replace(tmp, path)
+                atomic_write(path, json.dumps(log, indent=1, sort_keys=True), mode=FILE_MODE)  # names of the user's files
             except OSError as exc:
                 raise StorageError(f"cannot write the import log: {exc.strerror}", path=path) from None
 

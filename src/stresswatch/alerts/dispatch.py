@@ -12,6 +12,7 @@ received over MQTT, so a recorded revocation is always seen by the next publish.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from ..clock import Clock
 from ..config import Settings
 from ..consent.gate import Verdict, alert_wire, decide
 from ..consent.ledger import ConsentLedger
+from ..errors import TransportError
 from ..model import Alert, AlertDecision, Reason
 from ..wire.acks import AckAction, AckMessage
 from .lifecycle import (
@@ -46,6 +48,8 @@ from .outbox import Delivery, Outbox
 from .topics import Topics
 from .transport import Receipt, Transport
 
+log = logging.getLogger("stresswatch.alerts")
+
 
 @dataclass
 class _InFlight:
@@ -62,6 +66,7 @@ class DispatchStats:
     republished: int = 0
     delivered: int = 0
     withheld: int = 0
+    undeliverable: int = 0  # deliveries dropped: no topic can be formed for the recipient, or publishing failed
 
 
 class Dispatcher:
@@ -158,11 +163,21 @@ class Dispatcher:
         return out
 
     def _publish(self, dl: Delivery, payload: Alert, mono: float) -> None:
-        receipt = self.transport.publish(
-            self.topics.alerts(dl.worker), alert_wire(payload, notice=dl.notice), qos=1, expiry_s=self.alert_expiry_s
-        )
+        try:
+            topic = self.topics.alerts(dl.worker)
+        except ValueError:
+            # A recipient id no topic can carry (stored before ids were checked): drop this one
+            # delivery and say so; the others, and every later start, go on (never a crash loop).
+            self._undeliverable(dl, "invalid_recipient")
+            return
+        receipt = self.transport.publish(topic, alert_wire(payload, notice=dl.notice), qos=1, expiry_s=self.alert_expiry_s)
         self._inflight[dl.id] = _InFlight(receipt, mono, dl.alert_id, dl.worker)
         self.stats.published += 1
+
+    def _undeliverable(self, dl: Delivery, reason: str) -> None:
+        self.outbox.drop_delivery(dl.id, reason)
+        self.stats.undeliverable += 1
+        log.warning("alert %s: a delivery was dropped (%s)", dl.alert_id, reason)
 
     def _first_notice(self, rec: AlertRecord, d: AlertDecision, now: datetime) -> tuple[AlertRecord, Alert | None]:
         gate = decide(self.ledger.state(d.user), d, now, queued_at=rec.queued_at)
@@ -193,13 +208,19 @@ class Dispatcher:
         for dl in self.outbox.pending(exclude=len(self._inflight)):
             if dl.id in self._inflight:
                 continue
-            decision = self.outbox.decision(dl.alert_id)
-            gate = decide(self.ledger.state(dl.user), decision, now, queued_at=dl.queued_at)  # SPEC: consent at send time
-            if not gate.allowed:
-                self._not_now(dl.alert_id, gate.verdict, gate.retry_at, now)
+            try:
+                decision = self.outbox.decision(dl.alert_id)
+                gate = decide(self.ledger.state(dl.user), decision, now, queued_at=dl.queued_at)  # SPEC: consent at send time
+                if not gate.allowed:
+                    self._not_now(dl.alert_id, gate.verdict, gate.retry_at, now)
+                    continue
+                assert gate.payload is not None
+                self._publish(dl, gate.payload, mono)
+            except TransportError:
+                raise  # the broker, not this delivery: it stays pending
+            except Exception as exc:  # noqa: BLE001 - a stored delivery must not stop the others
+                self._undeliverable(dl, f"error_{type(exc).__name__}")
                 continue
-            assert gate.payload is not None
-            self._publish(dl, gate.payload, mono)
             published += 1
         self.collect_acks()
         return published
@@ -271,36 +292,45 @@ class Dispatcher:
         now = self.clock()
         n = 0
         for rec in self.outbox.due(now):
-            d = self.outbox.decision(rec.alert_id)
-            if rec.state is AlertState.RAISED and not rec.targets:
-                self._first_notice(rec, d, now)  # queued; the pump below publishes it
-                n += 1
-                continue
-            gate = decide(self.ledger.state(rec.user), d, now, queued_at=rec.queued_at)
-            if not gate.allowed:
-                self._not_now(rec.alert_id, gate.verdict, gate.retry_at, now)
-                continue
-            steps = route(gate.recipients, self.groups)
-            act = next_action(rec, steps, self.policy, now)
-            if isinstance(act, Escalate):
-                due = first_due(self.policy, len(steps), act.step, now)
-                nxt = apply(rec, Sent(act.workers, now, act.step, False, due))
-                self.outbox.save(nxt, "escalated", now, detail=",".join(act.workers), enqueue=act.workers)
-                n += 1
-            elif isinstance(act, Remind):
-                nxt_due = None
-                if rec.reminders + 1 < self.policy.max_reminders:
-                    nxt_due = now + timedelta(seconds=self.policy.renotify_after_s)
-                nxt = apply(rec, Sent((), now, rec.step, True, nxt_due))
-                self.outbox.save(nxt, "reminded", now, detail=",".join(rec.targets), enqueue=rec.targets)
-                n += 1
-            else:
-                # Not yet delivered (broker away) or nothing left to do: look again later or never.
-                later = now + timedelta(seconds=self.policy.escalate_after_s) if rec.state is AlertState.RAISED else None
-                self.outbox.save(replace(rec, due_at=later), "scheduled", now)
+            try:
+                n += self._act_on_due(rec, now)
+            except TransportError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one stored alert must not stop the others
+                log.warning("alert %s: scheduled step failed (%s); not scheduled again", rec.alert_id, type(exc).__name__)
+                self.outbox.save(replace(rec, due_at=None), "error", now, detail=type(exc).__name__)
         if n:
             self.pump()
         return n
+
+    def _act_on_due(self, rec: AlertRecord, now: datetime) -> int:
+        """One due alert: first notice after quiet hours, escalation, reminder; 1 if sent."""
+        d = self.outbox.decision(rec.alert_id)
+        if rec.state is AlertState.RAISED and not rec.targets:
+            self._first_notice(rec, d, now)  # queued; the pump publishes it
+            return 1
+        gate = decide(self.ledger.state(rec.user), d, now, queued_at=rec.queued_at)
+        if not gate.allowed:
+            self._not_now(rec.alert_id, gate.verdict, gate.retry_at, now)
+            return 0
+        steps = route(gate.recipients, self.groups)
+        act = next_action(rec, steps, self.policy, now)
+        if isinstance(act, Escalate):
+            due = first_due(self.policy, len(steps), act.step, now)
+            nxt = apply(rec, Sent(act.workers, now, act.step, False, due))
+            self.outbox.save(nxt, "escalated", now, detail=",".join(act.workers), enqueue=act.workers)
+            return 1
+        if isinstance(act, Remind):
+            nxt_due = None
+            if rec.reminders + 1 < self.policy.max_reminders:
+                nxt_due = now + timedelta(seconds=self.policy.renotify_after_s)
+            nxt = apply(rec, Sent((), now, rec.step, True, nxt_due))
+            self.outbox.save(nxt, "reminded", now, detail=",".join(rec.targets), enqueue=rec.targets)
+            return 1
+        # Not yet delivered (broker away) or nothing left to do: look again later or never.
+        later = now + timedelta(seconds=self.policy.escalate_after_s) if rec.state is AlertState.RAISED else None
+        self.outbox.save(replace(rec, due_at=later), "scheduled", now)
+        return 0
 
     # -- acks from workers -------------------------------------------------------------
     def on_ack(self, worker: str, payload: bytes, *, topic: str = "acks") -> AlertRecord:

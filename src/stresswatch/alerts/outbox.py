@@ -75,9 +75,10 @@ CREATE TABLE IF NOT EXISTS alert_events (
 );
 CREATE INDEX IF NOT EXISTS alert_events_user ON alert_events(user, seq);
 CREATE TABLE IF NOT EXISTS detector_state (
-    id       INTEGER PRIMARY KEY CHECK (id = 1),
-    saved_at TEXT NOT NULL,
-    blob     BLOB NOT NULL
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    saved_at   TEXT NOT NULL,
+    blob       BLOB NOT NULL,
+    ingest_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS erasure_tombstones (
     at           TEXT NOT NULL,
@@ -142,6 +143,8 @@ class Outbox:
         try:
             self._db = sqlite.connect(self.path, "synchronous=NORMAL", "foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            if "ingest_seq" not in {r[1] for r in self._db.execute("PRAGMA table_info(detector_state)")}:
+                self._db.execute("ALTER TABLE detector_state ADD COLUMN ingest_seq INTEGER NOT NULL DEFAULT 0")
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(alerts)")}
             if "person_note" not in cols:  # an outbox written before check-ins (stresswatch checkin)
                 self._db.execute("ALTER TABLE alerts ADD COLUMN person_note TEXT")
@@ -330,6 +333,13 @@ class Outbox:
                 (reason, alert_id),
             ).rowcount
 
+    def drop_delivery(self, delivery_id: int, reason: str) -> None:
+        """One delivery that can never be published (its recipient cannot form a topic)."""
+        with self.transaction():
+            self._db.execute(
+                "UPDATE deliveries SET dropped = ? WHERE id = ? AND delivered_at IS NULL AND dropped IS NULL", (reason, delivery_id)
+            )
+
     def delivery_counts(self) -> dict[str, int]:
         r = self._db.execute(
             "SELECT COUNT(*), COUNT(delivered_at), COUNT(dropped) FROM deliveries"
@@ -337,17 +347,24 @@ class Outbox:
         return {"total": r[0], "delivered": r[1], "dropped": r[2], "pending": r[0] - r[1] - r[2]}
 
     # -- detector state ----------------------------------------------------------------
-    def save_detector(self, blob: bytes, now: datetime) -> None:
+    def save_detector(self, blob: bytes, now: datetime, *, ingest_seq: int | None = None) -> None:
+        """``ingest_seq``: the engine's ingest log holds every batch after it (None: unchanged)."""
         with self.transaction():
             self._db.execute(
-                "INSERT INTO detector_state (id, saved_at, blob) VALUES (1, ?, ?)"
-                " ON CONFLICT(id) DO UPDATE SET saved_at = excluded.saved_at, blob = excluded.blob",
-                (_iso(now), blob),
+                "INSERT INTO detector_state (id, saved_at, blob, ingest_seq) VALUES (1, ?, ?, COALESCE(?, 0))"
+                " ON CONFLICT(id) DO UPDATE SET saved_at = excluded.saved_at, blob = excluded.blob,"
+                " ingest_seq = COALESCE(?, ingest_seq)",
+                (_iso(now), blob, ingest_seq, ingest_seq),
             )
 
     def load_detector(self) -> bytes | None:
         r = self._db.execute("SELECT blob FROM detector_state WHERE id = 1").fetchone()
         return bytes(r[0]) if r else None
+
+    def ingest_seq(self) -> int:
+        """The last ingest-log sequence number the saved detector state contains (0: none)."""
+        r = self._db.execute("SELECT ingest_seq FROM detector_state WHERE id = 1").fetchone()
+        return int(r[0]) if r else 0
 
     # -- erasure -----------------------------------------------------------------------
     def erase(self, user: str, now: datetime) -> int:

@@ -28,7 +28,7 @@ Examples:
   stresswatch replay fixtures/demo_cohort.parquet --out out/ --labels fixtures/demo_cohort_labels.csv --plot
   stresswatch replay a.parquet b.csv --out out/ --consent-db ~/.local/share/stresswatch/stresswatch.sqlite
   stresswatch replay data.parquet --out out/ --set detector.window_s=120
-  stresswatch replay data.parquet --out sweep/ --labels labels.csv --set detector.score_enter=1.5,2,2.5
+  stresswatch replay data.parquet --out sweep/ --labels labels.csv --set detector.cusum_h=3,4,6
   STRESSWATCH_PSEUDONYM_KEY=secret stresswatch replay data.parquet --out share/ --pseudonymise
 """
 

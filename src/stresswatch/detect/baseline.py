@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 MAD_TO_SD = 1.4826  # MAD of a normal distribution times this is its standard deviation
+STATS = 5  # per slot: HR median and scale, ln RMSSD median and scale, their correlation
+RHO_RANGE = (-0.8, 0.0)  # within a person HR and ln RMSSD move against each other; above 0 is estimation noise
 
 
 def row_bytes(a: np.ndarray) -> int:
@@ -38,7 +40,7 @@ class Baselines:
     hr: np.ndarray  # (users, slots, capacity) float16, NaN where empty
     ln_rmssd: np.ndarray
     pushed: np.ndarray  # (users, slots) int32: windows ever learned (ring head = pushed % capacity)
-    stats: np.ndarray  # (users, slots, 4) float32: hr median, hr scale, ln median, ln scale; NaN until ready
+    stats: np.ndarray  # (users, slots, 5) float32: hr median, hr scale, ln median, ln scale, correlation; NaN until ready
     stamp: np.ndarray  # (users,) int64: refresh period of the cached stats
     seen: np.ndarray  # (users, slots) int32: `pushed` when the stats were computed
     phase: np.ndarray  # (users,) int16: the user's refresh periods start this many windows late
@@ -49,7 +51,7 @@ class Baselines:
             np.full((users, slots, capacity), np.nan, np.float16),
             np.full((users, slots, capacity), np.nan, np.float16),
             np.zeros((users, slots), np.int32),
-            np.full((users, slots, 4), np.nan, np.float32),
+            np.full((users, slots, STATS), np.nan, np.float32),
             np.full(users, np.iinfo(np.int64).min, np.int64),
             np.zeros((users, slots), np.int32),
             np.zeros(users, np.int16),
@@ -98,6 +100,7 @@ class Baselines:
                 med, mad = _median_mad(ring[ur, slot].astype(np.float32))
                 self.stats[ur, slot, 2 * j] = med
                 self.stats[ur, slot, 2 * j + 1] = np.maximum(MAD_TO_SD * mad, floor)
+            self.stats[ur, slot, 4] = _correlation(self.hr[ur, slot].astype(np.float64), self.ln_rmssd[ur, slot].astype(np.float64))
 
     def push(self, u: np.ndarray, slot: np.ndarray, hr: np.ndarray, ln_rmssd: np.ndarray) -> None:
         """Learn windows (rows sorted by user then time); NaN ln RMSSD (HR-only) is stored as NaN."""
@@ -117,6 +120,23 @@ class Baselines:
         self.hr[uo, so, (base + k) % self.capacity] = hr[order]
         self.ln_rmssd[uo, so, (base + k) % self.capacity] = ln_rmssd[order]
         self.pushed[uo[starts], so[starts]] += counts.astype(np.int32)
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson correlation over pairs where both are present, clipped to
+    ``RHO_RANGE``; 0 where it cannot be estimated (HR-only rings, fewer than 10 pairs)."""
+    ok = ~np.isnan(x) & ~np.isnan(y)
+    n = ok.sum(axis=1)
+    nn = np.maximum(n, 1)
+    xm = np.where(ok, x, 0.0).sum(axis=1) / nn
+    ym = np.where(ok, y, 0.0).sum(axis=1) / nn
+    dx = np.where(ok, x - xm[:, None], 0.0)
+    dy = np.where(ok, y - ym[:, None], 0.0)
+    sxy, sxx, syy = (dx * dy).sum(axis=1), (dx * dx).sum(axis=1), (dy * dy).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = sxy / np.sqrt(sxx * syy)
+    r = np.where((n >= 10) & np.isfinite(r), r, 0.0)
+    return np.clip(r, *RHO_RANGE)
 
 
 def _median_mad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

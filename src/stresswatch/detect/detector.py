@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from datetime import datetime, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import polars as pl
 
 from ..config import DetectorSettings
-from ..errors import StorageError
+from ..errors import ConfigError, StorageError
 from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowState, alert_id_for
 from . import episodes
 from .baseline import Baselines, row_bytes, user_phase
@@ -52,8 +54,30 @@ LOW32 = 0xFFFFFFFF
 
 STATES = np.array([s.value for s in (WindowState.INSUFFICIENT_DATA, WindowState.CALIBRATING, WindowState.SUPPRESSED_MOTION, WindowState.OK, WindowState.ELEVATED)])
 INSUFFICIENT, CALIBRATING, SUPPRESSED, OK, ELEVATED = range(5)
+BOTH, HR, HRV = range(3)  # direction of the evidence (alert reasons)
+
+
+def evidence_score(z_hr: np.ndarray, z_ln: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per window: the largest of three unit-normal statistics of a person's bivariate
+    (HR z, ln RMSSD z) model with correlation ``rho``, and which one it was.
+
+    Under the person's calm baseline (z ~ N(0, R), R = [[1, rho], [rho, 1]]) the likelihood
+    ratio test for a shift along both signals at once (HR up and HRV down, v = (1, -1)) is
+    ``v' R^-1 z / sqrt(v' R^-1 v) = (z_hr - z_ln) / sqrt(2 (1 - rho))``; a shift of one
+    signal alone is tested by its own z (``z_hr``, ``-z_ln``). So a large HRV drop or HR
+    rise alone can decide, both together decide sooner, and the winning direction becomes
+    the alert's reasons. Windows without HRV (HR readings) score ``z_hr``."""
+    r = np.where(np.isnan(rho), 0.0, rho)
+    both = (z_hr - z_ln) / np.sqrt(2.0 * (1.0 - r))
+    hr_alone = z_hr
+    hrv_alone = -z_ln
+    stack = np.stack([both, hr_alone, hrv_alone])
+    has_ln = ~np.isnan(z_ln)
+    best = np.argmax(np.where(np.isnan(stack), -np.inf, stack), axis=0).astype(np.int8)
+    score = np.where(has_ln, np.max(stack, axis=0, initial=-np.inf, where=~np.isnan(stack)), z_hr)
+    return score, np.where(has_ln, best, HR).astype(np.int8)
 NEVER = np.iinfo(np.int64).min
-STATE_FORMAT = 2  # bump when the serialised layout changes
+STATE_FORMAT = 3  # bump when the serialised layout changes
 
 
 @dataclass(frozen=True)
@@ -82,8 +106,13 @@ class _PChunk:
 class Detector:
     """Per-user streaming state over many users; arrays, not objects per user."""
 
-    def __init__(self, settings: DetectorSettings | None = None) -> None:
+    def __init__(self, settings: DetectorSettings | None = None, timezones: Mapping[str, str] | None = None) -> None:
+        """``timezones``: IANA zone per user for the time-of-day slots (default UTC); see
+        :meth:`set_timezone`."""
         self.settings = s = settings or DetectorSettings()
+        self._tz_names: list[str] = ["UTC"]
+        self._tz_wanted: dict[str, str] = {}
+        self._tz = np.zeros(0, np.int16)
         self._users: dict[str, int] = {}
         self._names = pl.Series("user", [], pl.String)
         self._chunks: list[_Chunk] = []  # prepared rows of minute blocks not yet finished
@@ -91,10 +120,13 @@ class Detector:
         self._watermark_ns = np.zeros(0, np.int64)
         self._closed_w = np.zeros(0, np.int64)  # minute blocks with index below this are reduced
         self._motion_until_ns = np.zeros(0, np.int64)
+        self._has_motion = np.zeros(0, bool)  # the person's source has reported steps or motion
         self.carry = BeatCarry.empty()
         self.baselines = Baselines.empty(s.baseline_slots, s.baseline_windows)
         self.episodes = EpisodeState.empty()
         self.late_samples = 0
+        for user, tz in (timezones or {}).items():
+            self.set_timezone(user, tz)
 
     # -- users -------------------------------------------------------------------------
     def _grow(self) -> None:
@@ -105,7 +137,10 @@ class Detector:
         self._watermark_ns = np.concatenate([self._watermark_ns, np.full(extra, NEVER)])
         self._closed_w = np.concatenate([self._closed_w, np.full(extra, NEVER)])
         self._motion_until_ns = np.concatenate([self._motion_until_ns, np.full(extra, NEVER)])
+        self._has_motion = np.concatenate([self._has_motion, np.zeros(extra, bool)])
         new = list(self._users)[old:]
+        zones = [self._tz_names.index(self._tz_wanted.get(x, "UTC")) for x in new]
+        self._tz = np.concatenate([self._tz, np.array(zones, np.int16)])
         self._names = pl.Series("user", list(self._users), pl.String)
         self.carry.grow(n)
         periods = self.settings.baseline_refresh_s // self.settings.window_s
@@ -126,7 +161,7 @@ class Detector:
         per = self.baselines.bytes_per_user()
         per += sum(row_bytes(getattr(self.carry, f.name)) for f in fields(self.carry))
         per += sum(row_bytes(getattr(self.episodes, f.name)) for f in fields(self.episodes))
-        return per + sum(row_bytes(a) for a in (self._watermark_ns, self._closed_w, self._motion_until_ns))
+        return per + sum(row_bytes(a) for a in (self._watermark_ns, self._closed_w, self._motion_until_ns, self._tz, self._has_motion))
 
     # -- streaming API -------------------------------------------------------------------
     def update(self, batch: pl.DataFrame) -> DetectorOutput:
@@ -235,10 +270,13 @@ class Detector:
         n = len(u)
         start_ns = w * w_ns
         end_ns = start_ns + w_ns
-        hr, lnr, cov = f["hr_mean"], f["ln_rmssd"], f["coverage"]
-        slot = (start_ns // NS % 86400) // (86400 // s.baseline_slots)
-        steps_pm = f["steps"] / (s.window_s / 60.0)
-        moving = (steps_pm >= s.motion_steps_per_min) | (f["motion"] >= s.motion_min)
+        hr, cov = f["hr_mean"], f["coverage"]
+        lnr = np.where(f["signal"] == 0, f["ln_rmssd"], np.nan)  # HR-readings windows: HR alone
+        local_s = start_ns // NS + self._utc_offsets_s(u, start_ns)
+        slot = (local_s % 86400) // (86400 // s.baseline_slots)
+        moving = (f["steps_peak_minute"] >= s.motion_steps_per_min) | (f["motion"] >= s.motion_min)
+        hr_peak = f["hr_peak_minute"]
+        reports_motion = (f["steps"] > 0) | ~np.isnan(f["motion"])
         insufficient = (cov < s.min_coverage) | np.isnan(hr)
         bl = self.baselines
         # Refresh periods, offset per user; the baseline is constant within one, so each
@@ -254,6 +292,7 @@ class Detector:
         bounds = np.searchsorted(prank[order], np.arange(int(prank.max()) + 2))
 
         out = {k: np.full(n, np.nan) for k in ("hr_baseline", "hr_z", "ln_rmssd_baseline", "ln_rmssd_z", "score")}
+        direction = np.zeros(n, np.int8)
         state = np.empty(n, np.int8)
         alert_all = np.zeros(n, bool)
         slot_used = slot.copy()
@@ -275,10 +314,9 @@ class Detector:
                 st4 = bl.stats[ui, sj].astype(np.float64)
                 z_h = (h - st4[:, 0]) / st4[:, 1]
                 z_l = (ln - st4[:, 2]) / st4[:, 3]
-                # Mean of the available evidence: HR up and ln RMSSD down (HR-only: HR alone).
-                sc = np.where(np.isnan(z_l), z_h, 0.5 * (z_h - z_l))
+                sc, dirn = evidence_score(z_h, z_l, st4[:, 4])
                 if best is None:
-                    best = [sc, z_h, z_l, st4, sj]
+                    best = [sc, z_h, z_l, st4, sj, dirn]
                     own_hr = st4[:, 0]
                     ready = ~np.isnan(own_hr)
                     continue
@@ -289,11 +327,9 @@ class Detector:
                     best[j] = np.where(better, v, best[j])
                 best[3] = np.where(better[:, None], st4, best[3])
                 best[4] = np.where(better, sj, best[4])
-            score, z_hr, z_ln, st4, used_slot = best
+                best[5] = np.where(better, dirn, best[5])
+            score, z_hr, z_ln, st4, used_slot, dirn = best
             hr_med, ln_med = st4[:, 0], st4[:, 2]
-            exercise = np.where(ready, h >= s.exercise_hr_ratio * bl.stats[ui, si, 0], h >= s.exercise_hr_bpm)
-            move = moving[rows] | exercise
-            # recovery: a window starting before (end of the user's last movement window + recovery)
             m = len(rows)
             idx = np.arange(m)
             gfirst = np.ones(m, bool)
@@ -301,34 +337,53 @@ class Detector:
             gstarts = np.flatnonzero(gfirst)
             glen = np.diff(np.append(gstarts, m))
             gs = np.repeat(gstarts, glen)
-            lm = np.maximum.accumulate(np.where(move, idx, -1))
-            prev_lm = np.empty(m, np.int64)
-            prev_lm[0] = -1
-            prev_lm[1:] = lm[:-1]
-            until = np.where(prev_lm >= gs, t1[np.maximum(prev_lm, 0)] + rec_ns, self._motion_until_ns[ui])
-            recovering = t0 < until
             gend = gstarts + glen - 1
-            self._motion_until_ns[ui[gstarts]] = np.where(lm[gend] >= gstarts, t1[np.maximum(lm[gend], 0)] + rec_ns, self._motion_until_ns[ui[gstarts]])
+            # Has this person's source reported steps or motion in this or an earlier window?
+            # (in window order, so streaming and batch agree). Without, a smaller HR rise
+            # counts as activity: walks and stairs are the commonest look-alikes of stress.
+            lseen = np.maximum.accumulate(np.where(reports_motion[rows], idx, -1))
+            has_motion = (lseen >= gs) | self._has_motion[ui]
+            self._has_motion[ui[gstarts]] = has_motion[gend]
+            own = bl.stats[ui, si, 0]
+            exercise = np.where(ready, h >= s.exercise_hr_ratio * own, h >= s.exercise_hr_bpm)
+            activity = ~has_motion & ready & (hr_peak[rows] >= s.activity_hr_ratio_without_motion * own)
+            move = moving[rows] | exercise | activity
+            # recovery: a window starting before the end of the user's last exercise window +
+            # motion_recovery_s, or of the last other movement window + activity_recovery_s
+            until = self._motion_until_ns[ui]
+            for mask, rec in ((exercise, rec_ns), (move, s.activity_recovery_s * NS)):
+                lm = np.maximum.accumulate(np.where(mask, idx, -1))
+                prev_lm = np.empty(m, np.int64)
+                prev_lm[0] = -1
+                prev_lm[1:] = lm[:-1]
+                until = np.maximum(until, np.where(prev_lm >= gs, t1[np.maximum(prev_lm, 0)] + rec, NEVER))
+                end_until = np.where(lm[gend] >= gstarts, t1[np.maximum(lm[gend], 0)] + rec, NEVER)
+                self._motion_until_ns[ui[gstarts]] = np.maximum(self._motion_until_ns[ui[gstarts]], end_until)
+            recovering = t0 < until
             suppressed = move | recovering
             ins = insufficient[rows]
             st = np.where(
                 ins, INSUFFICIENT, np.where(~ready, CALIBRATING, np.where(suppressed, SUPPRESSED, np.where(score >= s.score_enter, ELEVATED, OK)))
             )
             evidence = np.where(st >= OK, score, np.nan)
+            acc = self._cusum(ui, gstarts, glen, evidence, reset=(st == SUPPRESSED) | (st == CALIBRATING))
+            # elevated: the accumulated evidence is at the deciding level (not one noisy window)
+            st = np.where(st >= OK, np.where(acc >= s.cusum_h, ELEVATED, OK), st)
             in_ep, alert, ep_start = episodes.scan(
                 self.episodes,
                 ui,
-                evidence,
+                acc,
                 t0,
                 t1,
-                score_enter=s.score_enter,
+                score_enter=s.cusum_h,
                 score_exit=s.score_exit,
                 sustain_windows=s.sustain_windows,
                 exit_windows=s.exit_windows,
                 cooldown_s=s.cooldown_s,
+                exit_score=evidence,
             )
             # Baseline learns only from clean, calm windows outside episodes (SPEC: detection).
-            learn = ~ins & ~suppressed & ~in_ep & (st != ELEVATED)
+            learn = ~ins & ~suppressed & ~in_ep & (st != ELEVATED) & ~(score >= s.score_enter)
             if learn.any():
                 bl.push(ui[learn], si[learn], h[learn], ln[learn])
             state[rows] = st
@@ -340,6 +395,7 @@ class Detector:
             slot_used[rows] = used_slot
             alert_all[rows] = alert
             ep_start_all[rows] = ep_start
+            direction[rows] = dirn
 
         feats = features_frame(f, self._names, s)
         windows = feats.with_columns(
@@ -349,11 +405,14 @@ class Detector:
         ).select(list(WINDOW_SCHEMA))
         alerts = []
         for row in np.flatnonzero(alert_all):
+            # the direction of the evidence that decided: both signals, HRV alone or HR alone
             reasons = []
-            if out["ln_rmssd_z"][row] <= -s.reason_z:
+            if direction[row] in (BOTH, HRV) and out["ln_rmssd_z"][row] <= -s.reason_z:
                 reasons.append(Reason.HRV_BELOW_BASELINE)
-            if out["hr_z"][row] >= s.reason_z:
+            if direction[row] in (BOTH, HR) and out["hr_z"][row] >= s.reason_z:
                 reasons.append(Reason.HR_ABOVE_BASELINE)
+            if not reasons:
+                reasons.append(Reason.HR_ABOVE_BASELINE if direction[row] == HR else Reason.HRV_BELOW_BASELINE)
             user = self._names[int(u[row])]
             ep = _dt(int(ep_start_all[row]))
             sc = float(out["score"][row])
@@ -371,12 +430,63 @@ class Detector:
         alerts.sort(key=lambda a: (a.raised_at, a.user))
         return DetectorOutput(windows.cast(WINDOW_SCHEMA).sort("user", "window_start"), alerts)
 
+    def _cusum(self, ui: np.ndarray, gstarts: np.ndarray, glen: np.ndarray, evidence: np.ndarray, reset: np.ndarray) -> np.ndarray:
+        """One-sided CUSUM of ``evidence - cusum_k`` per user, capped at ``cusum_h`` (rows
+        sorted by user then time, at most one refresh period per user). Windows without
+        evidence hold it; movement and calibration reset it. Walked window by window in
+        rank order, vectorised over users, so it is the same arithmetic as streaming."""
+        s = self.settings
+        m = len(ui)
+        rank = np.arange(m) - np.repeat(gstarts, glen)
+        order = np.argsort(rank, kind="stable")
+        bounds = np.searchsorted(rank[order], np.arange(int(rank.max(initial=0)) + 2))
+        acc = np.full(m, np.nan)
+        c = self.episodes.cusum
+        for j in range(len(bounds) - 1):
+            r = order[bounds[j] : bounds[j + 1]]
+            uu, x = ui[r], evidence[r]
+            prev = c[uu]
+            new = np.where(reset[r], 0.0, np.where(np.isnan(x), prev, np.clip(prev + x - s.cusum_k, 0.0, s.cusum_h)))
+            c[uu] = new
+            acc[r] = np.where(np.isnan(x), np.nan, new)
+        return acc
+
+    # -- time zones --------------------------------------------------------------------
+    def set_timezone(self, user: str, tz: str) -> None:
+        """Score ``user``'s time-of-day slots in the IANA zone ``tz`` (default UTC).
+
+        The seam for consent or configuration to say where a person lives; it applies to
+        windows finished from now on (a move re-uses the same slots at local times)."""
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ConfigError(f"unknown time zone {tz!r} for a detector user") from e
+        if tz not in self._tz_names:
+            self._tz_names.append(tz)
+        self._tz_wanted[user] = tz
+        i = self._users.get(user)
+        if i is not None:
+            self._tz[i] = self._tz_names.index(tz)
+
+    def _utc_offsets_s(self, u: np.ndarray, start_ns: np.ndarray) -> np.ndarray:
+        """Seconds to add to UTC for each window's local time in its user's zone."""
+        off = np.zeros(len(u), np.int64)
+        code = self._tz[u]
+        if len(u) == 0 or not code.any():
+            return off
+        for k in np.unique(code[code > 0]).tolist():
+            m = code == k
+            t = pl.Series(start_ns[m]).cast(pl.Datetime("ns", "UTC"))
+            local = t.dt.convert_time_zone(self._tz_names[k]).dt.replace_time_zone(None).dt.epoch("ns").to_numpy()
+            off[m] = (local - start_ns[m]) // NS
+        return off
+
     # -- save / restore ------------------------------------------------------------------
     # Serialised form: arrays whose first axis is the user index (``users`` order) hold all
     # per-user state; buffered rows and chunk bounds are stored as (1, k) arrays and refer to
     # users by name (``row_users``), so dropping one user's row from every per-user array
     # (as :meth:`forget` does, and as the engine's erasure did before it existed) stays valid.
-    _PER_USER = ("users", "watermark", "closed", "motion_until")
+    _PER_USER = ("users", "watermark", "closed", "motion_until", "tz", "has_motion")
 
     def _arrays(self) -> dict[str, np.ndarray]:
         beats = Beats.concat([c.beats for c in self._chunks]) if self._chunks else Beats.empty()
@@ -399,6 +509,9 @@ class Detector:
             "watermark": self._watermark_ns,
             "closed": self._closed_w,
             "motion_until": self._motion_until_ns,
+            "tz": self._tz,
+            "has_motion": self._has_motion,
+            "tz_names": np.array(self._tz_names, dtype=str),
             "late": np.array([self.late_samples]),
             **{f"carry_{f.name}": getattr(self.carry, f.name) for f in fields(self.carry)},
             **{f"bl_{f.name}": getattr(self.baselines, f.name) for f in fields(self.baselines)},
@@ -441,6 +554,10 @@ class Detector:
         d._watermark_ns = z["watermark"].copy()
         d._closed_w = z["closed"].copy()
         d._motion_until_ns = z["motion_until"].copy()
+        d._has_motion = z["has_motion"].copy() if "has_motion" in z else np.zeros(len(d._users), bool)
+        d._tz_names = [str(x) for x in z["tz_names"].tolist()] if "tz_names" in z else ["UTC"]
+        d._tz = z["tz"].astype(np.int16) if "tz" in z else np.zeros(len(d._users), np.int16)
+        d._tz_wanted = {name: d._tz_names[int(k)] for name, k in zip(d._users, d._tz) if k}
         d.late_samples = int(z["late"][0])
         d.carry = BeatCarry(*(z[f"carry_{f.name}"].copy() for f in fields(BeatCarry)))
         own = np.arange(len(d._users), dtype=np.int64) << 32  # carried keys name their user: re-point them

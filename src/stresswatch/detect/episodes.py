@@ -30,11 +30,12 @@ class EpisodeState:
     in_episode: np.ndarray  # bool
     episode_start_ns: np.ndarray
     last_alert_ns: np.ndarray
+    cusum: np.ndarray  # float64: accumulated evidence (the detector's CUSUM), 0..cusum_h
 
     @classmethod
     def empty(cls, users: int = 0) -> EpisodeState:
         z = np.zeros(users, np.int64)
-        return cls(z.copy(), z.copy(), z.copy(), np.zeros(users, bool), z.copy(), np.full(users, NO_TIME, np.int64))
+        return cls(z.copy(), z.copy(), z.copy(), np.zeros(users, bool), z.copy(), np.full(users, NO_TIME, np.int64), np.zeros(users))
 
     def grow(self, users: int) -> None:
         extra = users - len(self.run)
@@ -64,11 +65,14 @@ def scan(
     sustain_windows: int,
     exit_windows: int,
     cooldown_s: int,
+    exit_score: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Advance users over their windows; rows sorted by user then time, NaN score = no evidence.
 
-    Returns (in episode after each window, alert mask, episode start ns), aligned with rows,
-    and updates ``state`` to the end of each user's rows.
+    ``exit_score`` (default ``score``) is what the exit rule compares with ``score_exit``:
+    the detector starts episodes on accumulated evidence (CUSUM) and ends them on the
+    window's own score. Returns (in episode after each window, alert mask, episode start
+    ns), aligned with rows, and updates ``state`` to the end of each user's rows.
     """
     n = len(u)
     if n == 0:
@@ -85,7 +89,8 @@ def scan(
 
     has = ~np.isnan(score)
     hot = has & (score >= score_enter)
-    cool = has & (score < score_exit)
+    ex = score if exit_score is None else exit_score
+    cool = ~np.isnan(ex) & (ex < score_exit)
 
     # consecutive hot / cool windows ending at each row, continuing the carried runs
     hb, h_in = _last_flag(~hot, idx, gs)

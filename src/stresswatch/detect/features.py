@@ -27,7 +27,9 @@ Conventions (stated because libraries differ):
 * ``pnn50``: share of the n-1 successive differences whose absolute value exceeds 50 ms
   (hrv-analysis, pyhrv; NeuroKit2 divides by n instead).
 * ``hr_mean``: mean of 60000 / RR over kept beats; from ``hr_bpm`` samples when a window has
-  no kept beat (HR-only sources; readings outside the RR range's bpm equivalent are dropped).
+  no kept beat (HR-only sources; readings outside the RR range's bpm equivalent are dropped),
+  or when its beats cover less than ``min_coverage`` and its readings do (an optical watch's
+  gappy beat-to-beat intervals); such windows are ``hr_only``.
 * ``coverage``: sum of kept RR divided by the window length (0..1); for HR-only windows the
   share of minutes holding at least one valid HR reading.
 * ``signal``: ``rr`` (beat-to-beat features), ``hr_only`` (HR from readings, no HRV) or
@@ -425,11 +427,25 @@ def combine(p: Partials, s: DetectorSettings) -> dict[str, np.ndarray]:
     pnn50[n_d < 1] = np.nan
     ln_rmssd[~np.isfinite(ln_rmssd)] = np.nan
     hr_minutes = red((p.n_hr > 0).astype(np.int64))
-    has_rr = n_kept > 0
+    rr_cov = np.minimum(sum_rr / (s.window_s * 1000.0), 1.0)
+    hr_cov = np.clip(hr_minutes / per, 0.0, 1.0)
+    readings = (n_hr >= s.min_hr_samples) & (hr_cov >= s.min_coverage)
+    # Beats decide while they cover the window; an optical watch's gappy beat-to-beat
+    # intervals give way to its own HR readings when those cover it and the beats do not.
+    has_rr = (n_kept > 0) & ~(readings & (rr_cov < s.min_coverage))
     hr_ok = ~has_rr & (n_hr >= s.min_hr_samples)
     hr = np.where(has_rr, hr_rr, np.where(hr_ok, hr_samples, np.nan))
-    coverage = np.where(has_rr, np.minimum(sum_rr / (s.window_s * 1000.0), 1.0), np.clip(hr_minutes / per, 0.0, 1.0))
+    coverage = np.where(has_rr, rr_cov, hr_cov)
+    # Shape inside the window, from its minutes: the busiest minute's steps and the highest
+    # minute's HR (a climb of stairs is a minute, a 5-minute mean hides it).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        minute_hr = np.where(p.n_kept > 0, p.sum_inv / p.n_kept, np.where(p.n_hr > 0, p.sum_hr / p.n_hr, -np.inf))
+    hr_peak = np.maximum.reduceat(minute_hr, st) if nwin else np.zeros(0)
+    hr_peak[~np.isfinite(hr_peak)] = np.nan
+    steps_peak = np.maximum.reduceat(p.steps, st) if nwin else np.zeros(0)
     return {
+        "hr_peak_minute": hr_peak,
+        "steps_peak_minute": steps_peak,
         "key": keys,
         "u": keys >> 32,
         "w": keys & 0xFFFFFFFF,

@@ -23,13 +23,14 @@ def erase_user(
     store: SampleStore | None,
     detector_settings: DetectorSettings,
     now: datetime,
+    ingest_seq: int | None = None,
 ) -> dict[str, int]:
     """Remove ``user`` from the stores, then save ``detector_without_user`` (the live detector,
     the user already forgotten); rows removed per store (see :func:`consent.rights.erase_stores`)."""
     persister.join()  # a save in flight holds the user's state: it must land before erasure
     persister.drop_user(user)
     removed = erase_stores(user, ledger=ledger, outbox=outbox, store=store, now=now, detector_settings=detector_settings)
-    outbox.save_detector(detector_without_user.to_bytes(), now)
+    outbox.save_detector(detector_without_user.to_bytes(), now, ingest_seq=ingest_seq)
     return removed
 
 

@@ -75,4 +75,27 @@ def frame_of(batches: list[IngestBatch]) -> pl.DataFrame:
     )
 
 
-__all__ = ["IngestBuffer", "frame_of"]
+def readable_frame(batches: list[IngestBatch]) -> tuple[pl.DataFrame | None, list[IngestBatch], dict[str, Exception]]:
+    """:func:`frame_of` the batches that can become a frame: (frame or None, the batches in
+    it, the fault per user whose batches cannot). One user's unreadable batch (a time outside
+    int64, ...) must not cost everyone else theirs."""
+    try:
+        return frame_of(batches), batches, {}
+    except Exception:  # noqa: BLE001 - find the user(s) at fault
+        pass
+    by_user: dict[str, list[IngestBatch]] = {}
+    for b in batches:
+        by_user.setdefault(b.user, []).append(b)
+    good: list[IngestBatch] = []
+    bad: dict[str, Exception] = {}
+    for user, mine in by_user.items():
+        try:
+            frame_of(mine)
+        except Exception as exc:  # noqa: BLE001
+            bad[user] = exc
+            continue
+        good += mine
+    return (frame_of(good) if good else None), good, bad
+
+
+__all__ = ["IngestBuffer", "frame_of", "readable_frame"]

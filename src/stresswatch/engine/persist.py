@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -39,16 +40,30 @@ class StatePersister:
     def drop_user(self, user: str) -> None:
         self._samples = [f.filter(pl.col("user") != user) for f in self._samples]
 
-    def save(self, detector_blob: bytes, now: datetime, *, wait: bool = False) -> None:
+    def save(
+        self,
+        detector_blob: bytes,
+        now: datetime,
+        *,
+        wait: bool = False,
+        ingest_seq: int | None = None,
+        then: Callable[[], object] | None = None,
+    ) -> None:
+        """Samples first, then the detector state with ``ingest_seq`` (the last ingest-log
+        record it contains); ``then`` runs once both are saved (the log is truncated there:
+        a record may go only when everything made of it is stored)."""
         self.join()
-        if wait:
-            self.outbox.save_detector(detector_blob, now)
-        else:
-            self._saver = threading.Thread(target=self._save_detector, args=(detector_blob, now), name="detector-save", daemon=True)
-            self._saver.start()
         if self.store is not None and self._samples:
             frames, self._samples = self._samples, []
             self.store.add(pl.concat(frames, how="vertical"))
+        if wait:
+            self.outbox.save_detector(detector_blob, now, ingest_seq=ingest_seq)
+            if then is not None:
+                then()
+        else:
+            args = (detector_blob, now, ingest_seq, then)
+            self._saver = threading.Thread(target=self._save_detector, args=args, name="detector-save", daemon=True)
+            self._saver.start()
 
     def join(self) -> None:
         """Wait for a save in flight (it may hold a user about to be erased)."""
@@ -56,12 +71,15 @@ class StatePersister:
             self._saver.join()
             self._saver = None
 
-    def _save_detector(self, blob: bytes, now: datetime) -> None:
+    def _save_detector(self, blob: bytes, now: datetime, ingest_seq: int | None, then: Callable[[], object] | None) -> None:
         try:
             with Outbox(self.db_path) as outbox:
-                outbox.save_detector(blob, now)
+                outbox.save_detector(blob, now, ingest_seq=ingest_seq)
         except StresswatchError as exc:  # the next save tries again; the engine keeps running
             log.warning("saving detector state: %s", exc)
+            return
+        if then is not None:
+            then()
 
 
 __all__ = ["StatePersister"]

@@ -1,10 +1,12 @@
 """``stresswatch engine``: the long-running service's loop and lifecycle.
 
-ingest (:class:`IngestReceiver`) -> consent check -> :class:`IngestBuffer` -> the one
-:class:`Pipeline` (detector -> :class:`Dispatcher`: outbox, consent gate at send time,
-MQTT). All state changes happen on the thread that calls :meth:`Engine.run`: paho
-callbacks and the apscheduler jobs only enqueue work, so SQLite connections and the detector
-are used from one thread and a consent change is always recorded before the next publish.
+ingest (:class:`Intake`: receiver, ingest log, PUBACK once durable) -> consent check ->
+:class:`IngestBuffer` -> the one :class:`Pipeline` (detector -> :class:`Dispatcher`: outbox,
+consent gate at send time, MQTT). All state changes happen on the thread that calls
+:meth:`Engine.run`: paho callbacks, the ingest log and the apscheduler jobs only enqueue
+work, so SQLite connections and the detector are used from one thread and a consent change
+is always recorded before the next publish. No exception escapes a job: a fault in one
+user's data quarantines that user (:mod:`.quarantine`), any other is logged (rate-limited).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ..alerts import checkin, replies
 from ..alerts.dispatch import Dispatcher
 from ..alerts.outbox import Outbox
 from ..alerts.topics import Topics
@@ -28,29 +30,27 @@ from ..clock import Clock, utc_now
 from ..config import Settings
 from ..consent.ledger import ConsentLedger
 from ..detect import Detector
-from ..errors import ParseError, StresswatchError, WireError
-from ..ingest import IngestBatch, IngestReceiver
+from ..errors import StresswatchError
+from ..ingest import IngestBatch
 from ..pipeline import Pipeline
 from ..private_files import DIR_MODE, private_dir, tighten
 from ..store import SampleStore
-from ..wire.acks import AckMessage
-from ..wire.consent import decode_consent
-from ..wire.ids import is_valid_id
 from ..wire.rejections import Rejections
 from .consent_cache import ConsentCache
 from .erasure import erase_user
-from .ingest_buffer import IngestBuffer, frame_of
+from .ingest_buffer import IngestBuffer, readable_frame
+from . import handlers
+from .intake import Intake
+from .isolation import detect_isolated, dispatch_isolated
 from .persist import StatePersister
+from .quarantine import Quarantine
+from .routing import FaultLog, Handler, Router
 from .status import StatusPublisher
 
 log = logging.getLogger("stresswatch.engine")
 
 ENGINE_ONLINE = b'{"schema_version":1,"status":"online"}'
 ENGINE_OFFLINE = b'{"schema_version":1,"status":"offline"}'
-
-# A message on ``{prefix}/{kind}/{id}``: called on the engine thread with (id, payload, topic).
-Handler = Callable[[str, bytes, str], None]
-
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -64,6 +64,7 @@ class EngineStats:
     accepted: int | None  # by the ingest receiver (None before start)
     duplicates: int | None
     rejected: int  # every message refused at the wire boundary (by kind and reason: Engine.rejections.counts())
+    quarantined: int  # users set aside after a fault in their data path
 
 
 class Engine:
@@ -95,17 +96,23 @@ class Engine:
         self.db_path = self.state_dir / "stresswatch.sqlite"
         self.store = SampleStore(self.state_dir) if settings.engine.keep_samples else None
         self.buffer = IngestBuffer()
+        self.quarantine = Quarantine()
+        self.faults = FaultLog()
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._flushed_at = 0.0
-        self._handlers: dict[str, Handler] = {"consent": self._on_consent, "acks": self._on_ack, "checkin": self._on_checkin}
+        self.router = Router(self.topics.prefix, self._message_fault, on_bad_id=lambda kind: self.rejections.record(kind, "bad_id", field_name="topic"))
+        for kind, handler in (("consent", handlers.on_consent), ("acks", handlers.on_ack), ("checkin", handlers.on_checkin)):
+            self.router.handlers[kind] = partial(handler, self)
+        self.applied_seq = 0  # the last ingest-log record handed to the detector (or dropped)
+        self._truncate_seq = 0  # the previous snapshot's: the log keeps one interval more (see persist)
         self.batches_processed = 0
         self.samples_processed = 0
         self.dropped_batches = 0
         # every message refused at the wire boundary, by (kind, reason); one log line per reason a minute
         self.rejections = Rejections(log)
         self.transport: MqttTransport | None = None
-        self.receiver: IngestReceiver | None = None
+        self.intake: Intake | None = None
         self.dispatcher: Dispatcher | None = None
         self._scheduler: object | None = None
         self.ready = threading.Event()
@@ -115,7 +122,7 @@ class Engine:
         """Handle messages on ``{prefix}/{kind}/+`` (on the engine thread). Before :meth:`start`."""
         if self.dispatcher is not None:
             raise RuntimeError("add handlers before the engine starts")
-        self._handlers[kind] = handler
+        self.router.handlers[kind] = handler
 
     def call_soon(self, job: Callable[[], None]) -> None:
         """Run ``job`` on the engine thread, after what is already queued (any thread)."""
@@ -126,7 +133,7 @@ class Engine:
         return self._stopping.is_set()
 
     def stats(self) -> EngineStats:
-        rx = self.receiver
+        rx = self.intake.receiver if self.intake is not None else None
         pipeline = getattr(self, "pipeline", None)
         return EngineStats(
             self.batches_processed,
@@ -137,6 +144,7 @@ class Engine:
             rx.accepted if rx else None,
             rx.duplicates if rx else None,
             self.rejections.total,
+            len(self.quarantine),
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -175,19 +183,16 @@ class Engine:
             self.consent,
             lambda user: self.pipeline.detector.baseline_ready(user),
             lambda topic, body: transport.publish(topic, body, qos=1, retain=True),
+            quarantine=self.quarantine,
         )
-        self.transport.subscribe([f"{self.topics.prefix}/{kind}/+" for kind in self._handlers])
-        self.receiver = IngestReceiver(
-            self.url,
-            lambda batch: self._queue.put(_BatchJob(self, batch)),
-            topics=self.topics,
-            username=m.username,
-            password=m.password,
-            protocol=self.protocol,
-            client_id=private_client_id(f"{m.client_id}-ingest", m.password),
-            clock=self.clock,
-            window=self.settings.engine.time_window(),
-            rejections=self.rejections,
+        self.transport.subscribe(self.router.subscriptions())
+        # Nothing is acknowledged before it is durable: the ingest log syncs each batch before
+        # its PUBACK; the batches after the last snapshot are replayed now (docs/INGEST.md).
+        self.intake = Intake(self.state_dir / "ingest-log", self.topics, lambda b, seq: self._queue.put(_BatchJob(self, b, seq)))
+        self.intake.recover(self.outbox.ingest_seq(), self._on_batch)
+        self.flush()
+        self.intake.connect(
+            self.url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections
         )
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -245,14 +250,15 @@ class Engine:
             job()
         except StresswatchError as exc:
             log.warning("%s", exc)
+        except Exception as exc:  # noqa: BLE001 - the engine never dies of one job; per-user faults are caught below it
+            self.faults.fault(getattr(job, "__name__", type(job).__name__), exc)
 
     def shutdown(self) -> None:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
             self._scheduler = None
-        if self.receiver is not None:
-            self.receiver.close()
-            self.receiver = None
+        if self.intake is not None:
+            self.intake.close()  # synced and acknowledged before the receiver disconnects
         self._run_queued(until_stopped=False)  # batches already received are processed, not lost
         self.flush()
         self.persist(wait=True)
@@ -284,24 +290,53 @@ class Engine:
         # cache, which the status sweep refreshes from the ledger: a ledger read per user here
         # stalled the engine ~8 s per save at 100,000 users (docs/SCALING.md).
         for user in [u for u in self.pipeline.detector.users if not self.consent.may_process(u, now)]:
-            self._forget(user)
-        self.persister.save(self.pipeline.detector.to_bytes(), now, wait=wait)
+            self.forget(user)
+        seq, drop_through, intake = self.applied_seq, self._truncate_seq, self.intake
+        self._truncate_seq = seq
+        assert self.intake is not None
+        self.intake.log.rotate()
+        # The log keeps the segments of one more interval than the snapshot needs: a batch
+        # whose PUBACK was lost in a crash is redelivered, and is recognised by them.
+        self.persister.save(
+            self.pipeline.detector.to_bytes(), now, wait=wait, ingest_seq=seq, then=lambda: intake.log.truncate_through(drop_through)
+        )
 
     def flush(self) -> None:
-        """Give every pending batch to the detector, as one frame."""
+        """Give every pending batch to the detector, as one frame. A fault is isolated to the
+        users whose data caused it (:mod:`.quarantine`); everyone else's batch goes on."""
         if not len(self.buffer):
             return
         batches = self.buffer.take()
         self._flushed_at = time.monotonic()
-        frame = frame_of(batches)
-        self.pipeline.process(frame)
-        self.persister.add_samples(frame)
         self.batches_processed += len(batches)
-        self.samples_processed += frame.height
+        frame, batches, unreadable = readable_frame(batches)
+        for user, exc in unreadable.items():
+            self._quarantine(user, "reading an ingest batch", exc)
+        if frame is None:
+            return
+        for part, out in detect_isolated(self.pipeline, frame, self._quarantine):
+            dispatch_isolated(self.pipeline, out, self._quarantine)
+            self.persister.add_samples(part)
+            self.samples_processed += part.height
         self.status.after_flush(list(dict.fromkeys(b.user for b in batches)), self.clock())
 
-    def _on_batch(self, batch: IngestBatch) -> None:
-        if not self.consent.may_process(batch.user, self.clock()):  # SPEC: consent gates the whole engine
+    def _quarantine(self, user: str, where: str, exc: BaseException) -> None:
+        if self.quarantine.add(user, where, exc):
+            self.forget(user)
+            self.status.update(user, self.clock())
+
+    def _on_batch(self, batch: IngestBatch, seq: int) -> None:
+        self.applied_seq = seq
+        if batch.user in self.quarantine:
+            self.quarantine.dropped_batches += 1
+            self.batches_processed += 1
+            return
+        try:
+            allowed = self.consent.may_process(batch.user, self.clock())
+        except Exception as exc:  # noqa: BLE001 - a stored consent state that cannot be read
+            self._quarantine(batch.user, "reading consent", exc)
+            return
+        if not allowed:  # SPEC: consent gates the whole engine
             self.dropped_batches += 1
             self.batches_processed += 1
             return
@@ -320,66 +355,28 @@ class Engine:
         self.status.announce(self.ledger.users(), self.clock())  # the reads also warm the consent cache
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        """paho's thread: only enqueue, to the handler for the topic's kind. A topic whose last
-        level is not a valid id (the broker's ACL should already refuse it) is counted, not handled."""
-        head, _, who = topic.rpartition("/")
-        prefix, _, kind = head.rpartition("/")
-        handler = self._handlers.get(kind) if prefix == self.topics.prefix else None
-        if handler is None:
-            return
-        if not is_valid_id(who):
-            self.rejections.record(kind, "bad_id", field_name="topic")
-            return
-        self._queue.put(lambda: handler(who, payload, topic))
+        """paho's thread: only enqueue, to the handler for the topic's kind."""
+        job = self.router.route(topic, payload)
+        if job is not None:
+            self._queue.put(job)
 
-    def _on_consent(self, user: str, payload: bytes, topic: str) -> None:
-        if not payload:  # an empty retained message: the user erased their data
-            self.erase_user(user)
-            return
-        try:
-            events = decode_consent(payload, topic_user=user, topic=topic, now=self.clock(), window=self.settings.engine.time_window())
-        except WireError as exc:
-            self.rejections.record("consent", exc, user=user)
-            return
-        self.consent.drop(user)
-        if self.ledger.extend(events):
-            now = self.clock()
-            if not self.consent.may_process(user, now):
-                self._forget(user)
-            self.status.update(user, now)
+    def _message_fault(self, kind: str, who: str, exc: BaseException) -> None:
+        """A user's consent message that cannot be applied quarantines that user; any other
+        message's fault is logged (rate-limited) and the message dropped."""
+        if kind == "consent":
+            self._quarantine(who, "applying a consent message", exc)
+        else:
+            self.faults.fault(f"{kind} message from {who}", exc)
 
-    def _on_ack(self, worker: str, payload: bytes, topic: str) -> None:
-        """An ack, resolve or list request: act, then tell the worker what was recorded. What is
-        not recorded is counted (one log line per reason a minute), not logged per message."""
-        assert self.dispatcher is not None and self.transport is not None
-        reply = replies.answer(self.dispatcher, worker, payload, topic=topic)
-        if not reply.ok:
-            try:
-                AckMessage.decode(payload, topic=topic)
-            except WireError as exc:
-                self.rejections.record("ack", exc, user=worker)
-            else:  # a valid message that does not apply (unknown alert, not theirs, wrong state)
-                self.rejections.record("ack", "not_applicable", user=worker, field_name="alert_id")
-        self.transport.publish(self.topics.replies(worker), reply.encode(), qos=1, expiry_s=replies.REPLY_EXPIRY_S)
-
-    def _on_checkin(self, user: str, payload: bytes, topic: str) -> None:
-        """The person asked for contact: the same dispatcher (and consent gate) as a detector alert."""
-        assert self.dispatcher is not None
-        try:
-            decision = checkin.decision_for(user, payload, now=self.clock(), topic=topic)
-        except ParseError as exc:
-            self.rejections.record("checkin", exc, user=user)
-            return
-        self.dispatcher.raise_alerts([decision])
-
-    def _forget(self, user: str) -> None:
+    def forget(self, user: str) -> None:
+        """Drop the user from memory (pending batches, detector, unsaved samples)."""
         self.buffer.drop_user(user)
         self.pipeline.forget(user)
         self.persister.drop_user(user)
 
     def erase_user(self, user: str) -> dict[str, int]:
         """Remove the user from every store this engine keeps, and clear their status topic."""
-        self._forget(user)
+        self.forget(user)
         self.consent.drop(user)
         removed = erase_user(
             user,
@@ -390,7 +387,10 @@ class Engine:
             store=self.store,
             detector_settings=self.settings.detector,
             now=self.clock(),
+            ingest_seq=self.applied_seq,
         )
+        if self.intake is not None:
+            self.intake.log.erase(user)  # the raw batches kept for a restart go too
         self.status.clear(user)
         return removed
 
@@ -401,14 +401,15 @@ class Engine:
 class _BatchJob:
     """A received batch on the engine's work queue (told apart from other jobs by its type)."""
 
-    __slots__ = ("engine", "batch")
+    __slots__ = ("engine", "batch", "seq")
 
-    def __init__(self, engine: Engine, batch: IngestBatch) -> None:
+    def __init__(self, engine: Engine, batch: IngestBatch, seq: int) -> None:
         self.engine = engine
         self.batch = batch
+        self.seq = seq
 
     def __call__(self) -> None:
-        self.engine._on_batch(self.batch)
+        self.engine._on_batch(self.batch, self.seq)
 
 
 __all__ = ["ENGINE_OFFLINE", "ENGINE_ONLINE", "Engine", "EngineStats", "Handler"]

@@ -16,6 +16,7 @@ from datetime import datetime
 from ..alerts.topics import Topics
 from ..consent.state import ConsentState, Status
 from .consent_cache import ConsentCache
+from .quarantine import Quarantine
 
 Publish = Callable[[str, bytes], None]  # (topic, retained payload)
 
@@ -37,12 +38,14 @@ class StatusPublisher:
         baseline_ready: Callable[[str], bool],
         publish: Publish,
         *,
+        quarantine: Quarantine | None = None,
         sweep_size: int = 2_000,
     ) -> None:
         self.topics = topics
         self._consent = consent
         self._baseline_ready = baseline_ready
         self._publish = publish
+        self._quarantine = quarantine if quarantine is not None else Quarantine()
         self.sweep_size = sweep_size
         self._status: dict[str, str] = {}
         self._sweep_at = 0
@@ -52,6 +55,8 @@ class StatusPublisher:
         return self._status.get(user)
 
     def status_of(self, user: str, now: datetime, state: ConsentState | None = None) -> str:
+        if user in self._quarantine:
+            return "quarantined"
         st = state if state is not None else self._consent.refresh(user)
         return user_status(st, now, self._baseline_ready(user))
 
@@ -61,7 +66,11 @@ class StatusPublisher:
         if not force and self._status.get(user) == status:
             return
         self._status[user] = status
-        body = json.dumps({"schema_version": 1, "status": status, "since": now.isoformat()}).encode()
+        fields: dict[str, object] = {"schema_version": 1, "status": status, "since": now.isoformat()}
+        reason = self._quarantine.reason(user)
+        if reason is not None:
+            fields["reason"] = reason
+        body = json.dumps(fields).encode()
         self._publish(self.topics.status(user), body)
 
     def after_flush(self, users: list[str], now: datetime) -> None:
@@ -80,12 +89,19 @@ class StatusPublisher:
             chosen = (users[start:] + users[:start])[: self.sweep_size]
             self._sweep_at = start + self.sweep_size
         for user in chosen:  # one ledger read each: it refreshes the consent cache and the status
-            self.update(user, now, state=self._consent.refresh(user))
+            self._guarded(user, now, force=False)
+
+    def _guarded(self, user: str, now: datetime, *, force: bool) -> None:
+        try:
+            self.update(user, now, force=force, state=self._consent.refresh(user))
+        except Exception as exc:  # noqa: BLE001 - one user's stored consent must not stop the others
+            if self._quarantine.add(user, "reading consent", exc):
+                self.update(user, now)
 
     def announce(self, users: list[str], now: datetime) -> None:
         """Every known user's status, published again (engine start, broker reconnect)."""
         for user in users:
-            self.update(user, now, force=True, state=self._consent.refresh(user))
+            self._guarded(user, now, force=True)
 
     def clear(self, user: str) -> None:
         """Erasure: forget the user and clear the retained topic."""

@@ -1,0 +1,101 @@
+"""The engine's ingest side: the receiver with manual acknowledgement, over the ingest log.
+
+A batch reaches the engine thread only after it is on disk and its PUBACK is sent
+(:mod:`.ingest_log`); at a restart the batches logged after the last snapshot are replayed
+first, and every batch still in the log is known to the receiver's deduplicator, so a
+redelivery whose PUBACK was lost in the crash is dropped, not processed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from ..alerts.topics import Topics
+from ..broker import private_client_id
+from ..clock import Clock
+from ..config import MqttSettings
+from ..errors import ParseError
+from ..ingest import Deduplicator, IngestBatch, IngestReceiver, Received
+from ..wire.limits import TimeWindow
+from ..wire.rejections import Rejections
+from .ingest_log import IngestLog, LogEntry
+
+log = logging.getLogger("stresswatch.engine")
+
+Deliver = Callable[[IngestBatch, int], None]  # (batch, its log sequence number)
+
+
+class Intake:
+    def __init__(self, folder: Path, topics: Topics, deliver: Deliver) -> None:
+        """``deliver``: called on the log's thread once a batch is durable and acknowledged
+        (the engine queues it for its own thread)."""
+        self.topics = topics
+        self._deliver = deliver
+        self.log = IngestLog(folder, self._durable)
+        self.receiver: IngestReceiver | None = None
+        self._kept: list[IngestBatch] = []
+
+    def recover(self, after_seq: int, apply: Deliver) -> int:
+        """Hand every logged batch after ``after_seq`` to ``apply`` (on the caller's thread),
+        in order; returns how many. Records that no longer decode are skipped and counted."""
+        dedup = Deduplicator()
+        skipped = replayed = 0
+        for rec in self.log.recover(0):
+            try:
+                batch = IngestBatch.decode(rec.payload, topic=self.topics.ingest(rec.user))
+            except (ParseError, ValueError):
+                skipped += 1
+                continue
+            if dedup.seen(batch):
+                continue
+            dedup.first_time(batch)
+            self._kept.append(batch)
+            if rec.seq > after_seq:
+                apply(batch, rec.seq)
+                replayed += 1
+        if skipped:
+            log.warning("ingest log: skipped %d record(s) that no longer decode", skipped)
+        return replayed
+
+    def connect(
+        self, url: str, mqtt: MqttSettings, protocol: str, *, clock: Clock, window: TimeWindow, rejections: Rejections
+    ) -> None:
+        """Start the log and subscribe (after :meth:`recover`); ``clock``, ``window`` and
+        ``rejections``: the wire boundary's (:func:`stresswatch.wire.ingest.decode_ingest`)."""
+        self.log.start()
+        self.receiver = IngestReceiver(
+            url,
+            lambda batch, rx: self.log.append(LogEntry(batch.user, rx.payload, (batch, rx))),
+            topics=self.topics,
+            username=mqtt.username,
+            password=mqtt.password,
+            protocol=protocol,
+            client_id=private_client_id(f"{mqtt.client_id}-ingest", mqtt.password),
+            manual_ack=True,
+            on_duplicate=lambda rx: self.log.append(LogEntry("", None, (None, rx))),
+            seen=self._kept,
+            clock=clock,
+            window=window,
+            rejections=rejections,
+        )
+        self._kept = []
+
+    def _durable(self, entries: list[LogEntry]) -> None:
+        for e in entries:
+            batch, rx = e.ref  # type: ignore[misc]
+            assert isinstance(rx, Received)
+            rx.ack()
+            if batch is not None:
+                self._deliver(batch, e.seq)
+
+    def close(self) -> None:
+        """Sync and acknowledge what is logged, then disconnect (the broker keeps the rest)."""
+        self.log.close()
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+
+
+__all__ = ["Intake"]
