@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fsio import atomic_writer, fsync_dir
 from ..private_files import private_dir
 
 log = logging.getLogger("stresswatch.engine")
@@ -50,14 +51,6 @@ class LoggedBatch:
     seq: int
     user: str
     payload: bytes
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_segment(path: Path) -> Iterator[LoggedBatch]:
@@ -159,7 +152,7 @@ class IngestLog:
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._file = os.fdopen(fd, "ab", buffering=0)
         if self._fsync:
-            _fsync_dir(self.folder)  # the new name survives a crash too
+            fsync_dir(self.folder)  # the new name survives a crash too
         with self._lock:
             self._segments[self._path] = 0
 
@@ -197,18 +190,11 @@ class IngestLog:
             recs = list(read_segment(path))
             if not any(r.user == user for r in recs):
                 continue
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
+            with atomic_writer(path, mode=0o600, binary=True) as f:
                 for r in recs:
                     if r.user != user:
                         u = r.user.encode()
                         f.write(_HEAD.pack(r.seq, len(u), len(r.payload), zlib.crc32(u + r.payload)) + u + r.payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        if closed:
-            _fsync_dir(self.folder)
 
     def _write(self, group: list[LogEntry]) -> None:
         if not group:
