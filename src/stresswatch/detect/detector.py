@@ -13,6 +13,10 @@ then scored against the user's baseline for that time of day and fed to the epis
 machine. The sequential part loops over "the k-th baseline refresh period of each user"
 (an hour by default), vectorised over users and over the windows inside the period, so a
 week of data for any number of users takes about 170 passes.
+
+Why one module of this size: the detector's state is one struct-of-arrays over users that
+``update``, the refresh loop, ``to_bytes``/``from_bytes`` and ``forget`` all index the same
+way; split across modules, each would reach into the others' arrays.
 """
 
 from __future__ import annotations

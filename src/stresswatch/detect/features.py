@@ -14,6 +14,10 @@ Minutes are canonical (epoch minutes) and reduced only once complete, with their
 time order, so every floating-point sum is bit-identical between streaming in any chunking
 and one batch pass. :func:`window_features` runs all three on a samples frame.
 
+Why one module of this size: the three steps share the partial-sum layout (:class:`Partials`)
+whose exact summation order is what makes streaming bit-identical to batch; keeping them
+together keeps that contract in one place.
+
 Conventions (stated because libraries differ):
 
 * RR cleaning, per window: beats outside ``[rr_min_ms, rr_max_ms]`` are removed, then a beat
