@@ -175,3 +175,38 @@ def test_connection_loss_republishes_what_the_broker_acknowledged_just_before(tm
     assert disp.pump() == 1
     assert json.loads(t.messages[-1].payload)["alert_id"] == recent != old
     assert outbox.delivery_counts() == {"total": 2, "delivered": 2, "dropped": 0, "pending": 0}
+
+
+def test_revocation_after_delivery_is_recorded_as_stopped_not_as_withheld(tmp_path):
+    """The audit trail says what really happened (#11): a notice the broker already acknowledged
+    reached (or is queued for) the worker, so a later revocation stops further notices and is
+    recorded as such, naming who had it, never as 'withheld'."""
+    clock = Clock()
+    t = MemoryTransport()
+    ledger, outbox, disp = make(tmp_path, t, clock, escalate_after_s=60)
+    ledger.grant("alice", ["sam", "kim"], now=clock())
+    disp.groups = {}
+    aid = disp.raise_alert(decision(0)).alert_id
+    disp.pump()
+    assert outbox.get(aid).state is AlertState.DELIVERED
+    clock.tick(5)
+    ledger.revoke("alice", now=clock())
+    clock.tick(120)  # past the escalation deadline: the next notice would go to kim
+    disp.run_due()
+    disp.pump()
+    rec = outbox.get(aid)
+    assert [m.topic for m in t.messages] == ["stresswatch/v1/alerts/sam"]  # escalation stopped
+    assert rec.verdict == "stopped_revoked" and rec.targets == ("sam",)
+    last = outbox.events("alice")[-1]
+    assert last["kind"] == "stopped" and "delivered before to sam" in last["detail"]
+    assert disp.stats.withheld == 0
+    # an alert revoked before anything was published is still withheld
+    clock.tick(5)
+    ledger.grant("alice", ["sam"], now=clock())
+    other = disp.raise_alert(decision(1), publish=False).alert_id
+    ledger.revoke("alice", now=clock())
+    disp.pump()
+    assert outbox.get(other).verdict == "withheld_revoked"
+    assert t.messages[-1].topic == "stresswatch/v1/alerts/sam" and len(t.messages) == 1
+    ledger.close()
+    outbox.close()

@@ -235,8 +235,12 @@ class Dispatcher:
             return  # stays pending; published once quiet hours end
         self.outbox.drop_pending(alert_id, verdict.value)
         if rec.state in (AlertState.RAISED, AlertState.DELIVERED, AlertState.ESCALATED):
-            self.stats.withheld += 1
-            self.outbox.save(apply(rec, Withheld(verdict.value, now)), "withheld", now, detail=verdict.value)
+            after = apply(rec, Withheld(verdict.value, now))
+            if rec.state is AlertState.RAISED:
+                self.stats.withheld += 1
+                self.outbox.save(after, "withheld", now, detail=verdict.value)
+            else:  # already in the worker's hands (or the broker's queue for them): say so
+                self.outbox.save(after, "stopped", now, detail=f"{after.verdict}; delivered before to {','.join(rec.targets)}")
 
     def collect_acks(self) -> int:
         """Mark deliveries the broker acknowledged; the alert becomes ``delivered``."""

@@ -5,7 +5,8 @@ States (SPEC: raised -> delivered -> acknowledged -> resolved, or escalated)::
     raised --Delivered--> delivered --Acknowledged(w)--> acknowledged --Resolved(w, outcome)--> resolved
        |                      |  \\--Escalated/Reminded--> escalated --Acknowledged(w)--> ...
        |                      \\--Resolved(w, outcome)--> resolved      (resolving implies acknowledging)
-       +--Withheld(verdict)--> withheld     (consent said no at send time; also stops escalation)
+       +--Withheld(verdict)--> withheld     (consent said no at send time; also stops escalation;
+       |                                     from delivered/escalated the verdict reads stopped_...)
        +--Suppressed--------> suppressed    (engine cooldown: the user was alerted about moments ago)
 
 :func:`apply` never does I/O: ``(record, event) -> record`` or :class:`LifecycleError`.
@@ -171,7 +172,12 @@ def apply(rec: AlertRecord, ev: Event) -> AlertRecord:
     if isinstance(ev, Withheld):
         if s not in OPEN_STATES:
             raise LifecycleError(f"alert {rec.alert_id} is {s.value}")
-        return replace(rec, state=AlertState.WITHHELD, verdict=ev.verdict, due_at=None)
+        # A notice the broker already acknowledged cannot be recalled (MQTT has no unpublish):
+        # the record says it was delivered and further notices stopped, not "withheld".
+        verdict = ev.verdict
+        if s in (AlertState.DELIVERED, AlertState.ESCALATED):
+            verdict = "stopped_" + ev.verdict.removeprefix("withheld_")
+        return replace(rec, state=AlertState.WITHHELD, verdict=verdict, due_at=None)
     if isinstance(ev, Deferred):
         if s not in OPEN_STATES:
             raise LifecycleError(f"alert {rec.alert_id} is {s.value}")
