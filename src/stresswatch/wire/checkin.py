@@ -23,8 +23,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 
 from ..errors import WireError
 from ..model import AlertLevel
-from .ids import ID_RULE, is_valid_id
-from .json import decode_json, refuse
+from .json import checked_id, decode_json, refuse
 
 MAX_AGE_S = 24 * 3600
 MAX_SKEW_S = 300
@@ -53,9 +52,7 @@ class CheckinMessage(BaseModel):
     @field_validator("user")
     @classmethod
     def _user(cls, v: str) -> str:
-        if not is_valid_id(v):
-            raise refuse("bad_id", f"user id must be {ID_RULE}")
-        return v
+        return checked_id("user", v)
 
     @field_validator("note")
     @classmethod

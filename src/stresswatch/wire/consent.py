@@ -26,15 +26,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo
 
 from ..consent.state import Action, ConsentEvent, QuietHours, Visibility
 from ..errors import ConsentError, WireError
-from .ids import ID_RULE, is_valid_id
-from .json import decode_json, refuse
+from .json import checked_id, decode_json, refuse
 from .limits import MAX_CONSENT_BYTES, MAX_CONSENT_EVENTS, MAX_RECIPIENTS, MAX_SHORT_TEXT_CHARS, TIME_MAX, TIME_MIN, TimeWindow
-
-
-def _id(kind: str, v: str) -> str:
-    if not is_valid_id(v):
-        raise refuse("bad_id", f"{kind} id must be {ID_RULE}")
-    return v
 
 
 def _time(v: datetime | None, info: ValidationInfo) -> datetime | None:
@@ -69,7 +62,7 @@ class _WireEvent(BaseModel):
     @field_validator("event_id")
     @classmethod
     def _event_id(cls, v: str) -> str:
-        return _id("event", v)
+        return checked_id("event", v)
 
     @field_validator("at", "expires_at")
     @classmethod
@@ -80,7 +73,7 @@ class _WireEvent(BaseModel):
     @classmethod
     def _recipients(cls, v: list[str]) -> list[str]:
         for r in v:
-            _id("recipient", r)
+            checked_id("recipient", r)
         return v
 
     @field_validator("via", "text_version", "display_name", "quiet_hours")
@@ -101,7 +94,7 @@ class ConsentMessage(BaseModel):
     @field_validator("user")
     @classmethod
     def _user(cls, v: str) -> str:
-        return _id("user", v)
+        return checked_id("user", v)
 
 
 def encode_consent(user: str, events: list[ConsentEvent]) -> bytes:

@@ -25,7 +25,7 @@ from ..errors import WireError
 from ..model import SAMPLES_SCHEMA, Metric
 from . import binary
 from .ids import ID_RULE, is_valid_id
-from .json import decode_json, refuse
+from .json import checked_id, decode_json, refuse
 from .limits import (
     MAX_BATCH_SAMPLES,
     MAX_INGEST_BYTES,
@@ -65,9 +65,7 @@ class IngestBatch(BaseModel):
     @field_validator("user")
     @classmethod
     def _user_id(cls, v: str) -> str:
-        if not is_valid_id(v):
-            raise refuse("bad_id", f"user id must be {ID_RULE}")
-        return v
+        return checked_id("user", v)
 
     @field_validator("stream_id", "source")
     @classmethod

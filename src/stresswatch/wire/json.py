@@ -9,6 +9,7 @@ from pydantic_core import PydanticCustomError
 
 from ..errors import WireError
 from .limits import MAX_PAYLOAD_BYTES
+from .ids import ID_RULE, is_valid_id
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -27,6 +28,13 @@ def refuse(reason: str, message: str) -> PydanticCustomError:
     """Raise this inside a pydantic validator to refuse with one of :data:`REASONS`."""
     assert reason in REASONS
     return PydanticCustomError(reason, message)
+
+
+def checked_id(kind: str, v: str) -> str:
+    """``v`` if it is a valid id by the one grammar (:mod:`.ids`), else a ``bad_id`` refusal."""
+    if not is_valid_id(v):
+        raise refuse("bad_id", f"{kind} id must be {ID_RULE}")
+    return v
 
 
 def decode_json(model: type[M], payload: bytes, *, source: str, max_bytes: int = MAX_PAYLOAD_BYTES, context: dict | None = None) -> M:
