@@ -124,11 +124,19 @@ def _run_pipeline(
             pipeline.process(batch)
             pipeline.tick()
 
+        def place(users: pl.Series) -> None:
+            """Each person's time-of-day slots in their own zone: their consent's, else the
+            configuration's (``[detector] user_timezones``, ``timezone``)."""
+            for user in users.to_list():
+                if user not in pipeline.zones:
+                    pipeline.place(user, ledger.state(user))
+
         spans: list[pl.DataFrame] = []
         if speed > 0:
             # a demonstration in real time: every user's hour together, as the engine sees them
             everything = pl.concat([empty_samples(), *blocks], how="vertical")
             spans.append(user_spans(everything))
+            place(spans[-1].get_column("user"))
             batches = time_batches(everything, BATCH_S)
             for i, batch in enumerate(batches):
                 feed(batch)
@@ -140,6 +148,7 @@ def _run_pipeline(
             # a user's time-ordered samples gives the same windows (streaming equals batch)
             for i, block in enumerate(blocks):
                 spans.append(user_spans(block))
+                place(spans[-1].get_column("user"))
                 for batch in time_batches(block, 86400):
                     feed(batch)
                 if on_batch:
