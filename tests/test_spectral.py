@@ -35,13 +35,15 @@ def direct_lomb(t: np.ndarray, y: np.ndarray, freq: np.ndarray) -> np.ndarray:
         return 0.5 * len(t) * (yc * yc / cc + ys * ys / ss)
 
 
-rr_series = st.lists(st.floats(400, 1500), min_size=3, max_size=120)
+# at least 20 beats (8 s) and 0.04 Hz: every window spans 2 rad of phase or more, where the
+# periodogram is well conditioned (at a tiny fraction of a cycle both forms lose all digits)
+rr_series = st.lists(st.floats(400, 1500), min_size=20, max_size=120)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     segs=st.lists(rr_series, min_size=1, max_size=6),
-    f0=st.floats(0.0, 0.1),
+    f0=st.floats(0.04, 0.5),
     df=st.floats(1e-3, 2e-2),
     n_freq=st.integers(1, 40),
     offset_s=st.floats(0, 86400),
@@ -59,9 +61,8 @@ def test_vectorised_periodogram_equals_the_formula_per_window(segs, f0, df, n_fr
     freq = f0 + df * np.arange(n_freq)
     for i in range(len(segs)):
         want = direct_lomb(ts[i] - ts[i][0], ys[i], freq)
-        finite = np.isfinite(want) & (np.abs(want) < 1e12)  # degenerate grids (f = 0) aside
-        scale = max(np.max(np.abs(want[finite]), initial=0.0), 1e-6)
-        assert np.all(np.abs(got[i][finite] - want[finite]) <= 1e-7 * scale)
+        scale = max(float(np.max(np.abs(want))), 1e-6)
+        assert np.all(np.abs(got[i] - want) <= 1e-7 * scale)
 
 
 @settings(max_examples=40, deadline=None)
