@@ -188,3 +188,54 @@ def test_cleaning_matches_the_reference_on_any_samples(rows, day_step):
     assert got.equals(expected, null_equal=True)
     assert report.dropped == dropped
     assert report.rows_kept == expected.height
+
+
+def test_a_file_in_time_order_is_read_in_parts_with_the_same_results(mixed: tuple[Path, pl.DataFrame]):
+    """Memory set by a part and a day of the file's users, not by the file: read 20,000 rows
+    at a time, the windows, alerts and summary are those of the file read whole."""
+    path, frame = mixed
+    whole = replay([path], part_rows=10 * frame.height)
+    parts = replay([path], part_rows=20_000)
+    assert parts.windows.equals(whole.windows) and parts.alerts.equals(whole.alerts)
+    assert parts.summary == whole.summary
+    report, blocks, _ = iter_input_blocks([path], keep_source=True, part_rows=20_000)
+    (block,) = list(blocks)
+    assert block.to_frame().equals(reference_clean(frame)[0])
+    day_rows = int((frame["time"].dt.epoch("s") // 86400).value_counts()["count"].max())
+    assert 0 < block.peak_rows <= 20_000 + day_rows < frame.height
+
+
+def test_files_in_time_order_are_read_in_parts_across_files(tmp_path: Path, mixed: tuple[Path, pl.DataFrame]):
+    """One export split in two files by time: read in parts across them in the given order;
+    given in the other order they overlap in time and are read whole and said to be unsorted,
+    with the same samples either way."""
+    _, frame = mixed
+    half = frame.height // 2
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    frame[:half].write_parquet(first)
+    frame[half:].write_parquet(second)
+    expected, dropped = reference_clean(frame)
+    day_rows = int((frame["time"].dt.epoch("s") // 86400).value_counts()["count"].max())
+    for paths, streamed in (([first, second], True), ([second, first], False)):
+        report, blocks, _ = iter_input_blocks(paths, keep_source=True, part_rows=30_000)
+        (block,) = list(blocks)
+        got = block.to_frame()
+        assert block.peak_rows <= 30_000 + day_rows if streamed else block.peak_rows == frame.height
+        assert report.dropped == dropped
+        assert ("input was not in time order: sorted (results do not depend on input order)" in report.as_dict()["notes"]) is not streamed
+        if streamed:
+            assert got.equals(expected)
+        else:  # files read whole: the second given is first in input order among duplicates
+            assert got.drop("value", "source").equals(expected.drop("value", "source"))
+
+
+def test_bad_row_in_a_later_part_is_named_by_its_row_in_the_file(tmp_path: Path, mixed: tuple[Path, pl.DataFrame]):
+    from stresswatch.errors import ParseError
+
+    _, frame = mixed
+    bad = frame.with_columns(pl.when(pl.int_range(pl.len()) == 123_456).then(None).otherwise(pl.col("metric")).alias("metric"))
+    path = tmp_path / "bad.parquet"
+    bad.write_parquet(path)
+    with pytest.raises(ParseError) as err:
+        replay([path], part_rows=20_000)
+    assert "row 123457" in str(err.value) and "metric" in str(err.value) and "bad.parquet" in str(err.value)

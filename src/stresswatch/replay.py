@@ -43,6 +43,7 @@ from .sources import SourceRegistry
 
 from .replay_input import (  # noqa: F401  (re-exported: callers read inputs through the replay module too)
     BATCH_S,
+    PART_ROWS,
     InputReport,
     SampleBlock,
     clean_samples,
@@ -241,13 +242,15 @@ def replay(
     registry: SourceRegistry | None = None,
     kind: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    part_rows: int = PART_ROWS,
 ) -> ReplayResult:
     """Replay samples (paths, or a samples frame) through the live pipeline.
 
     ``consent_db``: a consent ledger to mark which alerts would have been sent (default: no
     one consented). ``labels``: episodes to evaluate against. ``pseudonym_key``: replace user
     ids by keyed hashes in every output. ``speed``: 0 as fast as possible, else a multiple
-    of real time.
+    of real time. ``part_rows``: rows read at a time from files in time order (memory, not
+    results: see :func:`iter_input_blocks`).
     """
     settings = settings or Settings()
     timings: dict[str, float] = {"read": 0.0}
@@ -257,7 +260,7 @@ def replay(
         blocks: Iterable[SampleBlock] = [SampleBlock(paths.select(list(SAMPLES_SCHEMA)), inputs)] if paths.height else []
         n_blocks = len(blocks)  # type: ignore[arg-type]
     else:
-        inputs, blocks, n_blocks = iter_input_blocks(paths, registry, kind)
+        inputs, blocks, n_blocks = iter_input_blocks(paths, registry, kind, part_rows=part_rows)
     label_frame = labels if isinstance(labels, pl.DataFrame) or labels is None else read_labels(labels)
     timings["read"] += time.perf_counter() - started
 

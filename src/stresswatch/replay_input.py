@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,7 +55,7 @@ class InputReport:
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
             "dropped": dict(sorted(self.dropped.items())),
-            "notes": self.notes,
+            "notes": sorted(set(self.notes)),
         }
 
 
@@ -83,6 +83,17 @@ def _codes(col: pl.Series, names: Sequence[str]) -> np.ndarray:
     return col.cast(pl.Enum(list(names))).to_physical().cast(pl.UInt32).to_numpy()
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One part of a block being cleaned: its frame and time-ordered codes."""
+
+    frame: pl.DataFrame
+    u: np.ndarray
+    t: np.ndarray
+    m: np.ndarray
+    pos: np.ndarray | None  # input row of each time-ordered row (None: the same)
+
+
 class SampleBlock:
     """The samples of users that no other block has, cleaned as they are taken, one UTC day of
     data at a time: exact duplicates and conflicting duplicates (same user, metric, time; the
@@ -93,68 +104,78 @@ class SampleBlock:
 
     Vectorised and a day at a time (arrays of one day stay in cache): a stable radix sort by
     user of each day's time-ordered rows; only rows sharing a user and a time with another are
-    looked at more closely (as a small frame)."""
+    looked at more closely (as a small frame). Only one part is held at a time."""
 
     def __init__(
         self,
-        frame: pl.DataFrame,
+        samples: pl.DataFrame | Iterable[pl.DataFrame],
         report: InputReport | None = None,
         *,
         users: Sequence[str] | None = None,
         note_unsorted: bool = True,
         keep_source: bool = False,
     ) -> None:
-        """``frame``: validated samples. ``users``: every user of the frame, if known.
-        ``note_unsorted``: say in the report when the input was not in time order (off for a
-        reader that sorted files by time before). ``keep_source``: keep the ``source`` column
-        (:meth:`to_frame`); batches for the detector leave it empty."""
+        """``samples``: validated samples: one frame, or parts in time order that each hold
+        whole UTC days (a time-ordered file read in parts; ``users`` is then needed).
+        ``users``: every user of the samples, if known. ``note_unsorted``: say in the report
+        when a frame was not in time order (off for a reader that sorted files by time
+        before). ``keep_source``: keep the ``source`` column (:meth:`to_frame`); batches for
+        the detector leave it empty."""
         self.report = report if report is not None else InputReport()
-        self.users = tuple(sorted(users if users is not None else frame.get_column("user").unique().drop_nulls().to_list()))
-        self._frame = frame
+        if isinstance(samples, pl.DataFrame):
+            users = users if users is not None else samples.get_column("user").unique().drop_nulls().to_list()
+            samples = [samples]
+        elif users is None:
+            raise ValueError("a block read in parts needs its users")
+        self.users = tuple(sorted(users))
+        self._parts: Iterator[pl.DataFrame] | None = iter(samples)
+        self._note_unsorted = note_unsorted
         self._keep_source = keep_source
-        self._u = _codes(frame.get_column("user"), self.users)
-        self._t = frame.get_column("time").to_physical().to_numpy()
-        self._m = _codes(frame.get_column("metric"), METRIC_NAMES).astype(np.uint8)
-        self._pos: np.ndarray | None = None  # input row of each time-ordered row (None: the same)
-        t = self._t
-        if len(t) > 1 and bool(np.any(t[1:] < t[:-1])):
-            if note_unsorted:
-                self.report.notes.append("input was not in time order: sorted (results do not depend on input order)")
-            self._pos = np.argsort(t, kind="stable")
-            self._t, self._u, self._m = t[self._pos], self._u[self._pos], self._m[self._pos]
         self.height = 0  # rows kept, once every day was taken
-        self._taken = False
+        self.peak_rows = 0  # the most input rows held at once (one part)
         self._spans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    @property
-    def rows(self) -> int:
-        """Rows before cleaning."""
-        return len(self._t)
+    def _prepare(self, frame: pl.DataFrame) -> _Part:
+        u = _codes(frame.get_column("user"), self.users)
+        t = frame.get_column("time").to_physical().to_numpy()
+        m = _codes(frame.get_column("metric"), METRIC_NAMES).astype(np.uint8)
+        if len(t) > 1 and bool(np.any(t[1:] < t[:-1])):
+            if self._note_unsorted:
+                self.report.notes.append("input was not in time order: sorted (results do not depend on input order)")
+            pos = np.argsort(t, kind="stable")
+            return _Part(frame, u[pos], t[pos], m[pos], pos)
+        return _Part(frame, u, t, m, None)
 
-    def _days(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """Per day, cleaned: (user code, time ns, metric code, input row)."""
-        if self._taken:
+    def _days(self) -> Iterator[tuple[_Part, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per day, cleaned: (its part, user code, time ns, metric code, row in the part)."""
+        if self._parts is None:
             raise RuntimeError("a block's days can be taken once")
-        self._taken = True
-        t = self._t
-        if not len(t):
-            return
-        first, last = int(t[0]) // DAY_NS, int(t[-1]) // DAY_NS
-        bounds = np.searchsorted(t, np.arange(first + 1, last + 1, dtype=np.int64) * DAY_NS)
-        bounds = np.unique(np.concatenate(([0], bounds, [len(t)])))
-        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            u, td, m = self._u[lo:hi], t[lo:hi], self._m[lo:hi]
-            pos = np.arange(lo, hi) if self._pos is None else self._pos[lo:hi]
-            if len(self.users) > 1:
-                order = np.argsort(u.astype(np.uint16), kind="stable") if len(self.users) < 65536 else np.argsort(u, kind="stable")
-                u, td, m, pos = u[order], td[order], m[order], pos[order]
-            u, td, m, pos = self._drop_duplicates(u, td, m, pos)
-            self.height += len(td)
-            self.report.rows_kept += len(td)
-            self._spans.append(_run_ends(u, td))
-            yield u, td, m, pos
+        parts, self._parts = self._parts, None
+        for frame in parts:
+            part = self._prepare(frame)
+            self.peak_rows = max(self.peak_rows, frame.height)
+            del frame
+            t = part.t
+            if not len(t):
+                continue
+            first, last = int(t[0]) // DAY_NS, int(t[-1]) // DAY_NS
+            bounds = np.searchsorted(t, np.arange(first + 1, last + 1, dtype=np.int64) * DAY_NS)
+            bounds = np.unique(np.concatenate(([0], bounds, [len(t)])))
+            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                u, td, m = part.u[lo:hi], t[lo:hi], part.m[lo:hi]
+                pos = np.arange(lo, hi) if part.pos is None else part.pos[lo:hi]
+                if len(self.users) > 1:
+                    order = np.argsort(u.astype(np.uint16), kind="stable") if len(self.users) < 65536 else np.argsort(u, kind="stable")
+                    u, td, m, pos = u[order], td[order], m[order], pos[order]
+                u, td, m, pos = self._drop_duplicates(part.frame, u, td, m, pos)
+                self.height += len(td)
+                self.report.rows_kept += len(td)
+                self._spans.append(_run_ends(u, td))
+                yield part, u, td, m, pos
 
-    def _drop_duplicates(self, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _drop_duplicates(
+        self, frame: pl.DataFrame, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
         same = (t[1:] == t[:-1]) & (u[1:] == u[:-1])  # rows sharing a user and time are adjacent
         if not same.any():
             return u, t, m, pos
@@ -169,7 +190,7 @@ class SampleBlock:
         u, t, m, pos = (a.copy() for a in (u, t, m, pos))  # may be views of the input
         t[cand], u[cand], m[cand], pos[cand] = t[cand][sub], u[cand][sub], m[cand][sub], pos[cand][sub]
         rows = pl.Series(pos[cand])
-        flags = self._frame.select(pl.col("value").gather(rows), pl.col("source").gather(rows)).with_columns(
+        flags = frame.select(pl.col("value").gather(rows), pl.col("source").gather(rows)).with_columns(
             pl.Series("run", run), pl.Series("m", m[cand])
         )
         key_same = ((pl.col("run") == pl.col("run").shift()) & (pl.col("m") == pl.col("m").shift())).fill_null(False)
@@ -189,15 +210,15 @@ class SampleBlock:
         keep[cand[dup]] = False
         return u[keep], t[keep], m[keep], pos[keep]
 
-    def _frame_of(self, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray) -> pl.DataFrame:
+    def _frame_of(self, part: _Part, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray) -> pl.DataFrame:
         idx = pl.Series(pos)
         return pl.DataFrame(
             [
                 pl.Series("user", u, pl.UInt32).cat.to(pl.Enum(list(self.users))),
                 pl.Series("time", t).cast(SAMPLES_SCHEMA["time"]),
                 pl.Series("metric", m, pl.UInt32).cat.to(pl.Enum(list(METRIC_NAMES))),
-                self._frame.get_column("value").gather(idx),
-                self._frame.get_column("source").gather(idx) if self._keep_source else pl.Series("source", [], pl.String).extend_constant(None, len(t)),
+                part.frame.get_column("value").gather(idx),
+                part.frame.get_column("source").gather(idx) if self._keep_source else pl.Series("source", [], pl.String).extend_constant(None, len(t)),
             ]
         )
 
@@ -256,6 +277,32 @@ def _collect_part(source: Any, lf: pl.LazyFrame, name: str) -> pl.DataFrame:
         raise ParseError(f"cannot read: {str(exc).splitlines()[0]}", source=name) from None
 
 
+def _utc_ns(lf: pl.LazyFrame) -> pl.Expr | None:
+    """The time column as UTC nanoseconds, read as ``validate_samples`` reads it, if it is a
+    datetime column."""
+    dtype = lf.collect_schema()["time"]
+    if not isinstance(dtype, pl.Datetime):
+        return None
+    t = pl.col("time")
+    if dtype.time_zone is None:
+        t = t.dt.replace_time_zone("UTC")
+    return t.dt.convert_time_zone("UTC").dt.cast_time_unit("ns").to_physical()
+
+
+def _time_ordered(lf: pl.LazyFrame) -> tuple[int, int] | None:
+    """First and last time (UTC ns) of a file whose rows are in time order, else None."""
+    try:
+        t = _utc_ns(lf)
+        if t is None:
+            return None
+        first, last, back, nulls = (
+            lf.select(t.min().alias("a"), t.max().alias("b"), (t.diff() < 0).any().alias("c"), t.null_count().alias("d")).collect().row(0)
+        )
+    except pl.exceptions.PolarsError:
+        return None
+    return None if back or nulls or first is None else (first, last)
+
+
 @dataclass
 class _Planned:
     path: Path
@@ -263,18 +310,31 @@ class _Planned:
     users: list[str]
     frame: pl.DataFrame | None  # kept when the users could only be learnt by reading
     lazy: pl.LazyFrame | None = None  # read in parts where the adapter can (samples Parquet)
+    rows: int = 0  # known without reading where ``lazy`` is
+
+
+PART_ROWS = 1_000_000  # rows read at a time from a file in time order
 
 
 def iter_input_blocks(
-    paths: Sequence[str | Path], registry: SourceRegistry | None = None, kind: str | None = None, *, keep_source: bool = False
+    paths: Sequence[str | Path],
+    registry: SourceRegistry | None = None,
+    kind: str | None = None,
+    *,
+    keep_source: bool = False,
+    part_rows: int = PART_ROWS,
 ) -> tuple[InputReport, Iterator[SampleBlock], int]:
     """Plan, then read lazily: cleaned samples in blocks that share no user (one block per
     file unless files share users), so each block runs through the detector on its own with
-    identical results, and only one block's samples are in memory at a time where the
-    adapter can tell a file's users without reading it (samples Parquet).
+    identical results.
+
+    Memory: where the adapter can read a file in parts (samples Parquet), a block whose
+    files are in time order (each sorted by time, and each ending before the next begins) is
+    read ``part_rows`` rows at a time and cleaned a day at a time, so at most a part and the
+    rows of one day of its users are held; any other block is held whole, one block at a time.
 
     Returns (report, blocks, number of blocks). The report's file list is complete on
-    return; its counts are complete once the iterator is exhausted.
+    return; its counts are complete once every block's days were taken.
     """
     registry = registry or SourceRegistry.discover()
     report = InputReport()
@@ -282,16 +342,22 @@ def iter_input_blocks(
     for p in paths:
         path = Path(p)
         source = registry.open(path, kind)
-        users_fn = getattr(source, "users", None)
-        users = users_fn() if callable(users_fn) else None
         scan_fn = getattr(source, "scan", None)
-        lazy = scan_fn() if callable(scan_fn) and users is not None else None
-        frame = None
+        lazy = scan_fn() if callable(scan_fn) else None
+        users, rows, frame = None, 0, None
+        if lazy is not None:
+            try:
+                users, rows = lazy.select(pl.col("user").cast(pl.String).unique().drop_nulls().implode(), pl.len()).collect().row(0)
+            except pl.exceptions.PolarsError:
+                lazy = None  # read() will name the problem
+        if users is None:
+            users_fn = getattr(source, "users", None)
+            users = users_fn() if callable(users_fn) else None
         if users is None:
             frame = _read_source(registry, path, kind, source).select(list(SAMPLES_SCHEMA))
             users = frame.get_column("user").unique().to_list()
         report.files.append({"name": path.name, "sha256": _sha256(path) if path.is_file() else None, "rows": None})
-        planned.append(_Planned(path, source, users, frame, lazy))
+        planned.append(_Planned(path, source, users, frame, lazy, rows))
     # union files that share a user: they must be cleaned and ordered together
     parent = list(range(len(planned)))
 
@@ -314,8 +380,47 @@ def iter_input_blocks(
     # deterministic block order whatever the file order: by smallest user id (empty files last)
     order = sorted(groups.values(), key=lambda g: (min((u for i in g for u in planned[i].users), default="\uffff"), g))
 
+    def counted(i: int, rows: int) -> bool:
+        """Count a file's rows; False (and say so) if it has none."""
+        report.files[i]["rows"] = rows
+        report.rows_read += rows
+        if rows == 0:
+            report.dropped["empty_file"] = report.dropped.get("empty_file", 0) + 1
+            report.notes.append(f"{planned[i].path.name}: no samples")
+        return rows > 0
+
+    def in_time_order(group: list[int]) -> bool:
+        items = [planned[i] for i in group if planned[i].rows or planned[i].lazy is None]
+        if any(it.lazy is None for it in items) or sum(it.rows for it in items) <= part_rows:
+            return False  # small enough to read whole (or no reading in parts)
+        spans = [_time_ordered(it.lazy) for it in items if it.lazy is not None]
+        return all(s is not None for s in spans) and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # type: ignore[index]
+
+    def day_parts(group: list[int]) -> Iterator[pl.DataFrame]:
+        """The group's samples in parts of about ``part_rows`` rows cut at UTC midnight."""
+        carry: pl.DataFrame | None = None
+        for i in group:
+            item = planned[i]
+            lf, item.lazy = item.lazy, None
+            if not counted(i, item.rows) or lf is None:
+                continue
+            for offset in range(0, item.rows, part_rows):
+                part = _collect_part(item.source, lf.slice(offset, part_rows), item.path.name)
+                part = part if carry is None else pl.concat([carry, part], how="vertical")
+                t = part.get_column("time").to_physical()
+                cut = int(t.search_sorted(int(t[-1]) // DAY_NS * DAY_NS, side="left"))
+                if cut:
+                    yield part.slice(0, cut)
+                carry = part.slice(cut)
+        if carry is not None and carry.height:
+            yield carry
+
     def blocks() -> Iterator[SampleBlock]:
         for group in order:
+            if in_time_order(group):
+                users = {u for i in group for u in planned[i].users}
+                yield SampleBlock(day_parts(group), report, users=users, note_unsorted=False, keep_source=keep_source)
+                continue
             frames, spans = [], []
             for i in group:
                 item = planned[i]
@@ -326,11 +431,7 @@ def iter_input_blocks(
                     frame = item.frame if item.frame is not None else _read_source(registry, item.path, kind, item.source)
                     frame = frame.select(list(SAMPLES_SCHEMA))
                 item.frame = item.lazy = None
-                report.files[i]["rows"] = frame.height
-                report.rows_read += frame.height
-                if frame.height == 0:
-                    report.dropped["empty_file"] = report.dropped.get("empty_file", 0) + 1
-                    report.notes.append(f"{item.path.name}: no samples")
+                if not counted(i, frame.height):
                     continue
                 t = frame.get_column("time")
                 # a file read in parts counts as time-ordered, as the adapter's whole read sorts it
@@ -340,9 +441,7 @@ def iter_input_blocks(
                 continue
             if not all(ok for _, _, ok in spans) or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
                 report.notes.append("input was not in time order: sorted (results do not depend on input order)")
-            block = SampleBlock(pl.concat(frames, how="vertical"), report, note_unsorted=False, keep_source=keep_source)
-            report.notes = sorted(set(report.notes))
-            yield block
+            yield SampleBlock(pl.concat(frames, how="vertical"), report, note_unsorted=False, keep_source=keep_source)
 
     return report, blocks(), len(order)
 
