@@ -171,7 +171,8 @@ def main() -> None:
     ours_bps = beats_total / t_ours
     equal = max(worst["RMSSD"], worst["SDNN"]) <= 1e-9
     print(f"data: cohort {a.users} users x {a.days} days, {beats_total:,} beats, {ours.height:,} windows; "
-          f"neurokit2 {nk.__version__}, polars {pl.__version__}, numpy {np.__version__}; one core; CPU seconds, best of {a.repeat}")
+          f"neurokit2 {nk.__version__}, polars {pl.__version__}, numpy {np.__version__}; one core; CPU seconds, best of {a.repeat}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"equality on {sel.height} windows ({nk_beats:,} kept beats): max relative difference "
           f"RMSSD {worst['RMSSD']:.1e}, SDNN {worst['SDNN']:.1e}, pNN50 (n-1 vs n converted) {worst['pNN50']:.1e} "
           f"-> {'PASS' if equal else 'FAIL'} (<= 1e-9)")
