@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import polars as pl
 
+from .detect.features import CODE
 from .errors import ParseError
 from .model import METRICS, SAMPLES_SCHEMA, empty_samples, validate_samples
 from .sources import SourceRegistry, collect
@@ -71,6 +72,9 @@ NS = 1_000_000_000
 DAY_NS = 86400 * NS
 # one user's samples at one time go in metric-name order (as a sort by user, metric, time put them)
 METRIC_NAMES = tuple(sorted(METRICS))
+# batches carry the metric as an enum in the detector's own code order: it then takes the codes as they are
+_BATCH_METRIC = pl.Enum(list(CODE))
+_TO_BATCH_METRIC = np.array([CODE[name] for name in METRIC_NAMES], np.uint32)
 
 
 def _codes(col: pl.Series, names: Sequence[str]) -> np.ndarray:
@@ -92,6 +96,7 @@ class _Part:
     t: np.ndarray
     m: np.ndarray
     pos: np.ndarray | None  # input row of each time-ordered row (None: the same)
+    value: np.ndarray | None  # the values as numpy (nulls as NaN, as the detector reads them); None: kept as they are
 
 
 class SampleBlock:
@@ -139,12 +144,13 @@ class SampleBlock:
         u = _codes(frame.get_column("user"), self.users)
         t = frame.get_column("time").to_physical().to_numpy()
         m = _codes(frame.get_column("metric"), METRIC_NAMES).astype(np.uint8)
+        value = None if self._keep_source else frame.get_column("value").to_numpy()
         if len(t) > 1 and bool(np.any(t[1:] < t[:-1])):
             if self._note_unsorted:
                 self.report.notes.append("input was not in time order: sorted (results do not depend on input order)")
             pos = np.argsort(t, kind="stable")
-            return _Part(frame, u[pos], t[pos], m[pos], pos)
-        return _Part(frame, u, t, m, None)
+            return _Part(frame, u[pos], t[pos], m[pos], pos, value)
+        return _Part(frame, u, t, m, None, value)
 
     def _days(self) -> Iterator[tuple[_Part, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Per day, cleaned: (its part, user code, time ns, metric code, row in the part)."""
@@ -164,18 +170,21 @@ class SampleBlock:
             for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
                 u, td, m = part.u[lo:hi], t[lo:hi], part.m[lo:hi]
                 pos = np.arange(lo, hi) if part.pos is None else part.pos[lo:hi]
-                if len(self.users) > 1:
+                owned = len(self.users) > 1
+                if owned:
                     order = np.argsort(u.astype(np.uint16), kind="stable") if len(self.users) < 65536 else np.argsort(u, kind="stable")
                     u, td, m, pos = u[order], td[order], m[order], pos[order]
-                u, td, m, pos = self._drop_duplicates(part.frame, u, td, m, pos)
+                u, td, m, pos = self._drop_duplicates(part.frame, u, td, m, pos, owned)
                 self.height += len(td)
                 self.report.rows_kept += len(td)
                 self._spans.append(_run_ends(u, td))
                 yield part, u, td, m, pos
 
     def _drop_duplicates(
-        self, frame: pl.DataFrame, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray
+        self, frame: pl.DataFrame, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray, owned: bool
     ) -> tuple[np.ndarray, ...]:
+        """``owned``: the arrays are this day's own (else views of the part, copied before
+        any reordering)."""
         same = (t[1:] == t[:-1]) & (u[1:] == u[:-1])  # rows sharing a user and time are adjacent
         if not same.any():
             return u, t, m, pos
@@ -187,7 +196,8 @@ class SampleBlock:
         first[1:] = ~same[cand[1:] - 1]
         run = np.cumsum(first)
         sub = np.lexsort((pos[cand], m[cand], run))  # within a user and time: by metric name, then input order
-        u, t, m, pos = (a.copy() for a in (u, t, m, pos))  # may be views of the input
+        if not owned:
+            u, t, m, pos = (a.copy() for a in (u, t, m, pos))
         t[cand], u[cand], m[cand], pos[cand] = t[cand][sub], u[cand][sub], m[cand][sub], pos[cand][sub]
         rows = pl.Series(pos[cand])
         flags = frame.select(pl.col("value").gather(rows), pl.col("source").gather(rows)).with_columns(
@@ -211,14 +221,18 @@ class SampleBlock:
         return u[keep], t[keep], m[keep], pos[keep]
 
     def _frame_of(self, part: _Part, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray) -> pl.DataFrame:
-        idx = pl.Series(pos)
+        if part.value is None:  # every column as it was (to_frame)
+            idx = pl.Series(pos)
+            value, source = part.frame.get_column("value").gather(idx), part.frame.get_column("source").gather(idx)
+        else:
+            value, source = pl.Series("value", part.value[pos]), pl.Series("source", [], pl.String).extend_constant(None, len(t))
         return pl.DataFrame(
             [
                 pl.Series("user", u, pl.UInt32).cat.to(pl.Enum(list(self.users))),
                 pl.Series("time", t).cast(SAMPLES_SCHEMA["time"]),
-                pl.Series("metric", m, pl.UInt32).cat.to(pl.Enum(list(METRIC_NAMES))),
-                part.frame.get_column("value").gather(idx),
-                part.frame.get_column("source").gather(idx) if self._keep_source else pl.Series("source", [], pl.String).extend_constant(None, len(t)),
+                pl.Series("metric", _TO_BATCH_METRIC[m]).cat.to(_BATCH_METRIC),
+                value,
+                source,
             ]
         )
 
