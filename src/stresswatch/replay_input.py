@@ -303,18 +303,31 @@ def _utc_ns(lf: pl.LazyFrame) -> pl.Expr | None:
     return t.dt.convert_time_zone("UTC").dt.cast_time_unit("ns").to_physical()
 
 
+def _order_exprs(t: pl.Expr) -> list[pl.Expr]:
+    return [t.min().alias("_first"), t.max().alias("_last"), (t.diff() < 0).any().alias("_back"), t.null_count().alias("_nulls")]
+
+
+def _span_if_ordered(first: int | None, last: int | None, back: bool | None, nulls: int) -> tuple[int, int] | None:
+    return None if back or nulls or first is None or last is None else (first, last)
+
+
 def _time_ordered(lf: pl.LazyFrame) -> tuple[int, int] | None:
     """First and last time (UTC ns) of a file whose rows are in time order, else None."""
     try:
         t = _utc_ns(lf)
-        if t is None:
-            return None
-        first, last, back, nulls = (
-            lf.select(t.min().alias("a"), t.max().alias("b"), (t.diff() < 0).any().alias("c"), t.null_count().alias("d")).collect().row(0)
-        )
+        return None if t is None else _span_if_ordered(*lf.select(_order_exprs(t)).collect().row(0))
     except pl.exceptions.PolarsError:
         return None
-    return None if back or nulls or first is None else (first, last)
+
+
+def _plan_lazy(lf: pl.LazyFrame, part_rows: int) -> tuple[list[str], int, tuple[int, int] | None, bool]:
+    """A file's users and rows without reading its samples; for a file of more than
+    ``part_rows`` rows, in the same pass, its first and last time if its rows are in time
+    order. Returns (users, rows, span, whether the order was looked at)."""
+    rows = int(lf.select(pl.len()).collect().item())  # from the file's metadata
+    t = _utc_ns(lf) if rows > part_rows else None
+    found = lf.select(pl.col("user").cast(pl.String).unique().drop_nulls().implode().alias("_users"), *(_order_exprs(t) if t is not None else [])).collect().row(0)
+    return found[0], rows, (_span_if_ordered(*found[1:]) if t is not None else None), t is not None
 
 
 @dataclass
@@ -325,6 +338,8 @@ class _Planned:
     frame: pl.DataFrame | None  # kept when the users could only be learnt by reading
     lazy: pl.LazyFrame | None = None  # read in parts where the adapter can (samples Parquet)
     rows: int = 0  # known without reading where ``lazy`` is
+    span: tuple[int, int] | None = None  # first and last time, where its rows are in time order
+    span_checked: bool = False
 
 
 PART_ROWS = 1_000_000  # rows read at a time from a file in time order
@@ -358,10 +373,10 @@ def iter_input_blocks(
         source = registry.open(path, kind)
         scan_fn = getattr(source, "scan", None)
         lazy = scan_fn() if callable(scan_fn) else None
-        users, rows, frame = None, 0, None
+        users, rows, frame, span, checked = None, 0, None, None, False
         if lazy is not None:
             try:
-                users, rows = lazy.select(pl.col("user").cast(pl.String).unique().drop_nulls().implode(), pl.len()).collect().row(0)
+                users, rows, span, checked = _plan_lazy(lazy, part_rows)
             except pl.exceptions.PolarsError:
                 lazy = None  # read() will name the problem
         if users is None:
@@ -371,7 +386,7 @@ def iter_input_blocks(
             frame = _read_source(registry, path, kind, source).select(list(SAMPLES_SCHEMA))
             users = frame.get_column("user").unique().to_list()
         report.files.append({"name": path.name, "sha256": _sha256(path) if path.is_file() else None, "rows": None})
-        planned.append(_Planned(path, source, users, frame, lazy, rows))
+        planned.append(_Planned(path, source, users, frame, lazy, rows, span, checked))
     # union files that share a user: they must be cleaned and ordered together
     parent = list(range(len(planned)))
 
@@ -407,7 +422,7 @@ def iter_input_blocks(
         items = [planned[i] for i in group if planned[i].rows or planned[i].lazy is None]
         if any(it.lazy is None for it in items) or sum(it.rows for it in items) <= part_rows:
             return False  # small enough to read whole (or no reading in parts)
-        spans = [_time_ordered(it.lazy) for it in items if it.lazy is not None]
+        spans = [it.span if it.span_checked else _time_ordered(it.lazy) for it in items if it.lazy is not None]
         return all(s is not None for s in spans) and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # type: ignore[index]
 
     def day_parts(group: list[int]) -> Iterator[pl.DataFrame]:
