@@ -321,13 +321,23 @@ def _time_ordered(lf: pl.LazyFrame) -> tuple[int, int] | None:
 
 
 def _plan_lazy(lf: pl.LazyFrame, part_rows: int) -> tuple[list[str], int, tuple[int, int] | None, bool]:
-    """A file's users and rows without reading its samples; for a file of more than
-    ``part_rows`` rows, in the same pass, its first and last time if its rows are in time
-    order. Returns (users, rows, span, whether the order was looked at)."""
+    """A file's users and rows without holding its samples (``part_rows`` rows at a time);
+    for a file of more than ``part_rows`` rows, in the same pass, its first and last time if
+    its rows are in time order. Returns (users, rows, span, whether the order was looked at)."""
     rows = int(lf.select(pl.len()).collect().item())  # from the file's metadata
     t = _utc_ns(lf) if rows > part_rows else None
-    found = lf.select(pl.col("user").cast(pl.String).unique().drop_nulls().implode().alias("_users"), *(_order_exprs(t) if t is not None else [])).collect().row(0)
-    return found[0], rows, (_span_if_ordered(*found[1:]) if t is not None else None), t is not None
+    users: set[str] = set()
+    span: tuple[int, int] | None = None
+    ordered = t is not None
+    for offset in range(0, max(rows, 1), part_rows):
+        exprs = [pl.col("user").cast(pl.String).unique().drop_nulls().implode().alias("_users"), *(_order_exprs(t) if ordered and t is not None else [])]
+        found = lf.slice(offset, part_rows).select(exprs).collect().row(0)
+        users.update(found[0])
+        if ordered:
+            part = _span_if_ordered(*found[1:])
+            ordered = part is not None and (span is None or span[1] <= part[0])
+            span = (part[0] if span is None else span[0], part[1]) if ordered and part is not None else None
+    return sorted(users), rows, span, t is not None
 
 
 @dataclass
