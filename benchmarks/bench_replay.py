@@ -7,9 +7,12 @@
 Generates a simulated cohort at 1 beat/s per user (RR around 1000 ms with AR(1) beat-to-beat
 variability and a day/night rhythm; one Parquet file per user, as a study would hold it)
 into --data (reused if present), then replays it with ``stresswatch.replay`` and reports the
-time per phase: reading input, the pipeline (detector, consent gate), writing outputs. The
-reference in the same run is a bare ``polars.read_parquet`` of the same files, the floor for
-the reading phase. Target (issue 6): 1,000 user-days in under 60 s on one core.
+time per phase: reading input (planning, reading, cleaning, cutting into days), the pipeline
+(detector, consent gate), writing outputs, with the wall and CPU time, the load average and
+the peak RSS of the process. The reference in the same run is a bare ``polars.read_parquet``
+of the same files, the floor for the reading phase. Targets: 1,000 user-days in under 60 s on
+one core (issue 6); mixed input at >= 20 user-days/s with peak memory set by a part of the
+file, not its size (issue 12). ``--part-rows`` (memory only) defaults to the product's.
 """
 
 from __future__ import annotations
@@ -104,9 +107,11 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=10)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "stresswatch-bench-replay")
     ap.add_argument("--mixed", action="store_true", help="one file: RR, 1 Hz HR and steps per minute for the same people")
+    ap.add_argument("--part-rows", type=int, default=None, help="rows read at a time from a file in time order (default: the product's)")
     args = ap.parse_args()
     from stresswatch import replay
     from stresswatch.config import Settings
+    from stresswatch.replay import PART_ROWS
 
     data = args.data / f"{args.users}x{args.days}{'-mixed' if args.mixed else ''}"
     t = time.perf_counter()
@@ -114,10 +119,13 @@ def main() -> None:
     gen_s = time.perf_counter() - t
 
     out = Path(tempfile.mkdtemp(prefix="stresswatch-bench-out-"))
-    t = time.perf_counter()
-    result = replay(paths, out=out, settings=Settings())
-    total_s = time.perf_counter() - t
+    part_rows = args.part_rows or PART_ROWS
+    load_before = os.getloadavg()
+    t, cpu = time.perf_counter(), time.process_time()
+    result = replay(paths, out=out, settings=Settings(), part_rows=part_rows)
+    total_s, cpu_s = time.perf_counter() - t, time.process_time() - cpu
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the reference below
+    load_after = os.getloadavg()
     phases = result.timings
 
     t = time.perf_counter()
@@ -129,7 +137,11 @@ def main() -> None:
     shutil.rmtree(out)
     print(f"date {date.today()}  machine {platform.machine()} {os.cpu_count()} cores  python {platform.python_version()}  polars {pl.__version__}  POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS', 'unset')}")
     print(f"cohort: {args.users} users x {args.days} days = {user_days} user-days, {beats:,} rows{' (RR, 1 Hz HR, steps/min; one file)' if args.mixed else ' (beats)'} ({gen_s:.1f} s to generate or find)")
-    print(f"replay end to end: {total_s:.1f} s = {user_days / total_s:,.1f} user-days/s = {beats / total_s:,.0f} beats/s; peak RSS {rss_mb:,.0f} MB")
+    print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    print(f"part rows {part_rows:,}{'' if part_rows == PART_ROWS else ' (NOT the product default ' + format(PART_ROWS, ',') + ')'}")
+    print(f"replay end to end: {total_s:.1f} s = {user_days / total_s:,.1f} user-days/s = {beats / total_s:,.0f} beats/s; CPU {cpu_s:.1f} s = {user_days / cpu_s:,.1f} user-days per CPU-second")
+    gen_note = "  (includes generating the data in this process: run again for the replay's own)" if gen_s > 1.0 else ""
+    print(f"peak RSS {rss_mb:,.0f} MB{gen_note}")
     for name, secs in phases.items():
         print(f"  {name:<10} {secs:7.2f} s  ({100 * secs / total_s:4.1f} %)")
     print(f"reference: bare polars.read_parquet of the same files {ref_s:.2f} s")

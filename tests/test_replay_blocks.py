@@ -239,3 +239,17 @@ def test_bad_row_in_a_later_part_is_named_by_its_row_in_the_file(tmp_path: Path,
     with pytest.raises(ParseError) as err:
         replay([path], part_rows=20_000)
     assert "row 123457" in str(err.value) and "metric" in str(err.value) and "bad.parquet" in str(err.value)
+
+
+def test_a_file_out_of_time_order_only_between_parts_is_read_whole(tmp_path: Path, mixed: tuple[Path, pl.DataFrame]):
+    """Planning looks at the order part by part and across parts: a file whose second half
+    comes first is not read in parts (its days would be cut wrong), and cleans the same."""
+    _, frame = mixed
+    half = frame.height // 2
+    path = tmp_path / "halves.parquet"
+    pl.concat([frame[half:], frame[:half]]).write_parquet(path)
+    _, blocks, _ = iter_input_blocks([path], keep_source=True, part_rows=half)
+    (block,) = list(blocks)
+    got = block.to_frame()
+    assert block.peak_rows == frame.height
+    assert got.drop("value", "source").equals(reference_clean(frame)[0].drop("value", "source"))

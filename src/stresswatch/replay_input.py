@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import polars as pl
 
+from .detect.features import CODE
 from .errors import ParseError
 from .model import METRICS, SAMPLES_SCHEMA, empty_samples, validate_samples
 from .sources import SourceRegistry, collect
@@ -71,6 +72,9 @@ NS = 1_000_000_000
 DAY_NS = 86400 * NS
 # one user's samples at one time go in metric-name order (as a sort by user, metric, time put them)
 METRIC_NAMES = tuple(sorted(METRICS))
+# batches carry the metric as an enum in the detector's own code order: it then takes the codes as they are
+_BATCH_METRIC = pl.Enum(list(CODE))
+_TO_BATCH_METRIC = np.array([CODE[name] for name in METRIC_NAMES], np.uint32)
 
 
 def _codes(col: pl.Series, names: Sequence[str]) -> np.ndarray:
@@ -92,6 +96,7 @@ class _Part:
     t: np.ndarray
     m: np.ndarray
     pos: np.ndarray | None  # input row of each time-ordered row (None: the same)
+    value: np.ndarray | None  # the values as numpy (nulls as NaN, as the detector reads them); None: kept as they are
 
 
 class SampleBlock:
@@ -139,12 +144,13 @@ class SampleBlock:
         u = _codes(frame.get_column("user"), self.users)
         t = frame.get_column("time").to_physical().to_numpy()
         m = _codes(frame.get_column("metric"), METRIC_NAMES).astype(np.uint8)
+        value = None if self._keep_source else frame.get_column("value").to_numpy()
         if len(t) > 1 and bool(np.any(t[1:] < t[:-1])):
             if self._note_unsorted:
                 self.report.notes.append("input was not in time order: sorted (results do not depend on input order)")
             pos = np.argsort(t, kind="stable")
-            return _Part(frame, u[pos], t[pos], m[pos], pos)
-        return _Part(frame, u, t, m, None)
+            return _Part(frame, u[pos], t[pos], m[pos], pos, value)
+        return _Part(frame, u, t, m, None, value)
 
     def _days(self) -> Iterator[tuple[_Part, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Per day, cleaned: (its part, user code, time ns, metric code, row in the part)."""
@@ -164,18 +170,21 @@ class SampleBlock:
             for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
                 u, td, m = part.u[lo:hi], t[lo:hi], part.m[lo:hi]
                 pos = np.arange(lo, hi) if part.pos is None else part.pos[lo:hi]
-                if len(self.users) > 1:
+                owned = len(self.users) > 1
+                if owned:
                     order = np.argsort(u.astype(np.uint16), kind="stable") if len(self.users) < 65536 else np.argsort(u, kind="stable")
                     u, td, m, pos = u[order], td[order], m[order], pos[order]
-                u, td, m, pos = self._drop_duplicates(part.frame, u, td, m, pos)
+                u, td, m, pos = self._drop_duplicates(part.frame, u, td, m, pos, owned)
                 self.height += len(td)
                 self.report.rows_kept += len(td)
                 self._spans.append(_run_ends(u, td))
                 yield part, u, td, m, pos
 
     def _drop_duplicates(
-        self, frame: pl.DataFrame, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray
+        self, frame: pl.DataFrame, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray, owned: bool
     ) -> tuple[np.ndarray, ...]:
+        """``owned``: the arrays are this day's own (else views of the part, copied before
+        any reordering)."""
         same = (t[1:] == t[:-1]) & (u[1:] == u[:-1])  # rows sharing a user and time are adjacent
         if not same.any():
             return u, t, m, pos
@@ -187,7 +196,8 @@ class SampleBlock:
         first[1:] = ~same[cand[1:] - 1]
         run = np.cumsum(first)
         sub = np.lexsort((pos[cand], m[cand], run))  # within a user and time: by metric name, then input order
-        u, t, m, pos = (a.copy() for a in (u, t, m, pos))  # may be views of the input
+        if not owned:
+            u, t, m, pos = (a.copy() for a in (u, t, m, pos))
         t[cand], u[cand], m[cand], pos[cand] = t[cand][sub], u[cand][sub], m[cand][sub], pos[cand][sub]
         rows = pl.Series(pos[cand])
         flags = frame.select(pl.col("value").gather(rows), pl.col("source").gather(rows)).with_columns(
@@ -211,14 +221,18 @@ class SampleBlock:
         return u[keep], t[keep], m[keep], pos[keep]
 
     def _frame_of(self, part: _Part, u: np.ndarray, t: np.ndarray, m: np.ndarray, pos: np.ndarray) -> pl.DataFrame:
-        idx = pl.Series(pos)
+        if part.value is None:  # every column as it was (to_frame)
+            idx = pl.Series(pos)
+            value, source = part.frame.get_column("value").gather(idx), part.frame.get_column("source").gather(idx)
+        else:
+            value, source = pl.Series("value", part.value[pos]), pl.Series("source", [], pl.String).extend_constant(None, len(t))
         return pl.DataFrame(
             [
                 pl.Series("user", u, pl.UInt32).cat.to(pl.Enum(list(self.users))),
                 pl.Series("time", t).cast(SAMPLES_SCHEMA["time"]),
-                pl.Series("metric", m, pl.UInt32).cat.to(pl.Enum(list(METRIC_NAMES))),
-                part.frame.get_column("value").gather(idx),
-                part.frame.get_column("source").gather(idx) if self._keep_source else pl.Series("source", [], pl.String).extend_constant(None, len(t)),
+                pl.Series("metric", _TO_BATCH_METRIC[m]).cat.to(_BATCH_METRIC),
+                value,
+                source,
             ]
         )
 
@@ -289,18 +303,41 @@ def _utc_ns(lf: pl.LazyFrame) -> pl.Expr | None:
     return t.dt.convert_time_zone("UTC").dt.cast_time_unit("ns").to_physical()
 
 
+def _order_exprs(t: pl.Expr) -> list[pl.Expr]:
+    return [t.min().alias("_first"), t.max().alias("_last"), (t.diff() < 0).any().alias("_back"), t.null_count().alias("_nulls")]
+
+
+def _span_if_ordered(first: int | None, last: int | None, back: bool | None, nulls: int) -> tuple[int, int] | None:
+    return None if back or nulls or first is None or last is None else (first, last)
+
+
 def _time_ordered(lf: pl.LazyFrame) -> tuple[int, int] | None:
     """First and last time (UTC ns) of a file whose rows are in time order, else None."""
     try:
         t = _utc_ns(lf)
-        if t is None:
-            return None
-        first, last, back, nulls = (
-            lf.select(t.min().alias("a"), t.max().alias("b"), (t.diff() < 0).any().alias("c"), t.null_count().alias("d")).collect().row(0)
-        )
+        return None if t is None else _span_if_ordered(*lf.select(_order_exprs(t)).collect().row(0))
     except pl.exceptions.PolarsError:
         return None
-    return None if back or nulls or first is None else (first, last)
+
+
+def _plan_lazy(lf: pl.LazyFrame, part_rows: int) -> tuple[list[str], int, tuple[int, int] | None, bool]:
+    """A file's users and rows without holding its samples (``part_rows`` rows at a time);
+    for a file of more than ``part_rows`` rows, in the same pass, its first and last time if
+    its rows are in time order. Returns (users, rows, span, whether the order was looked at)."""
+    rows = int(lf.select(pl.len()).collect().item())  # from the file's metadata
+    t = _utc_ns(lf) if rows > part_rows else None
+    users: set[str] = set()
+    span: tuple[int, int] | None = None
+    ordered = t is not None
+    for offset in range(0, max(rows, 1), part_rows):
+        exprs = [pl.col("user").cast(pl.String).unique().drop_nulls().implode().alias("_users"), *(_order_exprs(t) if ordered and t is not None else [])]
+        found = lf.slice(offset, part_rows).select(exprs).collect().row(0)
+        users.update(found[0])
+        if ordered:
+            part = _span_if_ordered(*found[1:])
+            ordered = part is not None and (span is None or span[1] <= part[0])
+            span = (part[0] if span is None else span[0], part[1]) if ordered and part is not None else None
+    return sorted(users), rows, span, t is not None
 
 
 @dataclass
@@ -311,6 +348,8 @@ class _Planned:
     frame: pl.DataFrame | None  # kept when the users could only be learnt by reading
     lazy: pl.LazyFrame | None = None  # read in parts where the adapter can (samples Parquet)
     rows: int = 0  # known without reading where ``lazy`` is
+    span: tuple[int, int] | None = None  # first and last time, where its rows are in time order
+    span_checked: bool = False
 
 
 PART_ROWS = 1_000_000  # rows read at a time from a file in time order
@@ -344,10 +383,10 @@ def iter_input_blocks(
         source = registry.open(path, kind)
         scan_fn = getattr(source, "scan", None)
         lazy = scan_fn() if callable(scan_fn) else None
-        users, rows, frame = None, 0, None
+        users, rows, frame, span, checked = None, 0, None, None, False
         if lazy is not None:
             try:
-                users, rows = lazy.select(pl.col("user").cast(pl.String).unique().drop_nulls().implode(), pl.len()).collect().row(0)
+                users, rows, span, checked = _plan_lazy(lazy, part_rows)
             except pl.exceptions.PolarsError:
                 lazy = None  # read() will name the problem
         if users is None:
@@ -357,7 +396,7 @@ def iter_input_blocks(
             frame = _read_source(registry, path, kind, source).select(list(SAMPLES_SCHEMA))
             users = frame.get_column("user").unique().to_list()
         report.files.append({"name": path.name, "sha256": _sha256(path) if path.is_file() else None, "rows": None})
-        planned.append(_Planned(path, source, users, frame, lazy, rows))
+        planned.append(_Planned(path, source, users, frame, lazy, rows, span, checked))
     # union files that share a user: they must be cleaned and ordered together
     parent = list(range(len(planned)))
 
@@ -393,7 +432,7 @@ def iter_input_blocks(
         items = [planned[i] for i in group if planned[i].rows or planned[i].lazy is None]
         if any(it.lazy is None for it in items) or sum(it.rows for it in items) <= part_rows:
             return False  # small enough to read whole (or no reading in parts)
-        spans = [_time_ordered(it.lazy) for it in items if it.lazy is not None]
+        spans = [it.span if it.span_checked else _time_ordered(it.lazy) for it in items if it.lazy is not None]
         return all(s is not None for s in spans) and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # type: ignore[index]
 
     def day_parts(group: list[int]) -> Iterator[pl.DataFrame]:
