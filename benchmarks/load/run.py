@@ -32,8 +32,9 @@ the deciding window) is taken over *all* expected alerts, a lost one counting as
 It reports messages and samples per second; backlog (published, not yet processed) during
 and at the end; real time or not; the reconciliation and latency; the longest ingest wait
 (engine metric: a durable batch handed to the engine until the detector processed it);
-state save times; engine CPU and RSS (per user); broker and publisher CPU; engine start
-and restart to live (healthy and caught up). JSON to --out, Markdown rows on stdout.
+state save times; engine CPU and RSS (per user); broker and publisher CPU; engine start;
+restart to live: from the stop signal until the new process is healthy with nothing queued
+(stop plus start: a deploy's downtime, or a crash's with ``--restart kill``). JSON to --out, Markdown rows on stdout.
 """
 
 from __future__ import annotations
@@ -197,6 +198,26 @@ def _profile_summary(path: Path, top: int = 14) -> list[dict]:
     return out
 
 
+def bucket_quantile(m: dict[str, float], name: str, q: float) -> float | None:
+    """The upper bound of the histogram bucket holding quantile ``q`` (what a dashboard's
+    ``histogram_quantile`` can at best say), from scraped ``name_bucket{le=...}`` samples."""
+    buckets = sorted((float(k.split("le=")[1].rstrip("}")), v) for k, v in m.items() if k.startswith(f"{name}_bucket{{"))
+    total = m.get(f"{name}_count", 0)
+    if not total:
+        return None
+    return next((le for le, c in buckets if c >= q * total), math.inf)
+
+
+def default_stressed_every(n_users: int, n_templates: int) -> int:
+    """About 1 % of users stressed (at least 20), every k-th with k coprime to the number of
+    templates, so the stressed users replay every template (every 100th user of 8 templates
+    fell on two, whose data at some hours raised few alerts)."""
+    k = max(1, min(101, n_users // 20))
+    while k > 1 and math.gcd(k, n_templates) != 1:
+        k -= 1
+    return k
+
+
 def deviations(a: argparse.Namespace) -> list[str]:
     """Every way this run departs from the shipped configuration (empty: as shipped)."""
     out = []
@@ -226,10 +247,10 @@ def _start_engine(workdir: Path, name: str, prof_path: Path | None) -> subproces
     )
 
 
-def _stop_engine(engine: subprocess.Popen, timeout_s: float = 300) -> float:
+def _stop_engine(engine: subprocess.Popen, timeout_s: float = 300, sig: int = signal.SIGTERM) -> float:
     t0 = time.time()
     if engine.poll() is None:
-        engine.send_signal(signal.SIGTERM)
+        engine.send_signal(sig)
         try:
             engine.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -284,7 +305,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
         engine = _start_engine(workdir, "engine", prof_path)
         eproc = psutil.Process(engine.pid)
         bproc = psutil.Process(broker.proc.pid)
-        res["engine_start_s"] = round(ep.wait_live(engine, workdir / "engine.out"), 1)
+        res["engine_start_s"] = round(ep.wait_live(engine, workdir / "engine.out", a.live_timeout_s), 1)
         res["engine_rss_idle_mb"] = round(_rss(eproc) / 2**20, 1)
 
         receipts: list[tuple[str, int, str, int]] = []  # (alert_id, receipt ns, user, raised_at ns)
@@ -394,6 +415,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
         log = {k: np.concatenate([np.load(p)[k] for p in logs if p.exists()]) for k in ("user", "seq", "wall_ns", "tmax_ns", "samples", "bytes")}
         res["published"] = int(total_sent)
         res["processed"] = int(final.get("stresswatch_ingest_batches_total", 0))
+        res["processed_pct"] = round(100.0 * res["processed"] / max(1, total_sent), 1)  # by the end of the wait for alerts
         res["rejected"] = int(sum(v for k, v in final.items() if k.startswith("stresswatch_messages_rejected_total")))
         res["dropped_no_consent"] = int(final.get("stresswatch_ingest_batches_dropped_total{reason=no_consent}", 0))
         res["msgs_per_s"] = round(msgs / span, 1)
@@ -419,6 +441,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
         saves = final.get("stresswatch_state_save_seconds_count", 0)
         res["state_saves"] = int(saves)
         res["state_save_mean_s"] = round(final.get("stresswatch_state_save_seconds_sum", 0) / saves, 2) if saves else None
+        res["engine_delivery_p99_le_s"] = bucket_quantile(final, "stresswatch_alert_delivery_seconds", 0.99)
         for k in ("published", "republished", "delivered", "acknowledged", "undeliverable"):
             res[f"engine_alerts_{k}"] = int(final.get(f"stresswatch_alerts_{k}_total", 0))
         # latency: worker receipt - publish of the first batch of that user whose newest
@@ -444,11 +467,16 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
         res["stressed_users"] = len([i for i in range(n_users) if plan.stressed(i)])
         res["series"] = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()} for row in series]
 
-        # -- restart to live: stop (state saved), start again on the same state ------------
+        # -- restart to live: stop (SIGTERM: state saved; SIGKILL: a crash), start again ----
         if a.restart:
-            res["engine_stop_s"] = round(_stop_engine(engine), 1)
+            res["restart_after"] = a.restart
+            res["engine_stop_s"] = round(_stop_engine(engine, sig=signal.SIGKILL if a.restart == "kill" else signal.SIGTERM), 1)
             engine = _start_engine(workdir, "engine-restart", None)
-            res["restart_to_live_s"] = round(ep.wait_live(engine, workdir / "engine-restart.out"), 1)
+            try:
+                res["restart_start_s"] = round(ep.wait_live(engine, workdir / "engine-restart.out", a.live_timeout_s), 1)
+                res["restart_to_live_s"] = round(res["engine_stop_s"] + res["restart_start_s"], 1)  # the downtime: stop, then start
+            except RuntimeError as exc:  # a figure too: not live in time
+                res["restart_to_live_s"] = f"> {res['engine_stop_s'] + a.live_timeout_s:.0f} ({exc})"
         return res
     finally:
         for p in procs:
@@ -474,6 +502,8 @@ COLUMNS = [
     ("msgs_per_s", "msgs/s"),
     ("backlog_end_s", "backlog end s"),
     ("backlog_max_s", "backlog max s"),
+    ("processed_pct", "processed %"),
+    ("stressed_users", "stressed users"),
     ("alerts_raised", "raised"),
     ("alerts_delivered", "delivered"),
     ("alerts_lost", "lost"),
@@ -521,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--publishers", type=int, default=1, help="publisher processes (at most one per core)")
     ap.add_argument("--connections", type=int, default=4, help="MQTT connections per publisher process")
     ap.add_argument("--workers", type=int, default=8, help="support-worker clients (users are spread over them)")
-    ap.add_argument("--stressed-every", type=int, default=0, help="every k-th user is stressed (default: ~1 %%, at least 20 users)")
+    ap.add_argument("--stressed-every", type=int, default=0, help="every k-th user is stressed (default: ~1 %%, at least 20 users, k coprime to the templates)")
     ap.add_argument("--no-keep-samples", dest="keep_samples", action="store_false", help="deviation: engine.keep_samples off")
     ap.add_argument("--persist-s", type=float, help="deviation: engine.persist_s")
     ap.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto", help="the engine's mqtt.protocol (auto is shipped)")
@@ -530,10 +560,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stop-after-failure", action="store_true", help="stop the series at the first N not sustained")
     ap.add_argument("--drain-s", type=float, default=120.0, help="after publishing, wait this long at most for the engine to process everything")
     ap.add_argument("--deadline-s", type=float, default=60.0, help="an alert not at its worker this long after the engine processed everything is lost")
-    ap.add_argument("--no-restart", dest="restart", action="store_false", help="skip the restart-to-live measurement")
+    ap.add_argument(
+        "--restart",
+        choices=["term", "kill", "none"],
+        default="term",
+        help="after the run, stop the engine with SIGTERM (a deploy) or SIGKILL (a crash) and time its start to live; none skips it",
+    )
+    ap.add_argument("--live-timeout-s", type=float, default=900.0, help="an engine (re)start not live (healthy, nothing queued) by then is reported as such")
     ap.add_argument("--keep", action="store_true", help="keep the work directories (logs, state)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/load/results"))
     a = ap.parse_args(argv)
+    a.restart = None if a.restart == "none" else a.restart
     base = QUICK if a.quick else FULL
     a.users = a.users or base["users"]
     for key in ("batch_s", "duration_s", "window_s", "boundary_after_s"):
@@ -556,18 +593,24 @@ def main(argv: list[str] | None = None) -> None:
         f"# load run {meta['date']}  load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}  "
         f"deviations: {'; '.join(dev) if dev else 'none (as shipped)'}  "
         f"| workload: {a.format}, batch {a.batch_s:g} s, window {a.window_s} s, deadline {a.deadline_s:g} s, "
-        f"{a.publishers}x{a.connections} connections on one load account",
+        f"{a.publishers}x{a.connections} connections on one load account, restart after {a.restart or 'none'}",
         flush=True,
     )
     results = []
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out = a.out / f"load_{'quick' if a.quick else 'full'}_{stamp}.json"
     for n in a.users:
         a_n = argparse.Namespace(**vars(a))
-        a_n.stressed_every = a.stressed_every or max(1, min(100, n // 20))
+        a_n.stressed_every = a.stressed_every or default_stressed_every(n, templates.count)
         t = time.time()
-        r = run_one(n, a_n, templates, frame, det)
+        try:
+            r = run_one(n, a_n, templates, frame, det)
+        except (RuntimeError, OSError) as exc:  # this N failed (said so); the series goes on
+            r = {"users": n, "error": str(exc)[-500:], "sustained": False, "deviations": dev}
         r["wall_s"] = round(time.time() - t, 1)
         r["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         results.append(r)
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))  # after each N: a later failure keeps it
         print(table([r]).splitlines()[-1] if len(results) > 1 else table([r]), flush=True)
         if not r.get("reconciled"):
             print(f"    NOT RECONCILED: {json.dumps({k: v for k, v in r.items() if k.startswith('alerts_')})}", flush=True)
@@ -576,9 +619,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"    {p['inclusive']:6.1%} incl {p['self']:6.1%} self  {p['function']}")
         if a.stop_after_failure and not r["sustained"]:
             break
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    out = a.out / f"load_{'quick' if a.quick else 'full'}_{stamp}.json"
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     print(f"\nresults: {out}")
 
 
