@@ -24,7 +24,7 @@ from stresswatch_fixtures.cohort import simulate
 NAMES = ("both", "hr_only", "calm")
 SENSITIVE = DetectorSettings(cusum_h=DetectorSettings().cusum_h / 2)
 # measured on TEST_SEED (commit of this test), each with a margin of one episode or one alert:
-# recall at SENSITIVE (both 6/10, HR alone 5/14), false alerts per calm user-day at the
+# recall at SENSITIVE (both 6/10, HR alone 5/14), false alerts per user-day at the
 # defaults (motion 5/18, strap 1/9, HR-only export 1/9), median delay at SENSITIVE (25.1 min, 11 episodes)
 RECALL_FLOORS = {"both": 0.5, "hr_only": 0.28}
 FALSE_CEILINGS = {"motion": 0.34, "strap": 0.23, "hr_minute": 0.23}
