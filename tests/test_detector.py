@@ -105,11 +105,12 @@ def chunkings(draw):
 
 
 BATCH_WINDOWS, BATCH_ALERTS = batch_pass(SYN)
-BATCH = {SMALL: (BATCH_WINDOWS, BATCH_ALERTS), TRAILING: batch_pass(SYN, TRAILING)}
+SETTINGS = {"1-min windows": SMALL, "5-min windows every minute": TRAILING}
+BATCH = {"1-min windows": (BATCH_WINDOWS, BATCH_ALERTS), "5-min windows every minute": batch_pass(SYN, TRAILING)}
 
 
 def test_trailing_windows_decide_within_minutes_and_output_the_aligned_windows():
-    windows, alerts = BATCH[TRAILING]
+    windows, alerts = BATCH["5-min windows every minute"]
     assert windows.filter(pl.col("user") == "a").height == 24  # 2 hours of 5-minute windows, not one per minute
     assert all(ts.timestamp() % 300 == 0 for ts in windows["window_start"].to_list())
     assert [a.user for a in alerts] == ["a"]
@@ -121,8 +122,9 @@ def test_trailing_windows_decide_within_minutes_and_output_the_aligned_windows()
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chunkings())
-@pytest.mark.parametrize("s", [SMALL, TRAILING], ids=["1-min windows", "5-min windows every minute"])
-def test_streaming_equals_batch_for_any_chunking_and_interleaving(s, chunks):
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_streaming_equals_batch_for_any_chunking_and_interleaving(name, chunks):
+    s = SETTINGS[name]
     d = Detector(s)
     windows, alerts = [], []
     for c in chunks:
@@ -133,7 +135,7 @@ def test_streaming_equals_batch_for_any_chunking_and_interleaving(s, chunks):
     windows.append(out.windows)
     alerts += out.alerts
     got = pl.concat(windows).sort("user", "window_start")
-    want_windows, want_alerts = BATCH[s]
+    want_windows, want_alerts = BATCH[name]
     assert got.equals(want_windows)
     assert sorted(alerts, key=lambda a: a.alert_id) == sorted(want_alerts, key=lambda a: a.alert_id)
 
@@ -242,7 +244,7 @@ def mixed(seed: int = 5) -> pl.DataFrame:
 
 MIX = mixed()
 MIX_WINDOWS, MIX_ALERTS = batch_pass(MIX)
-MIX_BATCH = {SMALL: (MIX_WINDOWS, MIX_ALERTS), TRAILING: batch_pass(MIX, TRAILING)}
+MIX_BATCH = {"1-min windows": (MIX_WINDOWS, MIX_ALERTS), "5-min windows every minute": batch_pass(MIX, TRAILING)}
 
 
 @st.composite
@@ -266,8 +268,9 @@ def mixed_chunkings(draw):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mixed_chunkings())
-@pytest.mark.parametrize("s", [SMALL, TRAILING], ids=["1-min windows", "5-min windows every minute"])
-def test_streaming_with_restart_equals_batch_on_mixed_sources(s, plan):
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_streaming_with_restart_equals_batch_on_mixed_sources(name, plan):
+    s = SETTINGS[name]
     chunks, restart_at = plan
     d = Detector(s)
     windows, alerts = [], []
@@ -281,7 +284,7 @@ def test_streaming_with_restart_equals_batch_on_mixed_sources(s, plan):
     windows.append(out.windows)
     alerts += out.alerts
     got = pl.concat(windows).sort("user", "window_start")
-    want_windows, want_alerts = MIX_BATCH[s]
+    want_windows, want_alerts = MIX_BATCH[name]
     assert got.equals(want_windows)
     assert sorted(alerts, key=lambda a: a.alert_id) == sorted(want_alerts, key=lambda a: a.alert_id)
 
