@@ -142,9 +142,9 @@ class DetectorSettings(_Section):
         default=1.2, gt=1, description="no steps or motion from this person yet: a minute's HR this far above baseline is activity"
     )
     activity_hr_span_without_motion: float = Field(
-        default=0.15,
+        default=1.0,
         gt=0,
-        description="no steps or motion from this person yet: minutes' HR spanning this share of baseline within one window is the steep onset or end of activity",
+        description="no steps or motion from this person yet: minutes' HR spanning this share of baseline within one window is the steep onset or end of activity (1.0: off; 0.15 hides ordinary minutes of a real healthy hour)",
     )
     activity_recovery_s: int = Field(
         default=300, ge=0, description="windows starting this soon after a walk, stairs or other non-exercise movement are suppressed"
