@@ -3,7 +3,7 @@
     python benchmarks/evaluate_detector.py                      # 5 evaluation seeds, all scenarios, curve
     python benchmarks/evaluate_detector.py --seeds 9001 --no-curve   # quick look
     python benchmarks/evaluate_detector.py --tune --set score_enter=2.0   # tuning seeds only
-    python benchmarks/evaluate_detector.py --json after.json --compare before.json   # overlay another run
+    python benchmarks/evaluate_detector.py --json after.json --compare "before.json=previous"   # overlay another run
 
 Scenarios, sources and seeds: ``fixtures/scenarios.py`` (tuning and evaluation seeds are kept
 apart there; ``--tune`` may only use tuning seeds and an evaluation never uses them). For
@@ -241,7 +241,7 @@ def main() -> None:
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--label", default="this version")
     ap.add_argument("--json", type=Path, help="write raw counts here")
-    ap.add_argument("--compare", type=Path, nargs="*", default=[], help="JSON of other runs to overlay in the PNG")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="JSON[=LABEL]", help="JSON of other runs to overlay in the PNG (LABEL replaces the stored one)")
     ap.add_argument("--png", type=Path, default=HERE / "detector_curve.png")
     ap.add_argument("--from-json", type=Path, help="print and plot a stored run (--json) instead of running")
     a = ap.parse_args()
@@ -295,7 +295,9 @@ def report(rows: list[dict], values: list[float], curve_key: str, label: str, js
     if json_out:
         json_out.write_text(json.dumps({"label": label, "values": values, "curve_key": curve_key, "rows": rows}))
     for other in a.compare:
-        z = json.loads(other.read_text())
+        path, _, name = other.partition("=")
+        z = json.loads(Path(path).read_text())
+        z["label"] = name or z["label"]
         if z["values"]:
             curves[z["label"]] = curve_points(z["rows"], z["values"])
         d0 = [r for r in z["rows"] if r["k"] == 0]

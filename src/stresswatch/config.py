@@ -120,10 +120,16 @@ class DetectorSettings(_Section):
     ln_rmssd_scale_floor: float = Field(default=0.08, gt=0, description="least ln RMSSD scale (~8 % RMSSD)")
     score_enter: float = Field(default=2.5, description="a window scoring this high is not learned into the baseline")
     score_exit: float = Field(default=1.0, description="episode ends below this score (hysteresis)")
-    cusum_k: float = Field(default=2.0, ge=0, description="CUSUM reference: each window adds (score - cusum_k) to the evidence")
-    cusum_h: float = Field(default=6.0, gt=0, description="CUSUM decision: an episode starts when the evidence reaches this")
-    sustain_windows: int = Field(default=1, ge=1, description="consecutive windows with evidence >= cusum_h before an alert")
-    exit_windows: int = Field(default=2, ge=1, description="consecutive calm windows that end an episode")
+    stress_hr_rise: float = Field(
+        default=0.10, ge=0, description="expected HR rise of an acute stress response (share of baseline; Castaldo et al. 2015)"
+    )
+    stress_rmssd_drop: float = Field(
+        default=0.30, ge=0, lt=1, description="expected RMSSD drop of an acute stress response (share of baseline)"
+    )
+    cusum_k: float = Field(default=1.0, ge=0, description="CUSUM allowance: each window's log-likelihood ratio minus this is evidence")
+    cusum_h: float = Field(default=16.0, gt=0, description="CUSUM decision: an episode starts when the evidence (log-likelihood ratio) reaches this")
+    sustain_windows: int = Field(default=1, ge=1, description="consecutive minutes with evidence >= cusum_h before an alert")
+    exit_windows: int = Field(default=2, ge=1, description="consecutive calm windows (their minutes) that end an episode")
     cooldown_s: int = Field(default=3600, ge=0, description="no new alert for a user this long after one")
     motion_steps_per_min: float = Field(default=60.0, ge=0, description="walking cadence: window suppressed")
     motion_min: float = Field(
@@ -134,6 +140,11 @@ class DetectorSettings(_Section):
     )
     activity_hr_ratio_without_motion: float = Field(
         default=1.2, gt=1, description="no steps or motion from this person yet: a minute's HR this far above baseline is activity"
+    )
+    activity_hr_span_without_motion: float = Field(
+        default=1.0,
+        gt=0,
+        description="no steps or motion from this person yet: minutes' HR spanning this share of baseline within one window is the steep onset or end of activity (1.0: off; 0.15 hides ordinary minutes of a real healthy hour)",
     )
     activity_recovery_s: int = Field(
         default=300, ge=0, description="windows starting this soon after a walk, stairs or other non-exercise movement are suppressed"

@@ -7,12 +7,17 @@ the same windows and alerts as one batch pass (bit for bit: see ``features``). S
 arrive for a minute already reduced are dropped and counted in :attr:`Detector.late_samples`.
 
 Per arriving batch the beats are cleaned and differenced once (``features.prepare_beats``)
-and buffered as arrays in arrival chunks; finished minutes are reduced to partial sums and
-finished windows combine their minutes (``features.block_partials`` / ``combine``),
-then scored against the user's baseline for that time of day and fed to the episode state
-machine. The sequential part loops over "the k-th baseline refresh period of each user"
-(an hour by default), vectorised over users and over the windows inside the period, so a
-week of data for any number of users takes about 170 passes.
+and buffered as arrays in arrival chunks; finished minutes are reduced to partial sums, and
+every finished minute's trailing window (``window_s`` long, so 5-minute windows with a
+1-minute hop) combines its minutes (``features.block_partials`` / ``combine``). Each is
+scored against the user's baseline for that time of day; the log-likelihood ratio of a
+stress response (``evidence_llr``) feeds a CUSUM per direction (a fifth of a window's
+evidence a minute: the windows overlap), and
+the episode state machine decides every minute. Trailing windows ending on a window boundary
+are the output windows and the only ones the baseline learns. The sequential part loops over
+"the k-th baseline refresh period of each user" (an hour by default), vectorised over users
+and over the minutes inside the period, so a week of data for any number of users takes
+about 170 passes.
 
 Why one module of this size: the detector's state is one struct-of-arrays over users that
 ``update``, the refresh loop, ``to_bytes``/``from_bytes`` and ``forget`` all index the same
@@ -80,8 +85,28 @@ def evidence_score(z_hr: np.ndarray, z_ln: np.ndarray, rho: np.ndarray) -> tuple
     best = np.argmax(np.where(np.isnan(stack), -np.inf, stack), axis=0).astype(np.int8)
     score = np.where(has_ln, np.max(stack, axis=0, initial=-np.inf, where=~np.isnan(stack)), z_hr)
     return score, np.where(has_ln, best, HR).astype(np.int8)
+
+
+def evidence_llr(z_hr: np.ndarray, z_ln: np.ndarray, rho: np.ndarray, shift_hr: np.ndarray, shift_ln: np.ndarray) -> np.ndarray:
+    """Per window, shape (3, n): the log-likelihood ratio of a stress response against the
+    person's calm baseline, for each way it can show (``BOTH``, ``HR``, ``HRV``).
+
+    Calm: z ~ N(0, R), R = [[1, rho], [rho, 1]]. Stress shifts the mean by the person's
+    expected response in their own z units: ``shift_hr`` (HR up) and ``shift_ln`` (ln RMSSD
+    down). Both together: mu = (a, -b), LLR = mu' R^-1 z - mu' R^-1 mu / 2. One signal
+    alone is tested on its own margin (a z_hr - a^2 / 2, -b z_ln - b^2 / 2), not
+    conditioned on the other: conditioning divides by 1 - rho^2 and turns an ordinary HRV
+    dip of a person with strongly coupled signals into strong evidence (docs/DETECTOR.md).
+    Without HRV (HR readings) only the HR row is defined (the others are NaN)."""
+    r = np.where(np.isnan(rho), 0.0, rho)
+    a, b = shift_hr, shift_ln
+    det = 1.0 - r * r
+    both = ((a + r * b) * z_hr - (r * a + b) * z_ln) / det - (a * a + 2 * r * a * b + b * b) / (2 * det)
+    return np.stack([both, a * z_hr - a * a / 2, -b * z_ln - b * b / 2])
+
+
 NEVER = np.iinfo(np.int64).min
-STATE_FORMAT = 3  # bump when the serialised layout changes
+STATE_FORMAT = 4  # bump when the serialised layout changes
 
 
 @dataclass(frozen=True)
@@ -103,8 +128,8 @@ class _Chunk:
 
 @dataclass
 class _PChunk:
-    partials: Partials
-    min_w: int  # smallest window index in the chunk
+    partials: Partials  # reduced minutes not yet decided, or still inside a later trailing window
+    min_w: int  # unused (kept in the saved layout)
 
 
 class Detector:
@@ -122,6 +147,7 @@ class Detector:
         self._chunks: list[_Chunk] = []  # prepared rows of minute blocks not yet finished
         self._pchunks: list[_PChunk] = []  # reduced minute blocks of windows not yet finished
         self._watermark_ns = np.zeros(0, np.int64)
+        self._decided_m = np.zeros(0, np.int64)  # last minute whose trailing window was decided
         self._closed_w = np.zeros(0, np.int64)  # minute blocks with index below this are reduced
         self._motion_until_ns = np.zeros(0, np.int64)
         self._has_motion = np.zeros(0, bool)  # the person's source has reported steps or motion
@@ -140,6 +166,7 @@ class Detector:
         extra = n - old
         self._watermark_ns = np.concatenate([self._watermark_ns, np.full(extra, NEVER)])
         self._closed_w = np.concatenate([self._closed_w, np.full(extra, NEVER)])
+        self._decided_m = np.concatenate([self._decided_m, np.full(extra, NEVER)])
         self._motion_until_ns = np.concatenate([self._motion_until_ns, np.full(extra, NEVER)])
         self._has_motion = np.concatenate([self._has_motion, np.zeros(extra, bool)])
         new = list(self._users)[old:]
@@ -165,7 +192,7 @@ class Detector:
         per = self.baselines.bytes_per_user()
         per += sum(row_bytes(getattr(self.carry, f.name)) for f in fields(self.carry))
         per += sum(row_bytes(getattr(self.episodes, f.name)) for f in fields(self.episodes))
-        return per + sum(row_bytes(a) for a in (self._watermark_ns, self._closed_w, self._motion_until_ns, self._tz, self._has_motion))
+        return per + sum(row_bytes(a) for a in (self._watermark_ns, self._closed_w, self._decided_m, self._motion_until_ns, self._tz, self._has_motion))
 
     # -- streaming API -------------------------------------------------------------------
     def update(self, batch: pl.DataFrame) -> DetectorOutput:
@@ -193,23 +220,23 @@ class Detector:
             beats, others = split_rows(cols, self.carry, s)
             self._chunks.append(_Chunk(beats, others, int((cols.block & LOW32).min())))
         # finished: block / window end <= the user's newest sample
-        return self._finish(self._watermark_ns // MINUTE_NS, self._watermark_ns // (s.window_s * NS))
+        return self._finish(self._watermark_ns // MINUTE_NS)
 
     def flush(self) -> DetectorOutput:
         """Finish every open window (end of a replay)."""
         big = np.full(len(self._users), np.iinfo(np.int64).max // 2)
-        return self._finish(big, big)
+        return self._finish(big)
 
     def advance(self, now_ns: int, grace_s: int = 60) -> DetectorOutput:
         """Finish windows that ended more than ``grace_s`` before ``now_ns`` (live engine tick)."""
         t = int(now_ns) - grace_s * NS
         n = len(self._users)
-        return self._finish(np.full(n, t // MINUTE_NS, np.int64), np.full(n, t // (self.settings.window_s * NS), np.int64))
+        return self._finish(np.full(n, t // MINUTE_NS, np.int64))
 
     # -- internals -----------------------------------------------------------------------
-    def _finish(self, limit_m: np.ndarray, limit_w: np.ndarray) -> DetectorOutput:
-        """Reduce buffered minute blocks with index < ``limit_m[user]``, then finish windows
-        with index < ``limit_w[user]``."""
+    def _finish(self, limit_m: np.ndarray) -> DetectorOutput:
+        """Reduce buffered minute blocks with index < ``limit_m[user]``, then decide the
+        trailing windows ending at those minutes (a window is finished with its last minute)."""
         s = self.settings
         if self._chunks:
             top = int(limit_m.max()) if len(limit_m) else NEVER
@@ -236,50 +263,65 @@ class Detector:
                 p = _reduce_pieces(done_b, done_o, s)
                 if len(p.key):
                     np.maximum.at(self._closed_w, p.key >> 32, (p.key & LOW32) + 1)
-                    per = s.window_s // 60
-                    self._pchunks.append(_PChunk(p, int((p.key & LOW32).min()) // per))
+                    self._pchunks.append(_PChunk(p, 0))
         if not self._pchunks:
             return DetectorOutput(_empty_windows())
-        per = s.window_s // 60
-        top = int(limit_w.max()) if len(limit_w) else NEVER
-        done: list[Partials] = []
-        pkeep: list[_PChunk] = []
-        for c in self._pchunks:
-            if c.min_w >= top:
-                pkeep.append(c)
-                continue
-            k = c.partials.key
-            f = (k & LOW32) // per < limit_w[k >> 32]
-            if f.all():
-                done.append(c.partials)
-                continue
-            done.append(c.partials.take(f))
-            rest = c.partials.take(~f)
-            if len(rest.key):
-                pkeep.append(_PChunk(rest, int((rest.key & LOW32).min()) // per))
-        self._pchunks = pkeep
-        if not done:
+        f = self._trailing(limit_m)
+        if f is None:
             return DetectorOutput(_empty_windows())
+        return self._decide(f)
+
+    def _trailing(self, limit_m: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Features of the trailing window (``window_s``) ending at every finished minute
+        with data in it, not decided before; keeps the minutes later ones still need.
+
+        A minute ``m`` is decided once, when it is finished (``m < limit_m``), from the
+        reduced minutes ``m - per + 1 .. m``; the window ending at a window boundary has
+        exactly the aligned window's minutes, so it *is* that window."""
+        s = self.settings
+        per = s.window_s // 60
+        done = [c.partials for c in self._pchunks]
         p = Partials.concat(done)
         if len(done) > 1:
             p = p.take(merge_order([x.key >> 32 for x in done]))
-        if len(p.key) == 0:
-            return DetectorOutput(_empty_windows())
-        return self._decide(combine(p, s))
+        key = p.key
+        cand = (key[:, None] + np.arange(per, dtype=np.int64)).ravel()
+        cu, cm = cand >> 32, cand & LOW32
+        cand = np.unique(cand[(cm > self._decided_m[cu]) & (cm < limit_m[cu])])
+        if len(cand) == 0:
+            self._pchunks = [_PChunk(p, 0)]
+            return None
+        lo = np.searchsorted(key, cand - (per - 1), side="left")
+        hi = np.searchsorted(key, cand, side="right")
+        n = hi - lo
+        first = np.cumsum(n) - n
+        rows = np.repeat(lo - first, n) + np.arange(int(n.sum()))
+        f = combine(p.take(rows), s, np.repeat(cand, n))
+        cu = cand >> 32
+        np.maximum.at(self._decided_m, cu, cand & LOW32)
+        pu = key >> 32
+        keep = (key & LOW32) >= self._decided_m[pu] - (per - 2)
+        self._pchunks = [_PChunk(p.take(np.flatnonzero(keep)), 0)] if keep.any() else []
+        return f
 
     def _decide(self, f: dict[str, np.ndarray]) -> DetectorOutput:
+        """Score, movement, evidence and episodes for the trailing windows ``f`` (one per
+        user and minute, sorted); the aligned ones are the output windows and the only
+        ones the baseline learns from."""
         s = self.settings
-        w_ns = s.window_s * NS
-        u, w = f["u"], f["w"]  # sorted by user, window
+        per = s.window_s // 60
+        u, mins = f["u"], f["w"]  # sorted by user, then the trailing window's last minute
+        w = mins // per  # the aligned window holding that minute
+        aligned = mins % per == per - 1
         n = len(u)
-        start_ns = w * w_ns
-        end_ns = start_ns + w_ns
+        start_ns = (mins - per + 1) * MINUTE_NS
+        end_ns = (mins + 1) * MINUTE_NS
         hr, cov = f["hr_mean"], f["coverage"]
         lnr = np.where(f["signal"] == 0, f["ln_rmssd"], np.nan)  # HR-readings windows: HR alone
         local_s = start_ns // NS + self._utc_offsets_s(u, start_ns)
         slot = (local_s % 86400) // (86400 // s.baseline_slots)
         moving = (f["steps_peak_minute"] >= s.motion_steps_per_min) | (f["motion"] >= s.motion_min)
-        hr_peak = f["hr_peak_minute"]
+        hr_peak, hr_low = f["hr_peak_minute"], f["hr_low_minute"]
         reports_motion = (f["steps"] > 0) | ~np.isnan(f["motion"])
         insufficient = (cov < s.min_coverage) | np.isnan(hr)
         bl = self.baselines
@@ -307,7 +349,10 @@ class Detector:
             ui, si = u[rows], slot[rows]
             bl.refresh(ui, period[rows], min_windows=s.baseline_min_windows, hr_floor=s.hr_scale_floor_bpm, ln_floor=s.ln_rmssd_scale_floor)
             h, ln = hr[rows], lnr[rows]
-            t0, t1 = start_ns[rows], end_ns[rows]
+            t0 = start_ns[rows]
+            # where a movement seen in this trailing window ended at the latest: its first
+            # minute (the later windows holding the same movement say so themselves)
+            mend = t0 + MINUTE_NS
             # Score against the window's own time-of-day baseline and, where a neighbouring
             # slot's HR level differs, that neighbour too, keeping the least alarming: waking up
             # early or going to bed late compares an awake window with a sleeping slot, which is
@@ -350,7 +395,8 @@ class Detector:
             self._has_motion[ui[gstarts]] = has_motion[gend]
             own = bl.stats[ui, si, 0]
             exercise = np.where(ready, h >= s.exercise_hr_ratio * own, h >= s.exercise_hr_bpm)
-            activity = ~has_motion & ready & (hr_peak[rows] >= s.activity_hr_ratio_without_motion * own)
+            steep = hr_peak[rows] - hr_low[rows] >= s.activity_hr_span_without_motion * own
+            activity = ~has_motion & ready & ((hr_peak[rows] >= s.activity_hr_ratio_without_motion * own) | steep)
             move = moving[rows] | exercise | activity
             # recovery: a window starting before the end of the user's last exercise window +
             # motion_recovery_s, or of the last other movement window + activity_recovery_s
@@ -360,8 +406,8 @@ class Detector:
                 prev_lm = np.empty(m, np.int64)
                 prev_lm[0] = -1
                 prev_lm[1:] = lm[:-1]
-                until = np.maximum(until, np.where(prev_lm >= gs, t1[np.maximum(prev_lm, 0)] + rec, NEVER))
-                end_until = np.where(lm[gend] >= gstarts, t1[np.maximum(lm[gend], 0)] + rec, NEVER)
+                until = np.maximum(until, np.where(prev_lm >= gs, mend[np.maximum(prev_lm, 0)] + rec, NEVER))
+                end_until = np.where(lm[gend] >= gstarts, mend[np.maximum(lm[gend], 0)] + rec, NEVER)
                 self._motion_until_ns[ui[gstarts]] = np.maximum(self._motion_until_ns[ui[gstarts]], end_until)
             recovering = t0 < until
             suppressed = move | recovering
@@ -370,7 +416,11 @@ class Detector:
                 ins, INSUFFICIENT, np.where(~ready, CALIBRATING, np.where(suppressed, SUPPRESSED, np.where(score >= s.score_enter, ELEVATED, OK)))
             )
             evidence = np.where(st >= OK, score, np.nan)
-            acc = self._cusum(ui, gstarts, glen, evidence, reset=(st == SUPPRESSED) | (st == CALIBRATING))
+            # the person's expected stress response in their own z units (a, b of evidence_llr)
+            shift_hr = s.stress_hr_rise * st4[:, 0] / st4[:, 1]
+            shift_ln = -np.log1p(-s.stress_rmssd_drop) / st4[:, 3]
+            llr = np.where(st >= OK, evidence_llr(z_hr, z_ln, st4[:, 4], shift_hr, shift_ln), np.nan)
+            acc, dirn = self._cusum(ui, gstarts, glen, llr, reset=(st == SUPPRESSED) | (st == CALIBRATING))
             # elevated: the accumulated evidence is at the deciding level (not one noisy window)
             st = np.where(st >= OK, np.where(acc >= s.cusum_h, ELEVATED, OK), st)
             in_ep, alert, ep_start = episodes.scan(
@@ -378,16 +428,16 @@ class Detector:
                 ui,
                 acc,
                 t0,
-                t1,
+                end_ns[rows],
                 score_enter=s.cusum_h,
                 score_exit=s.score_exit,
                 sustain_windows=s.sustain_windows,
-                exit_windows=s.exit_windows,
+                exit_windows=s.exit_windows * per,  # calm minutes: the windows' worth
                 cooldown_s=s.cooldown_s,
                 exit_score=evidence,
             )
             # Baseline learns only from clean, calm windows outside episodes (SPEC: detection).
-            learn = ~ins & ~suppressed & ~in_ep & (st != ELEVATED) & ~(score >= s.score_enter)
+            learn = aligned[rows] & ~ins & ~suppressed & ~in_ep & (st != ELEVATED) & ~(score >= s.score_enter)
             if learn.any():
                 bl.push(ui[learn], si[learn], h[learn], ln[learn])
             state[rows] = st
@@ -401,11 +451,13 @@ class Detector:
             ep_start_all[rows] = ep_start
             direction[rows] = dirn
 
-        feats = features_frame(f, self._names, s)
+        fa = {k: v[aligned] for k, v in f.items()}
+        fa["w"] = w[aligned]
+        feats = features_frame(fa, self._names, s)
         windows = feats.with_columns(
-            *(pl.Series(k, v, pl.Float64).fill_nan(None) for k, v in out.items()),
-            pl.Series("baseline_slot", slot_used, pl.Int64),
-            pl.Series("state", STATES[state], pl.String),
+            *(pl.Series(k, v[aligned], pl.Float64).fill_nan(None) for k, v in out.items()),
+            pl.Series("baseline_slot", slot_used[aligned], pl.Int64),
+            pl.Series("state", STATES[state[aligned]], pl.String),
         ).select(list(WINDOW_SCHEMA))
         alerts = []
         for row in np.flatnonzero(alert_all):
@@ -434,26 +486,34 @@ class Detector:
         alerts.sort(key=lambda a: (a.raised_at, a.user))
         return DetectorOutput(windows.cast(WINDOW_SCHEMA).sort("user", "window_start"), alerts)
 
-    def _cusum(self, ui: np.ndarray, gstarts: np.ndarray, glen: np.ndarray, evidence: np.ndarray, reset: np.ndarray) -> np.ndarray:
-        """One-sided CUSUM of ``evidence - cusum_k`` per user, capped at ``cusum_h`` (rows
-        sorted by user then time, at most one refresh period per user). Windows without
-        evidence hold it; movement and calibration reset it. Walked window by window in
+    def _cusum(self, ui: np.ndarray, gstarts: np.ndarray, glen: np.ndarray, llr: np.ndarray, reset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One-sided CUSUM per user and direction of ``(llr - cusum_k) / minutes per
+        window``, capped at ``cusum_h`` (``llr`` shape (3, rows), rows sorted by user then
+        time, at most one refresh period per user). A direction without evidence (NaN) holds
+        its sum; movement and calibration reset all three. Returns the largest sum after
+        each row (NaN where the row had no evidence) and its direction. Walked row by row in
         rank order, vectorised over users, so it is the same arithmetic as streaming."""
         s = self.settings
+        # Trailing windows one minute apart share all but one minute of their data: each
+        # adds a minute's worth (1 / minutes per window) of a window's evidence, so a
+        # person's evidence grows at the same rate per hour as with disjoint windows.
+        hop = 60 / s.window_s
         m = len(ui)
         rank = np.arange(m) - np.repeat(gstarts, glen)
         order = np.argsort(rank, kind="stable")
         bounds = np.searchsorted(rank[order], np.arange(int(rank.max(initial=0)) + 2))
-        acc = np.full(m, np.nan)
+        sums = np.zeros((m, 3))
         c = self.episodes.cusum
         for j in range(len(bounds) - 1):
             r = order[bounds[j] : bounds[j + 1]]
-            uu, x = ui[r], evidence[r]
+            uu, x = ui[r], llr[:, r].T
             prev = c[uu]
-            new = np.where(reset[r], 0.0, np.where(np.isnan(x), prev, np.clip(prev + x - s.cusum_k, 0.0, s.cusum_h)))
+            new = np.where(reset[r, None], 0.0, np.where(np.isnan(x), prev, np.clip(prev + (x - s.cusum_k) * hop, 0.0, s.cusum_h)))
             c[uu] = new
-            acc[r] = np.where(np.isnan(x), np.nan, new)
-        return acc
+            sums[r] = new
+        best = np.argmax(sums, axis=1).astype(np.int8)
+        acc = np.where(np.isnan(llr).all(axis=0), np.nan, sums.max(axis=1))
+        return acc, best
 
     # -- time zones --------------------------------------------------------------------
     def set_timezone(self, user: str, tz: str) -> None:
@@ -490,7 +550,7 @@ class Detector:
     # per-user state; buffered rows and chunk bounds are stored as (1, k) arrays and refer to
     # users by name (``row_users``), so dropping one user's row from every per-user array
     # (as :meth:`forget` does, and as the engine's erasure did before it existed) stays valid.
-    _PER_USER = ("users", "watermark", "closed", "motion_until", "tz", "has_motion")
+    _PER_USER = ("users", "watermark", "closed", "decided", "motion_until", "tz", "has_motion")
 
     def _arrays(self) -> dict[str, np.ndarray]:
         beats = Beats.concat([c.beats for c in self._chunks]) if self._chunks else Beats.empty()
@@ -512,6 +572,7 @@ class Detector:
             "users": np.array(list(self._users), dtype=str),
             "watermark": self._watermark_ns,
             "closed": self._closed_w,
+            "decided": self._decided_m,
             "motion_until": self._motion_until_ns,
             "tz": self._tz,
             "has_motion": self._has_motion,
@@ -557,6 +618,7 @@ class Detector:
         d._names = pl.Series("user", list(d._users), pl.String)
         d._watermark_ns = z["watermark"].copy()
         d._closed_w = z["closed"].copy()
+        d._decided_m = z["decided"].copy()
         d._motion_until_ns = z["motion_until"].copy()
         d._has_motion = z["has_motion"].copy() if "has_motion" in z else np.zeros(len(d._users), bool)
         d._tz_names = [str(x) for x in z["tz_names"].tolist()] if "tz_names" in z else ["UTC"]

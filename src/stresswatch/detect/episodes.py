@@ -30,12 +30,12 @@ class EpisodeState:
     in_episode: np.ndarray  # bool
     episode_start_ns: np.ndarray
     last_alert_ns: np.ndarray
-    cusum: np.ndarray  # float64: accumulated evidence (the detector's CUSUM), 0..cusum_h
+    cusum: np.ndarray  # (users, 3) float64: accumulated evidence per direction (both, HR, HRV), 0..cusum_h
 
     @classmethod
     def empty(cls, users: int = 0) -> EpisodeState:
         z = np.zeros(users, np.int64)
-        return cls(z.copy(), z.copy(), z.copy(), np.zeros(users, bool), z.copy(), np.full(users, NO_TIME, np.int64), np.zeros(users))
+        return cls(z.copy(), z.copy(), z.copy(), np.zeros(users, bool), z.copy(), np.full(users, NO_TIME, np.int64), np.zeros((users, 3)))
 
     def grow(self, users: int) -> None:
         extra = users - len(self.run)

@@ -397,13 +397,17 @@ def block_partials(beats: Beats, others: Others, s: DetectorSettings) -> Partial
     )
 
 
-def combine(p: Partials, s: DetectorSettings) -> dict[str, np.ndarray]:
+def combine(p: Partials, s: DetectorSettings, group: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Window features from block partials sorted by block key; arrays aligned on windows
-    sorted by (user, window). SDNN combines block moments (Chan et al. 1979)."""
+    sorted by (user, window). SDNN combines block moments (Chan et al. 1979).
+
+    ``group`` (sorted, one per row) names the window each row belongs to when the windows
+    are not the aligned ones: the detector's trailing windows ending at every minute, whose
+    rows are gathered minutes (key ``user << 32 | last minute``, returned as ``w``)."""
     per = s.window_s // 60
     u = p.key >> 32
     minute = p.key & 0xFFFFFFFF
-    wkey = window_key(u, minute // per)
+    wkey = window_key(u, minute // per) if group is None else group
     st = _segments(wkey)
     nwin = len(st)
     if nwin == 0:
@@ -443,15 +447,19 @@ def combine(p: Partials, s: DetectorSettings) -> dict[str, np.ndarray]:
     hr_ok = ~has_rr & (n_hr >= s.min_hr_samples)
     hr = np.where(has_rr, hr_rr, np.where(hr_ok, hr_samples, np.nan))
     coverage = np.where(has_rr, rr_cov, hr_cov)
-    # Shape inside the window, from its minutes: the busiest minute's steps and the highest
-    # minute's HR (a climb of stairs is a minute, a 5-minute mean hides it).
+    # Shape inside the window, from its minutes: the busiest minute's steps, the highest and
+    # lowest minute's HR (a climb of stairs is a minute, a 5-minute mean hides it; the span
+    # says how steep a change is).
     with np.errstate(invalid="ignore", divide="ignore"):
         minute_hr = np.where(p.n_kept > 0, p.sum_inv / p.n_kept, np.where(p.n_hr > 0, p.sum_hr / p.n_hr, -np.inf))
     hr_peak = np.maximum.reduceat(minute_hr, st) if nwin else np.zeros(0)
     hr_peak[~np.isfinite(hr_peak)] = np.nan
+    hr_low = np.minimum.reduceat(np.where(np.isfinite(minute_hr), minute_hr, np.inf), st) if nwin else np.zeros(0)
+    hr_low[~np.isfinite(hr_low)] = np.nan
     steps_peak = np.maximum.reduceat(p.steps, st) if nwin else np.zeros(0)
     return {
         "hr_peak_minute": hr_peak,
+        "hr_low_minute": hr_low,
         "steps_peak_minute": steps_peak,
         "key": keys,
         "u": keys >> 32,
