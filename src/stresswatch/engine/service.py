@@ -156,7 +156,7 @@ class Engine:
         self.ledger = ConsentLedger(self.db_path)
         self.outbox = Outbox(self.db_path)
         self.consent = ConsentCache(self.ledger)
-        self.persister = StatePersister(self.db_path, self.outbox, self.store)
+        self.persister = StatePersister(self.db_path, self.outbox, self.store, today=lambda: self.clock().date())
         blob = self.outbox.load_detector()
         detector = Detector.from_bytes(blob, self.settings.detector) if blob else Detector(self.settings.detector)
         m = self.settings.mqtt
@@ -262,6 +262,7 @@ class Engine:
         self._run_queued(until_stopped=False)  # batches already received are processed, not lost
         self.flush()
         self.persist(wait=True)
+        self.persister.close()
         if self.dispatcher is not None and self.transport is not None:
             self.dispatcher.pump()
             self.dispatcher.drain(5.0)
@@ -283,7 +284,7 @@ class Engine:
         self.status.sweep(now)
 
     def persist(self, *, wait: bool = False) -> None:
-        """Save detector state and buffered samples (see :mod:`.persist`)."""
+        """Save the detector state, once the samples before it are stored (see :mod:`.persist`)."""
         now = self.clock()
         # Consent can also end without a message to this engine (expiry; a revocation written
         # into a ledger file it shares): forget those users before saving. From the consent
