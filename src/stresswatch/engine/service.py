@@ -51,6 +51,7 @@ log = logging.getLogger("stresswatch.engine")
 
 ENGINE_ONLINE = b'{"schema_version":1,"status":"online"}'
 ENGINE_OFFLINE = b'{"schema_version":1,"status":"offline"}'
+ANNOUNCE_SLICE = 2_000  # user statuses published per engine job at start (about 0.1 s)
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -290,7 +291,8 @@ class Engine:
         # into a ledger file it shares): forget those users before saving. From the consent
         # cache, which the status sweep refreshes from the ledger: a ledger read per user here
         # stalled the engine ~8 s per save at 100,000 users (docs/SCALING.md).
-        for user in [u for u in self.pipeline.detector.users if not self.consent.may_process(u, now)]:
+        users = self.pipeline.detector.users
+        for user in [u for u, ok in zip(users, self.consent.processing_users(users, now).tolist()) if not ok]:
             self.forget(user)
         seq, drop_through, intake = self.applied_seq, self._truncate_seq, self.intake
         self._truncate_seq = seq
@@ -299,7 +301,7 @@ class Engine:
         # The log keeps the segments of one more interval than the snapshot needs: a batch
         # whose PUBACK was lost in a crash is redelivered, and is recognised by them.
         self.persister.save(
-            self.pipeline.detector.to_bytes(), now, wait=wait, ingest_seq=seq, then=lambda: intake.log.truncate_through(drop_through)
+            self.pipeline.detector.state_arrays(), now, wait=wait, ingest_seq=seq, then=lambda: intake.log.truncate_through(drop_through)
         )
 
     def flush(self) -> None:
@@ -351,9 +353,19 @@ class Engine:
             log.warning("broker connection lost: %d recently acknowledged alert(s) will be published again", n)
 
     def _announce(self) -> None:
+        """Online, then every user's status again: the consent cache is loaded from the ledger
+        in one read, and the statuses go out in slices queued behind the ingest jobs, so the
+        engine is live while they are published (one read and publish per user before going
+        live was most of a 72-s start at 100,000 users)."""
         assert self.transport is not None
         self.transport.publish(self.topics.engine_status, ENGINE_ONLINE, qos=1, retain=True)
-        self.status.announce(self.ledger.users(), self.clock())  # the reads also warm the consent cache
+        self._announce_from(self.consent.load(self.ledger.iter_states()), 0)
+
+    def _announce_from(self, users: list[str], start: int) -> None:
+        end = start + ANNOUNCE_SLICE
+        self.status.announce(users[start:end], self.clock())
+        if end < len(users):
+            self._queue.put(partial(self._announce_from, users, end))
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """paho's thread: only enqueue, to the handler for the topic's kind."""
