@@ -9,10 +9,13 @@ engine start and memory with N seeded users.
     first ``--reference-users`` users and reported per user (it is O(users)).
 
 ``python benchmarks/bench_state.py start --users 10000 100000``
-    The real ``Engine.start()`` plus its start-up jobs (status announce, outbox pump) against
-    a fresh Mosquitto on a free loopback port, with N users seeded as the load harness seeds
-    them (consenting, calibrated detector state tiled from a real detector); then the
-    engine's RSS, the detector's share, and the time a state save holds the engine thread.
+    The real ``Engine.start()`` plus the start-up jobs queued by then (status announce, outbox
+    pump) in a process of its own, against a fresh Mosquitto on a free loopback port, with N
+    users seeded as the load harness seeds them (consenting, calibrated detector state tiled
+    from a real detector); then the engine's RSS above the bare interpreter (per user), the
+    detector's share, and what a state save costs the engine thread (copying the arrays)
+    against serialising them there (the previous version). Run it with
+    ``PYTHONPATH=<old checkout>/src`` for the reference.
 
 Every figure is printed with the machine's load average; product defaults throughout.
 """
@@ -118,14 +121,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def bench_start(a: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE / "load"))
     from users import Plan, calibrate, detector_blob, load_templates, seed_consent  # type: ignore[import-not-found]
@@ -133,7 +128,6 @@ def bench_start(a: argparse.Namespace) -> None:
     from stresswatch.alerts.outbox import Outbox
     from stresswatch.broker import mosquitto_conf
     from stresswatch.config import DetectorSettings, Settings
-    from stresswatch.engine import Engine
 
     header("start")
     det = DetectorSettings()
@@ -158,29 +152,64 @@ def bench_start(a: argparse.Namespace) -> None:
             ob = Outbox(settings.store.db_path)
             ob.save_detector(detector_blob(template, templates, plan, det), now)
             ob.close()
-            rss0 = _rss_mb()
-            eng = Engine(settings, url=url, state_dir=state)
-            t = time.perf_counter()
-            eng.start()
-            started = time.perf_counter() - t
-            eng._run_queued(until_stopped=False)  # the start-up jobs: announce, pump
-            live = time.perf_counter() - t
-            rss = _rss_mb() - rss0
-            det_b = eng.pipeline.detector.state_bytes_per_user()
-            t = time.perf_counter()
-            blob = eng.pipeline.detector.to_bytes()
-            stall = time.perf_counter() - t
-            print(json.dumps({"users": n, "start_s": round(started, 2), "start_and_announce_s": round(live, 2),
-                              "engine_rss_mb": round(rss, 1), "rss_kb_per_user": round(rss * 1024 / n, 2),
-                              "detector_state_b_per_user": det_b, "snapshot_serialise_s": round(stall, 2), "snapshot_mb": round(len(blob) / 2**20, 1),
-                              "load": [round(x, 2) for x in os.getloadavg()]}))  # fmt: skip
-            del blob
-            eng.request_stop()
-            eng.shutdown()
+            (work / "settings.json").write_text(settings.model_dump_json())
+            # the engine in a process of its own, so that its memory is its own
+            out = subprocess.run([sys.executable, __file__, "_engine", str(work / "settings.json"), str(state), url], capture_output=True, text=True, check=False)
+            if out.returncode:
+                print(f"engine failed: {out.stderr[-2000:]}")
+                continue
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps({"users": n, **res, "load": [round(x, 2) for x in os.getloadavg()]}))
         finally:
             broker.terminate()
             broker.wait(10)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _status_kb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def engine_child(settings_path: str, state: str, url: str) -> None:
+    """Start the engine (as ``stresswatch engine`` does), run its start-up jobs, report."""
+    from stresswatch.config import Settings
+    from stresswatch.engine import Engine
+
+    settings = Settings.model_validate(json.loads(Path(settings_path).read_text()))
+    eng = Engine(settings, url=url, state_dir=Path(state))
+    base_kb = _status_kb("VmRSS")  # the interpreter and libraries, before any state
+    t = time.perf_counter()
+    eng.start()
+    started = time.perf_counter() - t
+    for _ in range(eng._queue.qsize()):  # the jobs start() queued (announce, pump): then ingest runs
+        eng._run_job(eng._queue.get_nowait())
+    live = time.perf_counter() - t
+    eng._run_queued(until_stopped=False)  # whatever they queued (slices of the status announce)
+    announced = time.perf_counter() - t
+    n = len(eng.pipeline.detector.users)
+    rss_kb = _status_kb("VmRSS") - base_kb
+    det = eng.pipeline.detector
+    t = time.perf_counter()
+    if hasattr(det, "state_arrays"):
+        arrays = det.state_arrays()  # what the engine thread does at a save
+        held = time.perf_counter() - t
+        del arrays
+    else:
+        held = float("nan")
+    t = time.perf_counter()
+    blob = det.to_bytes()  # the previous version did this on the engine thread
+    serialise = time.perf_counter() - t
+    peak_kb = _status_kb("VmHWM") - base_kb
+    print(json.dumps({"start_s": round(started, 2), "live_s": round(live, 2), "all_statuses_s": round(announced, 2), "engine_rss_mb": round(rss_kb / 1024, 1),
+                      "rss_kb_per_user": round(rss_kb / n, 2), "peak_rss_kb_per_user": round(peak_kb / n, 2),
+                      "detector_state_b_per_user": det.state_bytes_per_user(), "save_copy_s": round(held, 2),
+                      "save_serialise_s": round(serialise, 2), "snapshot_mb": round(len(blob) / 2**20, 1)}))  # fmt: skip
+    del blob
+    os._exit(0)  # the broker connection is not needed any more; skip a slow graceful stop
 
 
 def main() -> None:
@@ -193,6 +222,9 @@ def main() -> None:
     s.add_argument("--reference-users", type=int, default=500)
     st = sub.add_parser("start")
     st.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000])
+    if len(sys.argv) > 1 and sys.argv[1] == "_engine":
+        engine_child(*sys.argv[2:5])
+        return
     a = ap.parse_args()
     {"samples": bench_samples, "start": bench_start}[a.what](a)
 
