@@ -188,7 +188,13 @@ def engine_child(settings_path: str, state: str, url: str) -> None:
     for _ in range(eng._queue.qsize()):  # the jobs start() queued (announce, pump): then ingest runs
         eng._run_job(eng._queue.get_nowait())
     live = time.perf_counter() - t
-    eng._run_queued(until_stopped=False)  # whatever they queued (slices of the status announce)
+    loader = getattr(eng, "_consent_loader", None)  # this version reads consent on a thread of its own
+    while True:  # the consent slices and status announce they queue
+        eng._run_queued(until_stopped=False)
+        if loader is None or not loader.is_alive():
+            eng._run_queued(until_stopped=False)
+            break
+        time.sleep(0.01)
     announced = time.perf_counter() - t
     n = len(eng.pipeline.detector.users)
     rss_kb = _status_kb("VmRSS") - base_kb

@@ -75,3 +75,19 @@ def test_statuses_are_published_on_change_swept_in_slices_and_cleared(tmp_path: 
     assert status.known("dee") == "off" and sent[-1][0] == Topics().status("dee")
     status.clear("bob")
     assert status.known("bob") is None and sent[-1] == (Topics().status("bob"), b"")
+
+
+def test_a_bulk_read_in_progress_never_overwrites_a_newer_entry(tmp_path: Path):
+    """The start-up read runs on its own thread; a consent message applied meanwhile (the cache
+    entry dropped, the ledger read again) is newer than the slice that arrives after it."""
+    ledger = ledger_with(tmp_path / "ledger.sqlite")
+    cache = ConsentCache(ledger)
+    cache.begin_load()
+    stale = list(ledger.iter_states())  # read before ann revoked
+    now = T0 + timedelta(minutes=5)
+    ledger.append(ConsentEvent("ann", Action.REVOKE, now, "test"))
+    cache.drop("ann")  # what the consent handler does
+    assert not cache.may_process("ann", now)
+    assert cache.load(stale) == ["bob", "cy", "dee"]  # ann's stale grant is not applied
+    cache.end_load()
+    assert not cache.may_process("ann", now) and cache.may_process("bob", now)

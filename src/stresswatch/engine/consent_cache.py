@@ -35,6 +35,13 @@ class ConsentCache:
         self.users = users if users is not None else UserIndex()
         self._status = Column(np.int8, _UNKNOWN)
         self._expires_ns = Column(np.int64, _NO_EXPIRY)
+        self._loading: set[str] | None = None  # users whose entry changed since a bulk read began
+
+    def _fresh(self, state: ConsentState) -> int:
+        """Keep a state read from the ledger now (fresher than any bulk read in progress)."""
+        if self._loading is not None:
+            self._loading.add(state.user)
+        return self._keep(state)
 
     def _keep(self, state: ConsentState) -> int:
         i = self.users.number(state.user)
@@ -43,20 +50,30 @@ class ConsentCache:
         self._expires_ns.ensure(n)[i] = _ns(state.expires_at) if state.expires_at is not None else _NO_EXPIRY
         return i
 
+    def begin_load(self) -> None:
+        """A bulk read of the ledger begins (on another thread, :meth:`load` applies it in
+        slices): entries changed from now on are newer than it and are not overwritten."""
+        self._loading = set()
+
+    def end_load(self) -> None:
+        self._loading = None
+
     def load(self, states: Iterable[ConsentState]) -> list[str]:
-        """Fill the cache from states read in bulk (engine start); returns their users."""
-        return [self.users.names[self._keep(st)] for st in states]
+        """Fill the cache from states read in bulk (engine start); returns their users. An
+        entry changed since :meth:`begin_load` (a consent message, a fresh read) is kept."""
+        skip = self._loading or ()
+        return [self.users.names[self._keep(st)] for st in states if st.user not in skip]
 
     def refresh(self, user: str) -> ConsentState:
         """Read the ledger now; returns the full state (with history) and caches it."""
         st = self._ledger.state(user)
-        self._keep(st)
+        self._fresh(st)
         return st
 
     def _cached(self, user: str) -> int:
         i = self.users.get(user)
         if i is None or i >= len(self._status.values) or self._status.values[i] == _UNKNOWN:
-            i = self._keep(self._ledger.state(user))
+            i = self._fresh(self._ledger.state(user))
         return i
 
     def may_process(self, user: str, now: datetime) -> bool:
@@ -72,11 +89,13 @@ class ConsentCache:
         idx = np.fromiter((self.users.number(u) for u in users), np.int64, len(users))
         status = self._status.ensure(len(self.users))
         for k in np.flatnonzero(status[idx] == _UNKNOWN).tolist():
-            self._keep(self._ledger.state(users[k]))
+            self._fresh(self._ledger.state(users[k]))
         status, expires = self._status.values[idx], self._expires_ns.values[idx]
         return np.isin(status, _PROCESSING) & (_ns(now) < expires)
 
     def drop(self, user: str) -> None:
+        if self._loading is not None:
+            self._loading.add(user)
         i = self.users.get(user)
         if i is not None and i < len(self._status.values):
             self._status.values[i] = _UNKNOWN

@@ -11,6 +11,7 @@ user's data quarantines that user (:mod:`.quarantine`), any other is logged (rat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -31,6 +32,7 @@ from ..broker import check_broker_security, private_client_id
 from ..clock import Clock, utc_now
 from ..config import Settings
 from ..consent.ledger import ConsentLedger
+from ..consent.state import ConsentState
 from ..detect import Detector
 from ..errors import StresswatchError
 from ..ingest import IngestBatch
@@ -54,7 +56,7 @@ log = logging.getLogger("stresswatch.engine")
 
 ENGINE_ONLINE = b'{"schema_version":1,"status":"online"}'
 ENGINE_OFFLINE = b'{"schema_version":1,"status":"offline"}'
-ANNOUNCE_SLICE = 2_000  # user statuses published per engine job at start (about 0.1 s)
+ANNOUNCE_SLICE = 2_000  # users' consent loaded and statuses published per engine job at start (about 0.1-0.5 s)
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -129,6 +131,7 @@ class Engine:
         self.dispatcher: Dispatcher | None = None
         self._scheduler: object | None = None
         self.ready = threading.Event()
+        self._consent_loader: threading.Thread | None = None  # the start-up read of the consent ledger
         self.metrics = EngineMetrics(metrics_registry)
         self.metrics.bind(self.stats, self.health)
         self.metrics_server: MetricsServer | None = None
@@ -421,19 +424,42 @@ class Engine:
             log.warning("broker connection lost: %d recently acknowledged alert(s) will be published again", n)
 
     def _announce(self) -> None:
-        """Online, then every user's status again: the consent cache is loaded from the ledger
-        in one read, and the statuses go out in slices queued behind the ingest jobs, so the
-        engine is live while they are published (one read and publish per user before going
-        live was most of a 72-s start at 100,000 users)."""
+        """Online, then every user's status again. The consent ledger is read in one query on a
+        thread of its own, and each slice of states is applied to the consent cache and its
+        statuses published by a job queued behind the ingest jobs, so the engine is live
+        while they go out (a ledger read and a publish per user before going live was most of
+        a 72-s start at 100,000 users)."""
         assert self.transport is not None
         self.transport.publish(self.topics.engine_status, ENGINE_ONLINE, qos=1, retain=True)
-        self._announce_from(self.consent.load(self.ledger.iter_states()), 0)
+        if self._consent_loader is not None and self._consent_loader.is_alive():
+            return  # the read under way announces everyone
+        self.consent.begin_load()
+        self._consent_loader = threading.Thread(target=self._read_consent, name="consent-load", daemon=True)
+        self._consent_loader.start()
 
-    def _announce_from(self, users: list[str], start: int) -> None:
-        end = start + ANNOUNCE_SLICE
-        self.status.announce(users[start:end], self.clock())
-        if end < len(users):
-            self._queue.put(partial(self._announce_from, users, end))
+    def _read_consent(self) -> None:
+        """The consent loader's thread (its own ledger connection); at most two slices wait."""
+        room = threading.Semaphore(2)
+        try:
+            with ConsentLedger(self.db_path) as ledger:
+                states = ledger.iter_states()
+                while not self._stopping.is_set():
+                    chunk = list(itertools.islice(states, ANNOUNCE_SLICE))
+                    room.acquire()
+                    self._queue.put(partial(self._consent_slice, chunk, room, last=len(chunk) < ANNOUNCE_SLICE))
+                    if len(chunk) < ANNOUNCE_SLICE:
+                        return
+        except Exception as exc:  # noqa: BLE001 - the cache then reads the ledger user by user, as before
+            log.warning("reading consent in bulk: %s", exc)
+            self._queue.put(self.consent.end_load)
+
+    def _consent_slice(self, states: list[ConsentState], room: threading.Semaphore, *, last: bool) -> None:
+        try:
+            self.status.announce(self.consent.load(states), self.clock())
+        finally:
+            room.release()
+            if last:
+                self.consent.end_load()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """paho's thread: only enqueue, to the handler for the topic's kind."""
