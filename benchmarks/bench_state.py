@@ -8,6 +8,10 @@ engine start and memory with N seeded users.
     version (one ``add`` per user, read from git history ``--reference-rev``), timed on the
     first ``--reference-users`` users and reported per user (it is O(users)).
 
+``python benchmarks/bench_state.py tables --users 100000``
+    Bytes per user of the engine's per-user tables (de-duplication floors, consent cache,
+    published statuses), by tracemalloc.
+
 ``python benchmarks/bench_state.py start --users 10000 100000``
     The real ``Engine.start()`` plus the start-up jobs queued by then (status announce, outbox
     pump) in a process of its own, against a fresh Mosquitto on a free loopback port, with N
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -218,6 +223,54 @@ def engine_child(settings_path: str, state: str, url: str) -> None:
     os._exit(0)  # the broker connection is not needed any more; skip a slow graceful stop
 
 
+def bench_tables(a: argparse.Namespace) -> None:
+    """Bytes per user of the de-duplication floors, the consent cache and the published
+    statuses at N users (tracemalloc; the users' id and stream-id strings held by the batches
+    are not counted, in either version). ``PYTHONPATH=<old checkout>/src`` for the reference."""
+    import uuid
+
+    from stresswatch.alerts.topics import Topics
+    from stresswatch.consent.ledger import ConsentLedger
+    from stresswatch.consent.state import Action, ConsentEvent
+    from stresswatch.engine.consent_cache import ConsentCache
+    from stresswatch.engine.status import StatusPublisher
+    from stresswatch.ingest import Deduplicator
+    from stresswatch.wire.ingest import IngestBatch
+    header("tables")
+    N = a.users
+    now = datetime.now(timezone.utc)
+    d = tempfile.mkdtemp()
+    led = ConsentLedger(Path(d) / "l.sqlite")
+    led._db.execute("PRAGMA synchronous=OFF")
+    with led.transaction():
+        for i in range(N):
+            u = f"u{i:07d}"
+            led.append(ConsentEvent(u, Action.GRANT, now, "load", recipients=("w0",), display_name=u, event_id=f"load-{u}"))
+
+    def fresh(i: int) -> str:  # a new str each time, as a decoded batch brings
+        return "u" + str(i).zfill(7)
+
+    batches = [IngestBatch(user=fresh(i), stream_id=uuid.uuid4().hex, seq=0, source="s", time_ns=[], metric=[], value=[]) for i in range(N)]
+    tracemalloc.start()
+    dd = Deduplicator()
+    for b in batches:
+        dd.first_time(b)
+    dedup = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    tracemalloc.start()
+    cache = ConsentCache(led)
+    for i in range(N):
+        cache.may_process(fresh(i), now)
+    consent = tracemalloc.get_traced_memory()[0]
+    sp = StatusPublisher(Topics(), cache, lambda u: True, lambda t, b: None)
+    for i in range(N):
+        sp.update(fresh(i), now)
+    both = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    print(json.dumps({"users": N, "dedup_floors_b_per_user": round(dedup / N), "consent_cache_b_per_user": round(consent / N),
+                      "status_b_per_user": round((both - consent) / N), "total_b_per_user": round((dedup + both) / N)}))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -231,8 +284,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_engine":
         engine_child(*sys.argv[2:5])
         return
+    t = sub.add_parser("tables")
+    t.add_argument("--users", type=int, default=100_000)
     a = ap.parse_args()
-    {"samples": bench_samples, "start": bench_start}[a.what](a)
+    {"samples": bench_samples, "start": bench_start, "tables": bench_tables}[a.what](a)
 
 
 if __name__ == "__main__":
