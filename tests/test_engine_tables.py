@@ -21,7 +21,9 @@ def ledger_with(path: Path) -> ConsentLedger:
     ledger = ConsentLedger(path)
     for user in ("ann", "bob", "cy"):
         ledger.append(ConsentEvent(user, Action.GRANT, T0, "test", recipients=("sam",)))
-    ledger.append(ConsentEvent("dee", Action.GRANT, T0, "test", recipients=("sam",), expires_at=T0 + timedelta(hours=1)))
+    ledger.append(
+        ConsentEvent("dee", Action.GRANT, T0, "test", recipients=("sam",), expires_at=T0 + timedelta(hours=1, microseconds=7), timezone="Europe/Berlin")
+    )
     ledger.append(ConsentEvent("bob", Action.PAUSE, T0 + timedelta(minutes=1), "test"))
     ledger.append(ConsentEvent("cy", Action.REVOKE, T0 + timedelta(minutes=1), "test"))
     return ledger
@@ -39,6 +41,10 @@ def test_the_consent_cache_answers_as_the_ledger_at_any_time(tmp_path: Path):
         assert [bulk.may_process(u, now) for u in users] == want
         assert bulk.processing_users(users, now).tolist() == want
     assert [bulk.paused(u) for u in users] == [False, True, False, False, False]
+    for cache in (bulk, lazy):  # what the hot path reads: status, expiry, zone
+        for u in users:
+            want_state, got = ledger.state(u), cache.state(u)
+            assert (got.status, got.expires_at, got.timezone) == (want_state.status, want_state.expires_at, want_state.timezone)
 
 
 def test_a_dropped_entry_is_read_again_from_the_ledger(tmp_path: Path):
