@@ -16,9 +16,10 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from .alerts.topics import Topics
@@ -31,30 +32,71 @@ from .wire.rejections import Rejections
 log = logging.getLogger(__name__)
 
 
-@dataclass
+_MAX_SEQ = 2**64 - 1
+
+
 class Deduplicator:
     """Exactly-once view of at-least-once batches, per (user, stream_id), in bounded memory.
 
-    Remembers the highest ``seq`` below which every batch was seen, plus the few seen
-    above it (out of order). A stream that restarts gets a new ``stream_id``.
+    Remembers the highest ``seq`` below which every batch was seen (the floor), plus the few
+    seen above it (out of order). A stream that restarts gets a new ``stream_id``.
+
+    Compact at 100,000 users: each user's latest stream and its floor sit in one slot (a
+    list entry and a uint64); a user's other streams (an older stream's redeliveries, an
+    import) and out-of-order seqs, both rare, go to small dictionaries. A dictionary keyed
+    by (user, stream_id) with a set per key cost about 500 bytes a user.
     """
 
-    max_pending: int = 10_000
-    _floor: dict[tuple[str, str], int] = field(default_factory=dict)  # all seq < floor seen
-    _above: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    def __init__(self, max_pending: int = 10_000) -> None:
+        self.max_pending = max_pending
+        self._slot: dict[str, int] = {}  # user -> slot
+        self._stream: list[str] = []  # slot -> the user's latest stream_id
+        self._floors = np.zeros(0, np.uint64)  # slot -> all seq < floor seen
+        self._other: dict[tuple[str, str], int] = {}  # floors of a user's other streams
+        self._above: dict[tuple[str, str], set[int]] = {}  # seen above the floor (out of order)
+
+    def _floor(self, user: str, stream_id: str) -> int:
+        i = self._slot.get(user)
+        if i is not None and self._stream[i] == stream_id:
+            return int(self._floors[i])
+        return self._other.get((user, stream_id), 0)
+
+    def _set_floor(self, user: str, stream_id: str, floor: int) -> None:
+        if floor > _MAX_SEQ:  # past the last uint64 seq: kept aside, the slot freed ("" is no stream id)
+            i = self._slot.get(user)
+            if i is not None and self._stream[i] == stream_id:
+                self._stream[i] = ""
+            self._other[(user, stream_id)] = floor
+            return
+        i = self._slot.get(user)
+        if i is None:
+            i = self._slot[user] = len(self._stream)
+            self._stream.append(stream_id)
+            if i >= len(self._floors):
+                self._floors = np.concatenate([self._floors, np.zeros(max(1024, len(self._floors)), np.uint64)])
+        elif self._stream[i] != stream_id:  # the user's latest stream takes the slot
+            if self._stream[i]:
+                self._other[(user, self._stream[i])] = int(self._floors[i])
+            self._other.pop((user, stream_id), None)
+            self._stream[i] = stream_id
+        self._floors[i] = floor
 
     def seen(self, batch: IngestBatch) -> bool:
         """Whether this (user, stream_id, seq) was already passed (does not record it)."""
         key = (batch.user, batch.stream_id)
-        return batch.seq < self._floor.get(key, 0) or batch.seq in self._above.get(key, ())
+        return batch.seq < self._floor(*key) or batch.seq in self._above.get(key, ())
 
     def first_time(self, batch: IngestBatch) -> bool:
         """True exactly once per (user, stream_id, seq); records it."""
         key = (batch.user, batch.stream_id)
-        floor = self._floor.get(key, 0)
-        above = self._above.setdefault(key, set())
-        if batch.seq < floor or batch.seq in above:
+        floor = self._floor(*key)
+        above = self._above.get(key)
+        if batch.seq < floor or (above is not None and batch.seq in above):
             return False
+        if batch.seq == floor and not above:  # in order: the common case, no set
+            self._set_floor(*key, floor + 1)
+            return True
+        above = self._above.setdefault(key, set())
         above.add(batch.seq)
         while floor in above:
             above.remove(floor)
@@ -64,7 +106,9 @@ class Deduplicator:
             while floor in above:
                 above.remove(floor)
                 floor += 1
-        self._floor[key] = floor
+        if not above:
+            del self._above[key]
+        self._set_floor(*key, floor)
         return True
 
 

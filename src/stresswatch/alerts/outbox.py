@@ -347,7 +347,7 @@ class Outbox:
         return {"total": r[0], "delivered": r[1], "dropped": r[2], "pending": r[0] - r[1] - r[2]}
 
     # -- detector state ----------------------------------------------------------------
-    def save_detector(self, blob: bytes, now: datetime, *, ingest_seq: int | None = None) -> None:
+    def save_detector(self, blob: bytes | memoryview, now: datetime, *, ingest_seq: int | None = None) -> None:
         """``ingest_seq``: the engine's ingest log holds every batch after it (None: unchanged)."""
         with self.transaction():
             self._db.execute(

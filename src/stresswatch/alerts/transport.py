@@ -75,6 +75,9 @@ class MemoryTransport:
         return None
 
 
+_COMPACT_PENDING = 10_000
+
+
 class _PahoReceipt:
     """paho's MQTTMessageInfo raises from ``is_published`` for a message published while
     disconnected; here that is simply "not acknowledged (yet)": the outbox publishes it again."""
@@ -126,6 +129,7 @@ class MqttTransport:
             on_reconnect=self._reconnected,
         )
         self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._compact_at = _COMPACT_PENDING
         self._topics: dict[int, str] = {}  # mid -> topic of pending publishes, to name a refusal
         self._refused: dict[int, str] = {}  # mid -> the broker's reason (MQTT 5 PUBACK reason code)
         self._v5 = self._client.protocol == mqtt.MQTTv5
@@ -173,9 +177,12 @@ class MqttTransport:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
             raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}", url=self.url)
-        if len(self._pending) >= 10_000:  # a long-running engine: forget what was acknowledged
+        if len(self._pending) >= self._compact_at:  # a long-running engine: forget what was acknowledged
             self._pending = [i for i in self._pending if not i.is_published()]
             self._topics = {i.mid: self._topics.get(i.mid, "") for i in self._pending}
+            # Next time at twice what is still unacknowledged: compacting at every publish once
+            # 10,000 were unacknowledged (100,000 statuses at engine start) was quadratic.
+            self._compact_at = max(_COMPACT_PENDING, 2 * len(self._pending))
         self._pending.append(info)
         self._topics[info.mid] = topic
         return _PahoReceipt(info)
@@ -193,6 +200,7 @@ class MqttTransport:
         refused = [(self._topics.get(i.mid, "?"), self._refused.pop(i.mid)) for i in self._pending if i.mid in self._refused]
         self._pending.clear()
         self._topics.clear()
+        self._compact_at = _COMPACT_PENDING
         if refused:
             topic, why = refused[0]
             raise TransportError(f"broker refused {len(refused)} publish(es), first to {topic!r}: {why}", url=self.url)

@@ -140,8 +140,7 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
     digest = 0
     total = 0
     for user in store.users():
-        for path in store.files(user):
-            frame = pl.read_parquet(path)
+        for frame in store.frames(user):
             digest = (digest * 1_000_003 + int(frame.hash_rows(seed=0).sum())) % (1 << 64)
             total += frame.height
     stream_id = f"import-{kind}-{digest:016x}-{total}"[:64]
@@ -156,8 +155,7 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
     try:
         for user in store.users():
             topic = topics.ingest(user)
-            for path in store.files(user):
-                frame = pl.read_parquet(path)
+            for frame in store.frames(user):
                 for (source_name,), part in frame.group_by("source", maintain_order=True):
                     part = representable(part)  # what the engine's boundary would refuse is not sent
                     for off in range(0, part.height, PUBLISH_BATCH):

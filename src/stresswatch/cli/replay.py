@@ -207,7 +207,7 @@ def _expand_store_folders(paths: tuple[Path, ...], kind: str | None) -> tuple[Pa
                 p for p in base.rglob("part-*.parquet") if not any(seg.startswith(".") for seg in p.relative_to(base).parts)
             )
             if not parts:
-                raise ParseError("a folder with no samples store in it (no samples/USER/MONTH/part-*.parquet): name the adapter with --kind", source=path)
+                raise ParseError("a folder with no samples store in it (no samples/day=YYYY-MM-DD/part-*.parquet): name the adapter with --kind", source=path)
         out.extend(parts or [path])
     return tuple(out)
 

@@ -73,7 +73,7 @@ def export_user(
 ) -> dict[str, int]:
     """Write the user's export document (JSON) to ``out``; returns counts per section.
 
-    Samples are streamed one stored file (user-month) at a time, so memory stays bounded.
+    Samples are streamed one stored partition (UTC day) at a time, so memory stays bounded.
     """
     events = ledger.events(user)
     consent = [
@@ -131,12 +131,10 @@ def export_user(
     text = json.dumps(head, indent=1)
     out.write(text[: text.rindex("}")].rstrip())
     n = 0
-    files = store.files(user) if store is not None else []
     for section in ("samples", "other_samples"):
         out.write(f',\n "{section}": [')
         first = True
-        for path in files:
-            frame = pl.read_parquet(path)
+        for frame in store.frames(user) if store is not None else ():
             if writer is None:
                 items: Iterator[dict[str, Any]] | list[dict[str, Any]] = _plain_rows(frame) if section == "samples" else []
             elif section == "samples":

@@ -28,9 +28,11 @@ def erase_user(
     """Remove ``user`` from the stores, then save ``detector_without_user`` (the live detector,
     the user already forgotten); rows removed per store (see :func:`consent.rights.erase_stores`)."""
     persister.join()  # a save in flight holds the user's state: it must land before erasure
-    persister.drop_user(user)
+    persister.drop_user(user, erase=True)
     removed = erase_stores(user, ledger=ledger, outbox=outbox, store=store, now=now, detector_settings=detector_settings)
-    outbox.save_detector(detector_without_user.to_bytes(), now, ingest_seq=ingest_seq)
+    # A snapshot may claim ingest-log records only once their samples are stored.
+    stored = persister.sync_samples()
+    outbox.save_detector(detector_without_user.to_bytes(), now, ingest_seq=ingest_seq if stored else None)
     return removed
 
 

@@ -11,6 +11,7 @@ user's data quarantines that user (:mod:`.quarantine`), any other is logged (rat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -31,6 +32,7 @@ from ..broker import check_broker_security, private_client_id
 from ..clock import Clock, utc_now
 from ..config import Settings
 from ..consent.ledger import ConsentLedger
+from ..consent.state import ConsentState
 from ..detect import Detector
 from ..errors import StresswatchError
 from ..ingest import IngestBatch
@@ -54,6 +56,7 @@ log = logging.getLogger("stresswatch.engine")
 
 ENGINE_ONLINE = b'{"schema_version":1,"status":"online"}'
 ENGINE_OFFLINE = b'{"schema_version":1,"status":"offline"}'
+ANNOUNCE_SLICE = 2_000  # users' consent loaded and statuses published per engine job at start (about 0.1-0.5 s)
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -128,6 +131,7 @@ class Engine:
         self.dispatcher: Dispatcher | None = None
         self._scheduler: object | None = None
         self.ready = threading.Event()
+        self._consent_loader: threading.Thread | None = None  # the start-up read of the consent ledger
         self.metrics = EngineMetrics(metrics_registry)
         self.metrics.bind(self.stats, self.health)
         self.metrics_server: MetricsServer | None = None
@@ -194,7 +198,7 @@ class Engine:
         self.ledger = ConsentLedger(self.db_path)
         self.outbox = Outbox(self.db_path)
         self.consent = ConsentCache(self.ledger)
-        self.persister = StatePersister(self.db_path, self.outbox, self.store)
+        self.persister = StatePersister(self.db_path, self.outbox, self.store, today=lambda: self.clock().date())
         blob = self.outbox.load_detector()
         detector = Detector.from_bytes(blob, self.settings.detector) if blob else Detector(self.settings.detector)
         m = self.settings.mqtt
@@ -322,6 +326,7 @@ class Engine:
         self._run_queued(until_stopped=False)  # batches already received are processed, not lost
         self.flush()
         self.persist(wait=True)
+        self.persister.close()
         if self.dispatcher is not None and self.transport is not None:
             self.dispatcher.pump()
             self.dispatcher.drain(5.0)
@@ -343,14 +348,15 @@ class Engine:
         self.status.sweep(now)
 
     def persist(self, *, wait: bool = False) -> None:
-        """Save detector state and buffered samples (see :mod:`.persist`)."""
+        """Save the detector state, once the samples before it are stored (see :mod:`.persist`)."""
         started = time.monotonic()
         now = self.clock()
         # Consent can also end without a message to this engine (expiry; a revocation written
         # into a ledger file it shares): forget those users before saving. From the consent
         # cache, which the status sweep refreshes from the ledger: a ledger read per user here
         # stalled the engine ~8 s per save at 100,000 users (docs/SCALING.md).
-        for user in [u for u in self.pipeline.detector.users if not self.consent.may_process(u, now)]:
+        users = self.pipeline.detector.users
+        for user in [u for u, ok in zip(users, self.consent.processing_users(users, now).tolist()) if not ok]:
             self.forget(user)
         seq, drop_through, intake = self.applied_seq, self._truncate_seq, self.intake
         self._truncate_seq = seq
@@ -364,7 +370,7 @@ class Engine:
             observe(time.monotonic() - started)
             intake.log.truncate_through(drop_through)
 
-        self.persister.save(self.pipeline.detector.to_bytes(), now, wait=wait, ingest_seq=seq, then=saved)
+        self.persister.save(self.pipeline.detector.state_arrays(), now, wait=wait, ingest_seq=seq, then=saved)
 
     def flush(self) -> None:
         """Give every pending batch to the detector, as one frame. A fault is isolated to the
@@ -421,9 +427,42 @@ class Engine:
             log.warning("broker connection lost: %d recently acknowledged alert(s) will be published again", n)
 
     def _announce(self) -> None:
+        """Online, then every user's status again. The consent ledger is read in one query on a
+        thread of its own, and each slice of states is applied to the consent cache and its
+        statuses published by a job queued behind the ingest jobs, so the engine is live
+        while they go out (a ledger read and a publish per user before going live was most of
+        a 72-s start at 100,000 users)."""
         assert self.transport is not None
         self.transport.publish(self.topics.engine_status, ENGINE_ONLINE, qos=1, retain=True)
-        self.status.announce(self.ledger.users(), self.clock())  # the reads also warm the consent cache
+        if self._consent_loader is not None and self._consent_loader.is_alive():
+            return  # the read under way announces everyone
+        self.consent.begin_load()
+        self._consent_loader = threading.Thread(target=self._read_consent, name="consent-load", daemon=True)
+        self._consent_loader.start()
+
+    def _read_consent(self) -> None:
+        """The consent loader's thread (its own ledger connection); at most two slices wait."""
+        room = threading.Semaphore(2)
+        try:
+            with ConsentLedger(self.db_path) as ledger:
+                states = ledger.iter_states()
+                while not self._stopping.is_set():
+                    chunk = list(itertools.islice(states, ANNOUNCE_SLICE))
+                    room.acquire()
+                    self._queue.put(partial(self._consent_slice, chunk, room, last=len(chunk) < ANNOUNCE_SLICE))
+                    if len(chunk) < ANNOUNCE_SLICE:
+                        return
+        except Exception as exc:  # noqa: BLE001 - the cache then reads the ledger user by user, as before
+            log.warning("reading consent in bulk: %s", exc)
+            self._queue.put(self.consent.end_load)
+
+    def _consent_slice(self, states: list[ConsentState], room: threading.Semaphore, *, last: bool) -> None:
+        try:
+            self.status.announce(self.consent.load(states), self.clock())
+        finally:
+            room.release()
+            if last:
+                self.consent.end_load()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """paho's thread: only enqueue, to the handler for the topic's kind."""

@@ -13,19 +13,29 @@ import json
 from collections.abc import Callable
 from datetime import datetime
 
+import numpy as np
+
 from ..alerts.topics import Topics
 from ..consent.state import ConsentState, Status
 from .consent_cache import ConsentCache
 from .quarantine import Quarantine
+from .user_index import Column
 
 Publish = Callable[[str, bytes], None]  # (topic, retained payload)
+STATUSES = ("off", "paused", "calibrating", "active", "quarantined")
+_CODE = {name: code for code, name in enumerate(STATUSES, start=1)}  # 0: never published
 
 
 def user_status(state: ConsentState, now: datetime, baseline_ready: bool) -> str:
     """What the user's status topic says (pure)."""
-    if not state.allows_processing(now):
+    return status_word(state.allows_processing(now), state.status is Status.PAUSED, baseline_ready)
+
+
+def status_word(allows_processing: bool, paused: bool, baseline_ready: bool) -> str:
+    """What the user's status topic says, from what consent allows now (pure)."""
+    if not allows_processing:
         return "off"
-    if state.status is Status.PAUSED:
+    if paused:
         return "paused"
     return "active" if baseline_ready else "calibrating"
 
@@ -47,25 +57,33 @@ class StatusPublisher:
         self._publish = publish
         self._quarantine = quarantine if quarantine is not None else Quarantine()
         self.sweep_size = sweep_size
-        self._status: dict[str, str] = {}
+        self._users = consent.users  # the engine's user numbers
+        self._status = Column(np.int8, 0)  # the status last published, by user number (1 byte a user)
         self._sweep_at = 0
 
     def known(self, user: str) -> str | None:
         """The status last published for ``user`` (None: never)."""
-        return self._status.get(user)
+        i = self._users.get(user)
+        code = int(self._status.values[i]) if i is not None and i < len(self._status.values) else 0
+        return STATUSES[code - 1] if code else None
 
-    def status_of(self, user: str, now: datetime, state: ConsentState | None = None) -> str:
+    def status_of(self, user: str, now: datetime, state: ConsentState | None = None, *, cached: bool = False) -> str:
+        """``state``: consent just read; else the ledger is read now, or with ``cached`` the
+        consent cache answers (engine start, after the cache was loaded in bulk)."""
         if user in self._quarantine:
             return "quarantined"
+        if state is None and cached:
+            return status_word(self._consent.may_process(user, now), self._consent.paused(user), self._baseline_ready(user))
         st = state if state is not None else self._consent.refresh(user)
         return user_status(st, now, self._baseline_ready(user))
 
-    def update(self, user: str, now: datetime, *, force: bool = False, state: ConsentState | None = None) -> None:
+    def update(self, user: str, now: datetime, *, force: bool = False, state: ConsentState | None = None, cached: bool = False) -> None:
         """Publish the user's status if it changed (``state``: consent just read, if any)."""
-        status = self.status_of(user, now, state)
-        if not force and self._status.get(user) == status:
+        status = self.status_of(user, now, state, cached=cached)
+        if not force and self.known(user) == status:
             return
-        self._status[user] = status
+        i = self._users.number(user)
+        self._status.ensure(len(self._users))[i] = _CODE[status]
         fields: dict[str, object] = {"schema_version": 1, "status": status, "since": now.isoformat()}
         reason = self._quarantine.reason(user)
         if reason is not None:
@@ -76,36 +94,38 @@ class StatusPublisher:
     def after_flush(self, users: list[str], now: datetime) -> None:
         """Users whose batches the detector just had: first seen, or calibration over."""
         for user in users:
-            known = self._status.get(user)
+            known = self.known(user)
             if known is None or (known == "calibrating" and self._baseline_ready(user)):
                 self.update(user, now)
 
     def sweep(self, now: datetime) -> None:
-        users = list(self._status)
-        if len(users) <= self.sweep_size:
-            chosen = users
-        else:
-            start = self._sweep_at % len(users)
-            chosen = (users[start:] + users[:start])[: self.sweep_size]
+        published = np.flatnonzero(self._status.values)
+        if len(published) > self.sweep_size:
+            start = self._sweep_at % len(published)
+            published = np.roll(published, -start)[: self.sweep_size]
             self._sweep_at = start + self.sweep_size
-        for user in chosen:  # one ledger read each: it refreshes the consent cache and the status
+        for user in [self._users.names[i] for i in published.tolist()]:  # one ledger read each: it refreshes the consent cache and the status
             self._guarded(user, now, force=False)
 
-    def _guarded(self, user: str, now: datetime, *, force: bool) -> None:
+    def _guarded(self, user: str, now: datetime, *, force: bool, cached: bool = False) -> None:
         try:
-            self.update(user, now, force=force, state=self._consent.refresh(user))
+            self.update(user, now, force=force, state=None if cached else self._consent.refresh(user), cached=cached)
         except Exception as exc:  # noqa: BLE001 - one user's stored consent must not stop the others
             if self._quarantine.add(user, "reading consent", exc):
                 self.update(user, now)
 
     def announce(self, users: list[str], now: datetime) -> None:
-        """Every known user's status, published again (engine start, broker reconnect)."""
+        """These users' status, published again from the consent cache (engine start, broker
+        reconnect; the engine loads the cache from the ledger in bulk first and announces in
+        slices between ingest jobs)."""
         for user in users:
-            self._guarded(user, now, force=True)
+            self._guarded(user, now, force=True, cached=True)
 
     def clear(self, user: str) -> None:
         """Erasure: forget the user and clear the retained topic."""
-        self._status.pop(user, None)
+        i = self._users.get(user)
+        if i is not None and i < len(self._status.values):
+            self._status.values[i] = 0
         self._publish(self.topics.status(user), b"")
 
 
