@@ -161,12 +161,14 @@ def test_accepted_ids_are_safe_topic_levels_and_usernames(value: str):
 def test_acl_gives_each_role_its_row_of_the_topic_table():
     acl = render_acl("sw/v1", {"stresswatch-engine": Role.ENGINE, "sam": Role.WORKER, "alice": Role.USER}).splitlines()
     assert {"pattern read sw/v1/alerts/%u", "pattern write sw/v1/acks/%u", "pattern write sw/v1/ingest/%u",
-            "pattern write sw/v1/consent/%u", "pattern read sw/v1/status/%u", "pattern read sw/v1/engine/status"} <= set(acl)
-    block = acl[acl.index("user sam") + 1 : acl.index("user sam") + 4]
-    assert block == ["topic deny sw/v1/ingest/sam", "topic deny sw/v1/consent/sam", "topic deny sw/v1/status/sam"]
+            "pattern write sw/v1/consent/%u", "pattern read sw/v1/status/%u", "pattern read sw/v1/engine/status",
+            "pattern read sw/v1/ingested/%u"} <= set(acl)  # fmt: skip
+    block = acl[acl.index("user sam") + 1 : acl.index("user sam") + 5]
+    assert block == ["topic deny sw/v1/ingest/sam", "topic deny sw/v1/ingested/sam", "topic deny sw/v1/consent/sam", "topic deny sw/v1/status/sam"]
     block = acl[acl.index("user alice") + 1 : acl.index("user alice") + 3]
     assert block == ["topic deny sw/v1/alerts/alice", "topic deny sw/v1/acks/alice"]
     assert "topic write sw/v1/alerts/+" in acl and "topic read sw/v1/ingest/+" in acl
+    assert "topic write sw/v1/ingested/+" in acl  # the engine's confirmations to companions
 
 
 def test_private_client_id_is_stable_and_unguessable_without_the_password():

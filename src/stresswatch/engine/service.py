@@ -75,6 +75,7 @@ class Engine:
         settings: Settings,
         *,
         url: str,
+        ingest_url: str | None = None,
         protocol: str | None = None,
         clock: Clock = utc_now,
         state_dir: Path | None = None,
@@ -88,6 +89,8 @@ class Engine:
         self.settings = settings
         self.broker_conf = broker_conf
         self.url = url
+        # the ingest broker (docs/BROKER.md, "Two brokers"); without one, ``url`` carries ingest too
+        self.ingest_url = ingest_url or settings.mqtt.ingest_url or url
         self.protocol = protocol or settings.mqtt.protocol
         self.clock = clock
         self.flush_s = flush_s
@@ -162,6 +165,8 @@ class Engine:
         m = self.settings.mqtt
         # Refuse an open broker off loopback before connecting (pure check, broker.py).
         check_broker_security(self.url, m.username, conf=self.broker_conf)
+        if self.ingest_url != self.url:
+            check_broker_security(self.ingest_url, m.username)
         self.transport = MqttTransport(
             self.url,
             # persistent session: a client id only the holder of the password can present
@@ -192,7 +197,7 @@ class Engine:
         self.intake.recover(self.outbox.ingest_seq(), self._on_batch)
         self.flush()
         self.intake.connect(
-            self.url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections
+            self.ingest_url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections
         )
         from apscheduler.schedulers.background import BackgroundScheduler
 
