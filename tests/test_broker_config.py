@@ -323,3 +323,21 @@ def test_max_packet_size_is_enforced_by_mosquitto(tmp_path: Path):
         broker.stop()
     with pytest.raises(ConfigError, match="max_packet_size_bytes"):
         mosquitto_conf(port=port, data_dir=tmp_path, max_packet_size_bytes=10)
+
+
+def test_config_writes_an_ingest_broker_beside_unless_single_broker(tmp_path: Path):
+    d = tmp_path / "b"
+    res = sw("broker", "config", "--out", str(d), "--port", "18830")
+    assert res.returncode == 0, res.stderr
+    ingest = (d / "mosquitto-ingest.conf").read_text()
+    assert "listener 18831 127.0.0.1" in ingest and "autosave_interval 60" in ingest  # --port + 1 by default
+    assert "mosquitto-ingest.conf" in res.stderr and "mqtt.ingest_url" in res.stderr
+    assert (d / "data-ingest").is_dir()
+    res = sw("broker", "config", "--out", str(d), "--port", "18830", "--ingest-port", "18830")
+    assert res.returncode == 78 and "ports of its own" in res.stderr
+    res = sw("broker", "config", "--out", str(d), "--port", "18830", "--single-broker")
+    assert res.returncode == 0, res.stderr
+    assert not (d / "mosquitto-ingest.conf").exists()  # one broker carries everything again
+    assert "autosave_on_changes true" in (d / "mosquitto.conf").read_text()
+    with pytest.raises(ConfigError, match="unknown broker role"):
+        mosquitto_conf(port=1, data_dir=tmp_path, role="other")  # type: ignore[arg-type]

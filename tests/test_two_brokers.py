@@ -54,6 +54,7 @@ def grant(b, tmp_path, user: str) -> None:
 
 
 def status_of(b, user: str, timeout_s: float = 1.0) -> bytes | None:
+    """The user's retained status, which the engine keeps on the ingest broker."""
     got: list[bytes] = []
     ev = threading.Event()
 
@@ -61,7 +62,7 @@ def status_of(b, user: str, timeout_s: float = 1.0) -> bytes | None:
         got.append(m.payload)
         ev.set()
 
-    c = connect(b.url, f"peek-{uuid.uuid4().hex[:6]}", username=user, password=b.passwords[user], on_message=on_message)
+    c = connect(b.ingest_url, f"peek-{uuid.uuid4().hex[:6]}", username=user, password=b.passwords[user], on_message=on_message)
     c.subscribe(TOPICS.status(user), qos=1)
     ev.wait(timeout_s)
     c.disconnect()

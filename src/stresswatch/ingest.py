@@ -157,6 +157,7 @@ class IngestReceiver:
         on_duplicate: Callable[[Received], None] | None = None,
         seen: Iterable[IngestBatch] = (),
         reader: str = "paho",
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
         if reader not in ("paho", "bulk"):
             raise TransportError(f"unknown ingest reader {reader!r}: paho or bulk")
@@ -184,10 +185,11 @@ class IngestReceiver:
         self.failed = 0
         self._bulk: BulkSubscriber | None = None
         self._client: mqtt.Client | None = None
+        self._after_reconnect = on_reconnect
         if reader == "bulk":
             self._bulk = BulkSubscriber(
                 url, client_id, self.subscription, self._publishes, username=username, password=password,
-                protocol=protocol, timeout_s=timeout_s, reconnect_max_s=reconnect_max_s,
+                protocol=protocol, timeout_s=timeout_s, reconnect_max_s=reconnect_max_s, on_reconnect=on_reconnect,
             )  # fmt: skip
             self._bulk.start()
             return
@@ -216,6 +218,18 @@ class IngestReceiver:
 
     def _on_reconnect(self, client: mqtt.Client, session_present: bool) -> None:
         client.subscribe(self.subscription, qos=1)
+        if self._after_reconnect is not None:
+            self._after_reconnect()
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish a retained message on this connection (the engine's per-user status, which
+        lives on the ingest broker). paho: QoS 1; bulk: QoS 0, dropped while disconnected
+        (``on_reconnect`` is the caller's cue to publish its retained messages again)."""
+        if self._bulk is not None:
+            self._bulk.send(publish_packet(topic, payload, retain=True, version=self._bulk.version))
+        else:
+            assert self._client is not None
+            self._client.publish(topic, payload, qos=1, retain=True)
 
     def _reject(self, topic: str, topic_user: str, error: WireError) -> None:
         reason = f"malformed payload: {error.field or ''} {error.message}".strip() if error.reason != "wrong_user" else error.message

@@ -147,6 +147,14 @@ class BulkSubscriber:
             if generation == self.generation:
                 self._acks.append(data)
 
+    def send(self, data: bytes) -> None:
+        """Send ``data`` (whole packets) on the current connection, after the queued PUBACKs
+        (any thread); dropped while disconnected."""
+        with self._lock:
+            if self.connected.is_set():
+                self._acks.append(data)
+        self.flush_acks()
+
     def flush_acks(self) -> None:
         """Have the reader's thread send every queued PUBACK now (any thread)."""
         try:

@@ -60,7 +60,15 @@ class Intake:
         return replayed
 
     def connect(
-        self, url: str, mqtt: MqttSettings, protocol: str, *, clock: Clock, window: TimeWindow, rejections: Rejections
+        self,
+        url: str,
+        mqtt: MqttSettings,
+        protocol: str,
+        *,
+        clock: Clock,
+        window: TimeWindow,
+        rejections: Rejections,
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
         """Start the log and subscribe to ``url`` (the ingest broker; after :meth:`recover`);
         ``clock``, ``window`` and ``rejections``: the wire boundary's
@@ -76,6 +84,7 @@ class Intake:
             client_id=private_client_id(f"{mqtt.client_id}-ingest", mqtt.password),
             manual_ack=True,
             reader=mqtt.ingest_reader,
+            on_reconnect=on_reconnect,
             on_duplicate=lambda rx: self.log.append(LogEntry("", None, (None, rx))),
             seen=self._kept,
             clock=clock,

@@ -177,17 +177,16 @@ class Engine:
             will=(self.topics.engine_status, ENGINE_OFFLINE),
             persistent_session=True,
             on_message=self._on_message,
-            on_reconnect=lambda: self._queue.put(self._announce),
+            on_reconnect=lambda: self._queue.put(self._announce_engine),
             on_connection_lost=lambda: self._queue.put(self._connection_lost),
         )
         self.dispatcher = Dispatcher.from_settings(self.settings, self.outbox, self.ledger, self.transport, clock=self.clock)
         self.pipeline = Pipeline(detector, self.dispatcher)
-        transport = self.transport
         self.status = StatusPublisher(
             self.topics,
             self.consent,
             lambda user: self.pipeline.detector.baseline_ready(user),
-            lambda topic, body: transport.publish(topic, body, qos=1, retain=True),
+            self._publish_status,
             quarantine=self.quarantine,
         )
         self.transport.subscribe(self.router.subscriptions())
@@ -197,8 +196,9 @@ class Engine:
         self.intake.recover(self.outbox.ingest_seq(), self._on_batch)
         self.flush()
         self.intake.connect(
-            self.ingest_url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections
-        )
+            self.ingest_url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections,
+            on_reconnect=lambda: self._queue.put(self._announce_users),
+        )  # fmt: skip
         from apscheduler.schedulers.background import BackgroundScheduler
 
         e = self.settings.engine
@@ -355,9 +355,26 @@ class Engine:
             log.warning("broker connection lost: %d recently acknowledged alert(s) will be published again", n)
 
     def _announce(self) -> None:
+        self._announce_engine()
+        self._announce_users()
+
+    def _announce_engine(self) -> None:
+        """The engine's own status, on the alerts-and-consent broker (start, reconnect)."""
         assert self.transport is not None
         self.transport.publish(self.topics.engine_status, ENGINE_ONLINE, qos=1, retain=True)
+
+    def _announce_users(self) -> None:
+        """Every user's status, on the ingest broker (start, reconnect to it)."""
         self.status.announce(self.ledger.users(), self.clock())  # the reads also warm the consent cache
+
+    def _publish_status(self, topic: str, body: bytes) -> None:
+        """Per-user status topics live on the ingest broker with the traffic they describe:
+        one retained message per user, rewritten at every engine start, is more than a broker
+        that saves after every change can take at 100,000 users (docs/BROKER.md). Before the
+        ingest connection exists (replay at start) nothing is published: the announce follows."""
+        receiver = self.intake.receiver if self.intake is not None else None
+        if receiver is not None:
+            receiver.publish_retained(topic, body)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """paho's thread: only enqueue, to the handler for the topic's kind."""
