@@ -10,7 +10,9 @@ Exactly once, end to end:
    confirms the batch is in its ingest log (its digest on ``{prefix}/ingested/{user}``): the
    broker's PUBACK is not enough, because the ingest broker saves its store only every minute
    (docs/BROKER.md, "Two brokers"). A row the broker acknowledged is sent again after every
-   reconnect (the broker may have crashed with it) and after ``confirm_timeout_s`` without a
+   reconnect (the broker may have crashed with it), when the engine says "online" on
+   ``{prefix}/engine/status`` of that broker (it has subscribed again: before that, a
+   restarted broker drops what it acknowledges) and after ``confirm_timeout_s`` without a
    confirmation. Without ``confirm`` the row is deleted on the broker's PUBACK.
 3. After a crash, every row still buffered is sent again with its original id; the engine's
    deduplicator drops copies it already has, and confirms them again.
@@ -23,6 +25,7 @@ broker that refuses the account stops the attempts (:attr:`DurablePublisher.erro
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -44,13 +47,21 @@ from .session import Gap, LinkLost, Reading, Rejected, SampleAssembler, SessionI
 log = logging.getLogger(__name__)
 
 
-def confirmation_topic(ingest_topic: str) -> str:
-    """``{prefix}/ingest/{user}`` -> ``{prefix}/ingested/{user}`` (where the engine confirms)."""
+def confirmation_topics(ingest_topic: str) -> tuple[str, str]:
+    """``{prefix}/ingest/{user}`` -> (``{prefix}/ingested/{user}``, where the engine confirms;
+    ``{prefix}/engine/status``, where it says it is subscribed again)."""
     head, _, user = ingest_topic.rpartition("/")
     base, _, kind = head.rpartition("/")
     if kind != "ingest":
         raise ValueError(f"not an ingest topic: {ingest_topic!r}")
-    return f"{base}/ingested/{user}"
+    return f"{base}/ingested/{user}", f"{base}/engine/status"
+
+
+def _says_online(payload: bytes) -> bool:
+    try:
+        return json.loads(payload).get("status") == "online"
+    except (ValueError, AttributeError):
+        return False
 
 
 class DurablePublisher:
@@ -122,17 +133,27 @@ class DurablePublisher:
         with self._lock:
             topics = sorted(self._confirm_topics)
             if self.connects > 1:
-                # The broker may have crashed with what it acknowledged: send it again (the
-                # engine drops the copies it has and confirms them once more).
-                for key in self._brokered:
-                    self._handed.discard(key)
-                self.resent += len(self._brokered)
-                self._brokered.clear()
+                self._send_again()  # the broker may have crashed with what it acknowledged
         for topic in topics:
             client.subscribe(topic, qos=0)
         self.connected.set()
 
+    def _send_again(self) -> None:
+        """Hand over again what the broker acknowledged and the engine has not confirmed (the
+        engine drops the copies it has and confirms them once more). Holding ``_lock``."""
+        for key in self._brokered:
+            self._handed.discard(key)
+        self.resent += len(self._brokered)
+        self._brokered.clear()
+
     def _on_confirmation(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/engine/status"):
+            # The engine is subscribed again (a restart of it or of the broker): what the broker
+            # acknowledged meanwhile may have been dropped for want of a subscriber.
+            if _says_online(msg.payload):
+                with self._lock:
+                    self._send_again()
+            return
         try:
             digests = read_confirmations(msg.payload, source=msg.topic)
         except WireError as exc:
@@ -207,13 +228,10 @@ class DurablePublisher:
                 self._handed.add(key)
                 if self.confirm:
                     self._by_digest[confirmation_of(row.payload)] = key
-                    subscribe = confirmation_topic(row.topic)
-                    if subscribe in self._confirm_topics:
-                        subscribe = None
-                    else:
-                        self._confirm_topics.add(subscribe)
-            if subscribe is not None:  # before the publish: the confirmation may come at once
-                client.subscribe(subscribe, qos=0)
+                    subscribe = [t for t in confirmation_topics(row.topic) if t not in self._confirm_topics]
+                    self._confirm_topics.update(subscribe)
+            for topic in subscribe or ():  # before the publish: the confirmation may come at once
+                client.subscribe(topic, qos=0)
             info = client.publish(row.topic, row.payload, qos=1)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}", url=self.url)

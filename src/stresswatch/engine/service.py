@@ -239,7 +239,7 @@ class Engine:
         self.flush()
         self.intake.connect(
             self.ingest_url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections,
-            on_reconnect=lambda: self._queue.put(self._announce_users),
+            on_reconnect=lambda: self._queue.put(self._announce_users),  # resubscribed
         )  # fmt: skip
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -432,7 +432,10 @@ class Engine:
         self.transport.publish(self.topics.engine_status, ENGINE_ONLINE, qos=1, retain=True)
 
     def _announce_users(self) -> None:
-        """Every user's status, on the ingest broker (start, reconnect to it)."""
+        """On the ingest broker (start, reconnect to it): "online", the companions' cue to
+        send again what that broker acknowledged but the engine never confirmed (it may have
+        dropped it while the engine was not subscribed; docs/BROKER.md), then every user's status."""
+        self._publish_status(self.topics.engine_status, ENGINE_ONLINE)
         self.status.announce(self.ledger.users(), self.clock())  # the reads also warm the consent cache
 
     def _publish_status(self, topic: str, body: bytes) -> None:
