@@ -216,6 +216,9 @@ class IngestReceiver:
     @property
     def connected(self) -> bool:
         """The MQTT link is up (the engine's health endpoint reads it)."""
+        if self._bulk is not None:
+            return self._bulk.connected.is_set()
+        assert self._client is not None
         return self._client.is_connected()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reason_codes: object, props: object = None) -> None:
