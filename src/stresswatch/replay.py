@@ -131,11 +131,19 @@ def _run_pipeline(
             pipeline.process(batch)
             pipeline.tick()
 
+        def place(users: Sequence[str]) -> None:
+            """Each person's time-of-day slots in their own zone: their consent's, else the
+            configuration's (``[detector] user_timezones``, ``timezone``)."""
+            for user in users:
+                if user not in pipeline.zones:
+                    pipeline.place(user, ledger.state(user))
+
         spans: list[pl.DataFrame] = []
         if speed > 0:
             # a demonstration in real time: every user's hour together, as the engine sees them
             everything = pl.concat([empty_samples(), *(b.to_frame() for b in blocks)], how="vertical")
             spans.append(user_spans(everything))
+            place(spans[-1].get_column("user").to_list())
             batches = time_batches(everything, BATCH_S)
             for i, batch in enumerate(batches):
                 feed(batch)
@@ -147,6 +155,7 @@ def _run_pipeline(
             # user, and any chunking of a user's time-ordered samples gives the same windows
             # (streaming equals batch)
             for i, block in enumerate(blocks):
+                place(block.users)
                 for batch in _Timed(block.days(), timings, "read"):  # cleaning a day counts as reading
                     feed(batch)
                 spans.append(block.spans())
