@@ -142,10 +142,16 @@ class SecureBroker:
     port: int | None
     tls_port: int | None
     passwords: dict[str, str]
+    ingest: MosquittoProcess | None = None  # the ingest broker (mosquitto-ingest.conf), when started
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def ingest_url(self) -> str:
+        assert self.ingest is not None
+        return self.ingest.url
 
     def tls_url(self, cafile: Path) -> str:
         return f"mqtts://127.0.0.1:{self.tls_port}?cafile={cafile}"
@@ -165,8 +171,10 @@ class SecureBroker:
         """SIGHUP: mosquitto rereads the password file and the ACL."""
         import signal
 
-        assert self.process.proc is not None
-        self.process.proc.send_signal(signal.SIGHUP)
+        for p in (self.process, self.ingest):
+            if p is not None:
+                assert p.proc is not None
+                p.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
 
 
@@ -181,24 +189,32 @@ def make_secure_broker(tmp_path: Path) -> Iterator[object]:
 
     started: list[SecureBroker] = []
 
-    def make(*config_args: str, accounts: dict[str, str] = ACCOUNTS, plaintext: bool = True) -> SecureBroker:
+    def make(*config_args: str, accounts: dict[str, str] = ACCOUNTS, plaintext: bool = True, ingest: bool = False) -> SecureBroker:
+        """``ingest``: also start the ingest broker `broker config` writes beside it."""
         d = tmp_path / f"broker{len(started)}"
         port = free_port() if plaintext else None
         tls_port = free_port() if "--tls-cert" in config_args else None
-        args = ["broker", "config", "--out", str(d)]
+        ingest_port = free_port()
+        args = ["broker", "config", "--out", str(d), "--ingest-port", str(ingest_port)]
         args += ["--port", str(port)] if port else ["--no-plaintext"]
-        args += ["--tls-port", str(tls_port)] if tls_port else []
+        args += ["--tls-port", str(tls_port), "--ingest-tls-port", str(free_port())] if tls_port else []
         assert main([*args, *config_args]) == 0
         broker = SecureBroker(d, MosquittoProcess(port or tls_port or 0, d / "mosquitto.conf", d / "data"), port, tls_port, {})
+        if ingest:
+            broker.ingest = MosquittoProcess(ingest_port, d / "mosquitto-ingest.conf", d / "data-ingest")
         for account_id, role in accounts.items():
             broker.add(role, account_id)
         broker.process.start()
+        if broker.ingest is not None:
+            broker.ingest.start()
         started.append(broker)
         return broker
 
     yield make
     for b in started:
         b.process.stop()
+        if b.ingest is not None:
+            b.ingest.stop()
 
 
 @pytest.fixture

@@ -161,12 +161,14 @@ def test_accepted_ids_are_safe_topic_levels_and_usernames(value: str):
 def test_acl_gives_each_role_its_row_of_the_topic_table():
     acl = render_acl("sw/v1", {"stresswatch-engine": Role.ENGINE, "sam": Role.WORKER, "alice": Role.USER}).splitlines()
     assert {"pattern read sw/v1/alerts/%u", "pattern write sw/v1/acks/%u", "pattern write sw/v1/ingest/%u",
-            "pattern write sw/v1/consent/%u", "pattern read sw/v1/status/%u", "pattern read sw/v1/engine/status"} <= set(acl)
-    block = acl[acl.index("user sam") + 1 : acl.index("user sam") + 4]
-    assert block == ["topic deny sw/v1/ingest/sam", "topic deny sw/v1/consent/sam", "topic deny sw/v1/status/sam"]
+            "pattern write sw/v1/consent/%u", "pattern read sw/v1/status/%u", "pattern read sw/v1/engine/status",
+            "pattern read sw/v1/ingested/%u"} <= set(acl)  # fmt: skip
+    block = acl[acl.index("user sam") + 1 : acl.index("user sam") + 5]
+    assert block == ["topic deny sw/v1/ingest/sam", "topic deny sw/v1/ingested/sam", "topic deny sw/v1/consent/sam", "topic deny sw/v1/status/sam"]
     block = acl[acl.index("user alice") + 1 : acl.index("user alice") + 3]
     assert block == ["topic deny sw/v1/alerts/alice", "topic deny sw/v1/acks/alice"]
     assert "topic write sw/v1/alerts/+" in acl and "topic read sw/v1/ingest/+" in acl
+    assert "topic write sw/v1/ingested/+" in acl  # the engine's confirmations to companions
 
 
 def test_private_client_id_is_stable_and_unguessable_without_the_password():
@@ -321,3 +323,21 @@ def test_max_packet_size_is_enforced_by_mosquitto(tmp_path: Path):
         broker.stop()
     with pytest.raises(ConfigError, match="max_packet_size_bytes"):
         mosquitto_conf(port=port, data_dir=tmp_path, max_packet_size_bytes=10)
+
+
+def test_config_writes_an_ingest_broker_beside_unless_single_broker(tmp_path: Path):
+    d = tmp_path / "b"
+    res = sw("broker", "config", "--out", str(d), "--port", "18830")
+    assert res.returncode == 0, res.stderr
+    ingest = (d / "mosquitto-ingest.conf").read_text()
+    assert "listener 18831 127.0.0.1" in ingest and "autosave_interval 60" in ingest  # --port + 1 by default
+    assert "mosquitto-ingest.conf" in res.stderr and "mqtt.ingest_url" in res.stderr
+    assert (d / "data-ingest").is_dir()
+    res = sw("broker", "config", "--out", str(d), "--port", "18830", "--ingest-port", "18830")
+    assert res.returncode == 78 and "ports of its own" in res.stderr
+    res = sw("broker", "config", "--out", str(d), "--port", "18830", "--single-broker")
+    assert res.returncode == 0, res.stderr
+    assert not (d / "mosquitto-ingest.conf").exists()  # one broker carries everything again
+    assert "autosave_on_changes true" in (d / "mosquitto.conf").read_text()
+    with pytest.raises(ConfigError, match="unknown broker role"):
+        mosquitto_conf(port=1, data_dir=tmp_path, role="other")  # type: ignore[arg-type]

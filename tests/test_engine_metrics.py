@@ -58,6 +58,9 @@ def test_metrics_count_what_happened_and_health_follows_the_engine(secure_broker
             status, body = health(url)
             assert status == 200 and body["status"] == "ok", body
             publish_consent(b, "alice", ["sam"], tmp_path)
+            # consent and samples come over two connections: stream once the engine has the
+            # consent, or batches that overtake it are dropped as unconsented (docs/INGEST.md)
+            assert wait_for(lambda: eng.status.known("alice") is not None, 20)
             start_s = int(time.time()) // 60 * 60 - 3 * 3600
             frame = rr_stream("alice", start_s, 2, seed=1)  # two stressed episodes: two alerts
             batches = frame.select((pl.col("time").dt.epoch("s") // 240).n_unique()).item()

@@ -19,6 +19,7 @@ import click
 
 from stresswatch.alerts.topics import Topics
 from stresswatch.cli._common import AppContext, console, console_err, id_option, pass_app
+from stresswatch.config import ingest_url_of
 from stresswatch.errors import ConfigError, ParseError, StorageError, TransportError
 from stresswatch.fsio import atomic_write, commit_rename
 
@@ -174,11 +175,11 @@ Examples:
 
 @click.command("stream", epilog=STREAM_EXAMPLES)
 @click.option("--user", callback=id_option("user"), help="Your user id (default: the one remembered by `pair`).")
-@click.option("--broker", "broker_url", help="mqtt://HOST:PORT of the engine's broker (default: mqtt.url setting).")
+@click.option("--broker", "broker_url", help="mqtt://HOST:PORT of the ingest broker (default: mqtt.ingest_url, else mqtt.url).")
 @click.option("--device", help="Device address (default: the paired device).")
 @click.option("--buffer", "buffer_path", type=click.Path(dir_okay=False, path_type=Path), help="SQLite buffer (default: in the state dir).")
 @click.option("--batch-s", default=10.0, show_default=True, help="Seconds of data per ingest batch.")
-@click.option("--drain-timeout", default=30.0, show_default=True, help="At the end, wait this long for the broker to take what is buffered.")
+@click.option("--drain-timeout", default=30.0, show_default=True, help="At the end, wait this long for the engine to confirm what is buffered.")
 @click.option("--drain-only", is_flag=True, help="Do not connect to the device: send the buffer and exit.")
 @click.option("--replay", type=click.Path(exists=True, dir_okay=False, path_type=Path), hidden=True)
 @click.option("--replay-speed", default=0.0, hidden=True, help="0 = as fast as possible.")
@@ -197,19 +198,20 @@ def stream(
 ) -> None:
     """Stream heart rate and beat-to-beat intervals to the engine, without losing any.
 
-    Samples are buffered on disk (SQLite) first and removed only after the broker
-    acknowledged them, so a broker or network outage loses nothing; they are sent when it
-    returns. Disconnects from the device and lost skin contact are recorded as gaps. Stop
+    Samples are buffered on disk (SQLite) first and removed only once the engine confirmed
+    it has them on disk, so a broker crash or a network outage loses nothing; they are sent
+    when it returns. Disconnects from the device and lost skin contact are recorded as gaps. Stop
     with Ctrl-C (what is buffered is sent before exit, up to --drain-timeout).
     """
     settings = app.settings
-    url = broker_url or settings.mqtt.url
+    url = broker_url or ingest_url_of(settings.mqtt)
     if not url:
-        raise ConfigError("no broker: pass --broker or set mqtt.url")
+        raise ConfigError("no broker: pass --broker or set mqtt.ingest_url (or mqtt.url)")
     buffer = StreamBuffer(buffer_path or Path(settings.store.state_dir) / BUFFER_FILE)
     publisher = DurablePublisher(
-        url, buffer, username=settings.mqtt.username, password=settings.mqtt.password, protocol=settings.mqtt.protocol
-    )
+        url, buffer, username=settings.mqtt.username, password=settings.mqtt.password, protocol=settings.mqtt.protocol,
+        confirm=True,
+    )  # fmt: skip
     try:
         if not drain_only:
             address, enrolled = _enrolled_or_fail(app, device, replay)
@@ -225,12 +227,12 @@ def stream(
             )
         if not publisher.drain(drain_timeout):
             raise TransportError(
-                f"{buffer.count()} batch(es) not yet acknowledged stay buffered in {buffer.path}; "
+                f"{buffer.count()} batch(es) not yet confirmed by the engine stay buffered in {buffer.path}; "
                 "`stresswatch stream` sends them when the broker is back",
                 url=publisher.url,
             )
         if publisher.acked:
-            console_err.print(f"stream: all {publisher.acked} batch(es) acknowledged by {publisher.url}")
+            console_err.print(f"stream: all {publisher.acked} batch(es) confirmed by the engine through {publisher.url}")
         else:
             console_err.print("stream: nothing to send")
     finally:

@@ -5,11 +5,17 @@ Exactly once, end to end:
 
 1. Each batch gets ``(stream_id, seq)`` and is committed to SQLite before anything is sent.
 2. :class:`DurablePublisher` hands at most ``window`` buffered batches to paho at a time
-   (QoS 1). paho keeps unacknowledged messages across reconnects and re-sends them itself,
-   so each row is handed over once per process; the row is deleted in ``on_publish``, which
-   paho calls on the broker's PUBACK.
+   (QoS 1). paho keeps unacknowledged messages across reconnects and re-sends them itself.
+   With ``confirm`` (what ``stresswatch stream`` uses) a row is deleted only when the engine
+   confirms the batch is in its ingest log (its digest on ``{prefix}/ingested/{user}``): the
+   broker's PUBACK is not enough, because the ingest broker saves its store only every minute
+   (docs/BROKER.md, "Two brokers"). A row the broker acknowledged is sent again after every
+   reconnect (the broker may have crashed with it), when the engine says "online" on
+   ``{prefix}/engine/status`` of that broker (it has subscribed again: before that, a
+   restarted broker drops what it acknowledges) and after ``confirm_timeout_s`` without a
+   confirmation. Without ``confirm`` the row is deleted on the broker's PUBACK.
 3. After a crash, every row still buffered is sent again with its original id; the engine's
-   deduplicator drops copies the broker had already delivered.
+   deduplicator drops copies it already has, and confirms them again.
 
 The broker may be down when streaming starts: the client (from :mod:`stresswatch.mqtt`, the
 one factory: ``"auto"`` protocol, TLS with the URL's ``cafile``, credentials) keeps trying
@@ -19,6 +25,7 @@ broker that refuses the account stops the attempts (:attr:`DurablePublisher.erro
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,8 +36,8 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from stresswatch.alerts.topics import Topics
-from stresswatch.errors import TransportError
-from stresswatch.ingest import MAX_BATCH_SAMPLES, IngestBatch
+from stresswatch.errors import TransportError, WireError
+from stresswatch.ingest import MAX_BATCH_SAMPLES, IngestBatch, confirmation_of, read_confirmations
 from stresswatch.mqtt import BackgroundConnection, BrokerAddress
 from stresswatch.wire.ingest import representable
 
@@ -40,8 +47,26 @@ from .session import Gap, LinkLost, Reading, Rejected, SampleAssembler, SessionI
 log = logging.getLogger(__name__)
 
 
+def confirmation_topics(ingest_topic: str) -> tuple[str, str]:
+    """``{prefix}/ingest/{user}`` -> (``{prefix}/ingested/{user}``, where the engine confirms;
+    ``{prefix}/engine/status``, where it says it is subscribed again)."""
+    head, _, user = ingest_topic.rpartition("/")
+    base, _, kind = head.rpartition("/")
+    if kind != "ingest":
+        raise ValueError(f"not an ingest topic: {ingest_topic!r}")
+    return f"{base}/ingested/{user}", f"{base}/engine/status"
+
+
+def _says_online(payload: bytes) -> bool:
+    try:
+        return json.loads(payload).get("status") == "online"
+    except (ValueError, AttributeError):
+        return False
+
+
 class DurablePublisher:
-    """Sends buffered batches over MQTT and deletes each on its PUBACK."""
+    """Sends buffered batches over MQTT and deletes each once it is safe: on the engine's
+    confirmation (``confirm``) or on the broker's PUBACK."""
 
     def __init__(
         self,
@@ -54,9 +79,17 @@ class DurablePublisher:
         protocol: str = "auto",
         window: int = 200,
         reconnect_max_s: float = 5.0,
+        confirm: bool = False,
+        confirm_timeout_s: float = 300.0,
     ) -> None:
         self.buffer = buffer
         self.window = window
+        self.confirm = confirm
+        self.confirm_timeout_s = confirm_timeout_s
+        self._by_digest: dict[bytes, tuple[str, int]] = {}  # handed rows' confirmations
+        self._brokered: dict[tuple[str, int], float] = {}  # PUBACKed, not yet confirmed: since when
+        self._confirm_topics: set[str] = set()  # subscribed on this connection
+        self.resent = 0
         self.url = str(BrokerAddress.parse(url))
         self._lock = threading.Lock()
         self._inflight: dict[int, tuple[str, int]] = {}  # mid -> key
@@ -90,13 +123,51 @@ class DurablePublisher:
     def _on_first_connect(self, client: mqtt.Client) -> None:
         client.on_publish = self._on_publish
         client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_confirmation
         with self._lock:
             self._client = client
         self._on_reconnect(client, False)
 
     def _on_reconnect(self, client: mqtt.Client, session_present: bool) -> None:
         self.connects += 1
+        with self._lock:
+            topics = sorted(self._confirm_topics)
+            if self.connects > 1:
+                self._send_again()  # the broker may have crashed with what it acknowledged
+        for topic in topics:
+            client.subscribe(topic, qos=0)
         self.connected.set()
+
+    def _send_again(self) -> None:
+        """Hand over again what the broker acknowledged and the engine has not confirmed (the
+        engine drops the copies it has and confirms them once more). Holding ``_lock``."""
+        for key in self._brokered:
+            self._handed.discard(key)
+        self.resent += len(self._brokered)
+        self._brokered.clear()
+
+    def _on_confirmation(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/engine/status"):
+            # The engine is subscribed again (a restart of it or of the broker): what the broker
+            # acknowledged meanwhile may have been dropped for want of a subscriber.
+            if _says_online(msg.payload):
+                with self._lock:
+                    self._send_again()
+            return
+        try:
+            digests = read_confirmations(msg.payload, source=msg.topic)
+        except WireError as exc:
+            log.warning("stream: %s", exc)
+            return
+        done = []
+        with self._lock:
+            for d in digests:
+                key = self._by_digest.pop(d, None)
+                if key is not None:
+                    self._brokered.pop(key, None)
+                    done.append(key)
+        for key in done:
+            self._acked(key)
 
     def _on_refused(self, error: TransportError) -> None:
         log.warning("stream: %s", error)
@@ -118,6 +189,10 @@ class DurablePublisher:
             if key is None:
                 self._early.add(mid)  # PUBACK before pump() recorded the mid
                 return
+            if self.confirm:  # the broker has it; the engine's confirmation deletes it
+                if key in self._handed:
+                    self._brokered[key] = time.monotonic()
+                return
         self._acked(key)
 
     def _acked(self, key: tuple[str, int]) -> None:
@@ -127,8 +202,16 @@ class DurablePublisher:
             self.acked += 1
 
     def pump(self) -> int:
-        """Hand buffered rows to paho up to the window; returns how many were handed over."""
+        """Hand buffered rows to paho up to the window; returns how many were handed over.
+        Rows the broker acknowledged but the engine has not confirmed for
+        ``confirm_timeout_s`` are handed over again."""
         with self._lock:
+            if self._brokered:
+                stale = time.monotonic() - self.confirm_timeout_s
+                for key in [k for k, t in self._brokered.items() if t < stale]:
+                    del self._brokered[key]
+                    self._handed.discard(key)
+                    self.resent += 1
             room = self.window - len(self._handed)
             exclude = set(self._handed)
         if room <= 0:
@@ -140,8 +223,15 @@ class DurablePublisher:
         rows = self.buffer.pending(room, exclude=exclude)
         for row in rows:
             key = (row.stream_id, row.seq)
+            subscribe = None
             with self._lock:
                 self._handed.add(key)
+                if self.confirm:
+                    self._by_digest[confirmation_of(row.payload)] = key
+                    subscribe = [t for t in confirmation_topics(row.topic) if t not in self._confirm_topics]
+                    self._confirm_topics.update(subscribe)
+            for topic in subscribe or ():  # before the publish: the confirmation may come at once
+                client.subscribe(topic, qos=0)
             info = client.publish(row.topic, row.payload, qos=1)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise TransportError(f"publish failed: {mqtt.error_string(info.rc)}", url=self.url)

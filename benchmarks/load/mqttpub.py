@@ -61,11 +61,11 @@ class RawPublisher:
             buf += chunk
         return buf
 
-    def queue(self, topic: bytes, payload: bytes) -> None:
+    def queue(self, topic: bytes, payload: bytes, *, retain: bool = False) -> None:
         """Add one QoS 1 PUBLISH (topic already UTF-8)."""
         self._pid = self._pid % 65535 + 1
         var = struct.pack("!H", len(topic)) + topic + struct.pack("!H", self._pid)
-        self._out.append(b"\x32" + _remaining_length(len(var) + len(payload)) + var + payload)
+        self._out.append((b"\x33" if retain else b"\x32") + _remaining_length(len(var) + len(payload)) + var + payload)
 
     def poll(self) -> None:
         """Count PUBACKs received so far (non-blocking)."""

@@ -7,7 +7,8 @@
 
 **Defaults are the product's defaults.** For each N the harness writes the broker directory
 exactly as ``stresswatch broker config`` does (same function, ``BrokerDir.write_config``:
-persistence saved on every change, password file, ACL) and provisions the engine and the
+two brokers, alerts and consent saved on every change and ingest saved every 60 s, one
+password file and ACL; docs/BROKER.md), starts both, and provisions the engine and the
 workers with ``broker add-*``'s function; the engine runs with ``Settings()`` defaults
 (``engine.keep_samples`` on, production detector settings, metrics on) except for the
 addresses (broker URL, state directory, a free metrics port). Every departure from that is
@@ -16,7 +17,7 @@ One thing the harness cannot avoid: the N simulated users share a few connection
 extra broker account (``swload``) may publish on every user's ingest topic; the ACL is
 otherwise the generated one.
 
-For each N: a fresh Mosquitto on a free loopback port, N consenting users whose detector
+For each N: fresh Mosquitto brokers on free loopback ports, N consenting users whose detector
 state is calibrated (a real detector's, tiled), the real engine in its own process
 (``engine_proc.py``), 8 worker clients (each acknowledges every alert it gets, as a worker
 would), then the users publish in real time, one batch per ``--batch-s`` each, spread evenly.
@@ -88,10 +89,11 @@ FULL = dict(users=[10_000, 100_000], window_s=DetectorSettings().window_s, batch
 class Broker:
     """The generated broker (``stresswatch broker config``), with the run's accounts."""
 
-    def __init__(self, workdir: Path, prefix: str, workers: list[str], autosave_s: float | None = None) -> None:
+    def __init__(self, workdir: Path, prefix: str, workers: list[str], autosave_s: float | None = None, single: bool = False) -> None:
         self.port = free_port()
+        self.ingest_port = self.port if single else free_port()  # shipped: a separate ingest broker (docs/BROKER.md)
         d = BrokerDir(workdir / "broker")
-        d.write_config(port=self.port, prefix=prefix, run_as=getpass.getuser())
+        d.write_config(port=self.port, prefix=prefix, run_as=getpass.getuser(), ingest_port=self.ingest_port, ingest_broker=not single)
         self.passwords = {ENGINE_ACCOUNT: d.add(Role.ENGINE, ENGINE_ACCOUNT)}
         for w in workers:
             self.passwords[w] = d.add(Role.WORKER, w)
@@ -104,30 +106,37 @@ class Broker:
             d.conf.write_text(text.replace("autosave_on_changes true\nautosave_interval 1\n", f"autosave_on_changes false\nautosave_interval {autosave_s:g}\n"))
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.log = open(workdir / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen([exe, "-c", str(d.conf)], stderr=self.log)
+        self.procs = [subprocess.Popen([exe, "-c", str(conf)], stderr=self.log) for conf in ([d.conf] if single else [d.conf, d.ingest_conf])]
+        self.proc = self.procs[0]
         import socket
 
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("mosquitto did not start") from None
-                time.sleep(0.05)
+        for port in {self.port, self.ingest_port}:
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                        raise RuntimeError("mosquitto did not start") from None
+                    time.sleep(0.05)
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    @property
+    def ingest_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.ingest_port}"
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         self.log.close()
 
 
@@ -224,7 +233,9 @@ def deviations(a: argparse.Namespace) -> list[str]:
     if not a.keep_samples:
         out.append("--no-keep-samples (engine.keep_samples off)")
     if a.broker_autosave_s is not None:
-        out.append(f"--broker-autosave-s {a.broker_autosave_s:g} (broker saves every {a.broker_autosave_s:g} s, not on every change)")
+        out.append(f"--broker-autosave-s {a.broker_autosave_s:g} (alerts broker saves every {a.broker_autosave_s:g} s, not on every change)")
+    if a.single_broker:
+        out.append("--single-broker (no separate ingest broker: ingest through the broker that saves on every change)")
     if a.window_s != DetectorSettings().window_s:
         out.append(f"--window-s {a.window_s} (detector; {DetectorSettings().window_s} shipped)")
     if a.persist_s is not None:
@@ -265,7 +276,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
     state.mkdir()
     workers = [f"w{k}" for k in range(a.workers)]
     defaults = Settings()
-    broker = Broker(workdir, defaults.mqtt.prefix, workers, a.broker_autosave_s)
+    broker = Broker(workdir, defaults.mqtt.prefix, workers, a.broker_autosave_s, a.single_broker)
     res: dict = {"users": n_users, "batch_s": a.batch_s, "window_s": det_settings.window_s, "format": a.format, "deviations": deviations(a)}
     engine: subprocess.Popen | None = None
     clients: list[WorkerClient] = []
@@ -279,7 +290,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
             engine_section["persist_s"] = a.persist_s
         settings = Settings.model_validate(
             {
-                "mqtt": {"url": broker.url, "username": ENGINE_ACCOUNT, "password": broker.passwords[ENGINE_ACCOUNT], "protocol": a.protocol},
+                "mqtt": {"url": broker.url, "ingest_url": broker.ingest_url, "username": ENGINE_ACCOUNT, "password": broker.passwords[ENGINE_ACCOUNT], "protocol": a.protocol},
                 "detector": det_settings.model_dump(),
                 "store": {"state_dir": str(state)},
                 "engine": engine_section,
@@ -304,7 +315,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
         prof_path = workdir / "profile.json" if a.profile else None
         engine = _start_engine(workdir, "engine", prof_path)
         eproc = psutil.Process(engine.pid)
-        bproc = psutil.Process(broker.proc.pid)
+        bprocs = [psutil.Process(p.pid) for p in broker.procs]
         res["engine_start_s"] = round(ep.wait_live(engine, workdir / "engine.out", a.live_timeout_s), 1)
         res["engine_rss_idle_mb"] = round(_rss(eproc) / 2**20, 1)
 
@@ -345,7 +356,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
         for p in range(a.publishers):
             proc = ctx.Process(
                 target=run_publisher,
-                args=(plan, templates, p, a.publishers, a.connections, "127.0.0.1", broker.port, creds, stop_wall, str(logs[p]), *shared[p]),
+                args=(plan, templates, p, a.publishers, a.connections, "127.0.0.1", broker.ingest_port, creds, stop_wall, str(logs[p]), *shared[p]),
                 daemon=True,
             )
             proc.start()
@@ -367,7 +378,7 @@ def run_one(n_users: int, a: argparse.Namespace, templates, template_frame, det_
                 "processed": int(m.get("stresswatch_ingest_batches_total", 0)),
                 "queue": int(m.get("stresswatch_engine_queue_jobs", 0)),
                 "engine_cpu": _cpu(eproc),
-                "broker_cpu": _cpu(bproc),
+                "broker_cpu": sum(_cpu(p) for p in bprocs),  # both brokers
                 "pub_cpu": sum(_cpu(p) for p in pprocs),
                 "rss": _rss(eproc),
                 "pub_lag_ms": max(s[2].value for s in shared),
@@ -555,7 +566,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-keep-samples", dest="keep_samples", action="store_false", help="deviation: engine.keep_samples off")
     ap.add_argument("--persist-s", type=float, help="deviation: engine.persist_s")
     ap.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto", help="the engine's mqtt.protocol (auto is shipped)")
-    ap.add_argument("--broker-autosave-s", type=float, help="deviation: the broker saves every S s instead of after every change")
+    ap.add_argument("--broker-autosave-s", type=float, help="deviation: the alerts broker saves every S s instead of after every change")
+    ap.add_argument("--single-broker", action="store_true", help="deviation: no separate ingest broker (broker config --single-broker)")
     ap.add_argument("--profile", action="store_true", help="profile the engine's threads during the run (yappi; slows it)")
     ap.add_argument("--stop-after-failure", action="store_true", help="stop the series at the first N not sustained")
     ap.add_argument("--drain-s", type=float, default=120.0, help="after publishing, wait this long at most for the engine to process everything")

@@ -38,6 +38,16 @@ class MqttSettings(_Section):
         default=None,
         description="mqtt://host:port or mqtts://host:port; unset means an embedded broker where a command offers one",
     )
+    ingest_url: str | None = Field(
+        default=None,
+        description="the ingest broker (stresswatch broker config writes it: mosquitto-ingest.conf): where companions "
+        "publish samples and the engine receives them; unset means mqtt.url carries ingest too",
+    )
+    ingest_reader: Literal["bulk", "paho"] = Field(
+        default="bulk",
+        description="the engine's ingest client: bulk (many MQTT packets per socket read; measured 2-3x less CPU per "
+        "message than paho, docs/INGEST.md) or paho",
+    )
     prefix: str = "stresswatch/v1"
     username: str | None = None
     password: str | None = None
@@ -65,6 +75,11 @@ class MqttSettings(_Section):
         if isinstance(data, dict) and data.get("password") is None and data.get("password_file"):
             data = {**data, "password": read_password_file(Path(data["password_file"]))}
         return data
+
+
+def ingest_url_of(mqtt: MqttSettings, url: str | None = None) -> str | None:
+    """Where ingest goes: ``mqtt.ingest_url``, else ``url`` (a command's ``--broker``), else ``mqtt.url``."""
+    return mqtt.ingest_url or url or mqtt.url
 
 
 def read_password_file(path: Path) -> str:

@@ -71,6 +71,11 @@ class WireError(ParseError):
         super().__init__(message, source=source, position=position, field=field)
 
 
+class PacketError(ParseError):
+    """Bytes from a broker that are not a well-formed MQTT packet (:mod:`stresswatch.mqtt_packets`);
+    ``position`` is the byte offset in the receive buffer."""
+
+
 class ConfigError(StresswatchError):
     """Configuration (TOML file, environment, command-line overrides) that does not validate."""
 

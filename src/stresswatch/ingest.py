@@ -12,6 +12,7 @@ receiver decodes each payload there, with the engine's clock, before anything el
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
 from collections import deque
@@ -23,8 +24,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from .alerts.topics import Topics
-from .errors import TransportError, WireError
+from .errors import InvalidId, TransportError, WireError
 from .mqtt import connect
+from .mqtt_bulk import BulkSubscriber
+from .mqtt_packets import Publish, publish as publish_packet
 from .wire.ingest import MAX_BATCH_SAMPLES, IngestBatch, decode_ingest
 from .wire.limits import TimeWindow
 from .wire.rejections import Rejections
@@ -112,10 +115,29 @@ class Deduplicator:
         return True
 
 
+CONFIRMATION_BYTES = 16
+
+
+def confirmation_of(payload: bytes) -> bytes:
+    """What the engine publishes on ``{prefix}/ingested/{user}`` once it has settled a payload
+    (in its ingest log, a duplicate of one there, or refused for good): the payload's
+    16-byte BLAKE2b digest. The companion keeps each batch until this arrives."""
+    return hashlib.blake2b(payload, digest_size=CONFIRMATION_BYTES).digest()
+
+
+def read_confirmations(payload: bytes, *, source: str = "ingested") -> list[bytes]:
+    """The digests in a confirmation message (one or more, 16 bytes each); anything else
+    raises :class:`WireError`."""
+    if not payload or len(payload) % CONFIRMATION_BYTES:
+        raise WireError(f"a confirmation is a multiple of {CONFIRMATION_BYTES} bytes", reason="malformed", source=source)
+    return [payload[i : i + CONFIRMATION_BYTES] for i in range(0, len(payload), CONFIRMATION_BYTES)]
+
+
 @dataclass(frozen=True)
 class Received:
-    """A message as received with manual acknowledgement: its bytes, and the PUBACK to send
-    once it is durable (``ack()``, safe from any thread)."""
+    """A message as received with manual acknowledgement: its bytes, and the PUBACK (with the
+    engine's confirmation to the companion) to send once it is durable (``ack()``, safe from
+    any thread; :meth:`IngestReceiver.flush` sends what the acks of a group queued)."""
 
     payload: bytes
     ack: Callable[[], object]
@@ -135,7 +157,7 @@ class IngestReceiver:
 
     * A persistent MQTT session (MQTT 5 session expiry / 3.1.1 clean session off), so
       batches a companion publishes while the engine is away are queued by the broker.
-    * The subscription is renewed on every (re)connect: paho reconnects on its own and
+    * The subscription is renewed on every (re)connect: the client reconnects on its own and
       a broker that lost its session state must not silently stop delivering.
     * A payload that does not pass :func:`~stresswatch.wire.ingest.decode_ingest` (with
       ``clock()`` as now and ``window``), or whose ``user`` differs from the topic's user (a
@@ -145,13 +167,18 @@ class IngestReceiver:
     * A batch is recorded as seen only after ``on_batch`` returned, so a callback that
       raised can be delivered again by a redelivery; the exception is logged and counted.
 
-    ``on_batch`` runs on paho's network thread, one message at a time.
+    ``reader``: ``"paho"`` (``on_batch`` runs on paho's network thread, one message at a
+    time) or ``"bulk"`` (:class:`~stresswatch.mqtt_bulk.BulkSubscriber`: every message of one
+    socket read, on its thread).
 
     With ``manual_ack`` nothing is acknowledged on receipt: ``on_batch(batch, received)``
     must call ``received.ack()`` once the batch is durable, and a duplicate goes to
     ``on_duplicate(received)`` (acknowledge it once its original is durable). A payload that
-    is rejected is acknowledged at once: nothing of it will ever be kept. ``seen``: batches
-    already processed (replayed from the engine's log at a restart), dropped if redelivered.
+    is rejected is acknowledged at once: nothing of it will ever be kept. Each ``ack()`` also
+    publishes the payload's :func:`confirmation_of` on ``{prefix}/ingested/{user}`` (QoS 0),
+    which tells the companion it may forget the batch (without ``manual_ack``: once the
+    message is handled). ``seen``: batches already processed
+    (replayed from the engine's log at a restart), dropped if redelivered.
     """
 
     def __init__(
@@ -173,9 +200,16 @@ class IngestReceiver:
         manual_ack: bool = False,
         on_duplicate: Callable[[Received], None] | None = None,
         seen: Iterable[IngestBatch] = (),
+        reader: str = "paho",
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
+        if reader not in ("paho", "bulk"):
+            raise TransportError(f"unknown ingest reader {reader!r}: paho or bulk")
+        if reader == "bulk" and not manual_ack:
+            raise TransportError("the bulk ingest reader acknowledges only by hand (manual_ack=True)")
         self.url = url
         self.topics = topics
+        self.reader = reader
         self.subscription = f"{topics.prefix}/ingest/+"
         self._topic_head = f"{topics.prefix}/ingest/"
         self._on_batch = on_batch
@@ -193,6 +227,16 @@ class IngestReceiver:
         self.rejections = rejections if rejections is not None else Rejections(log)
         self.rejected: deque[Rejection] = deque(maxlen=100)  # the latest only: a flood must not grow memory
         self.failed = 0
+        self._bulk: BulkSubscriber | None = None
+        self._client: mqtt.Client | None = None
+        self._after_reconnect = on_reconnect
+        if reader == "bulk":
+            self._bulk = BulkSubscriber(
+                url, client_id, self.subscription, self._publishes, username=username, password=password,
+                protocol=protocol, timeout_s=timeout_s, reconnect_max_s=reconnect_max_s, on_reconnect=on_reconnect,
+            )  # fmt: skip
+            self._bulk.start()
+            return
         self._subscribed = threading.Event()
         self._client = connect(
             url,
@@ -216,6 +260,9 @@ class IngestReceiver:
     @property
     def connected(self) -> bool:
         """The MQTT link is up (the engine's health endpoint reads it)."""
+        if self._bulk is not None:
+            return self._bulk.connected.is_set()
+        assert self._client is not None
         return self._client.is_connected()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reason_codes: object, props: object = None) -> None:
@@ -223,6 +270,18 @@ class IngestReceiver:
 
     def _on_reconnect(self, client: mqtt.Client, session_present: bool) -> None:
         client.subscribe(self.subscription, qos=1)
+        if self._after_reconnect is not None:
+            self._after_reconnect()
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish a retained message on this connection (the engine's per-user status, which
+        lives on the ingest broker). paho: QoS 1; bulk: QoS 0, dropped while disconnected
+        (``on_reconnect`` is the caller's cue to publish its retained messages again)."""
+        if self._bulk is not None:
+            self._bulk.send(publish_packet(topic, payload, retain=True, version=self._bulk.version))
+        else:
+            assert self._client is not None
+            self._client.publish(topic, payload, qos=1, retain=True)
 
     def _reject(self, topic: str, topic_user: str, error: WireError) -> None:
         reason = f"malformed payload: {error.field or ''} {error.message}".strip() if error.reason != "wrong_user" else error.message
@@ -233,22 +292,68 @@ class IngestReceiver:
         if self._on_invalid:
             self._on_invalid(rejection)
 
-    def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        topic = msg.topic
-        topic_user = topic[len(self._topic_head):] if topic.startswith(self._topic_head) else ""
-        received = Received(msg.payload, functools.partial(client.ack, msg.mid, msg.qos)) if self._manual_ack else None
+    def _confirm_topic(self, topic_user: str) -> str | None:
         try:
-            batch = decode_ingest(msg.payload, topic=topic, now=self._clock(), window=self._window)
+            return self.topics.ingested(topic_user)
+        except InvalidId:
+            return None  # not a user's topic: nobody to confirm to
+
+    # -- the two readers ---------------------------------------------------------------
+    def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        """paho: one message."""
+        received = None
+        if self._manual_ack:
+            confirm_topic = self._confirm_topic(msg.topic[len(self._topic_head) :])
+            payload, mid, qos = msg.payload, msg.mid, msg.qos
+
+            def ack() -> None:
+                client.ack(mid, qos)
+                if confirm_topic is not None:
+                    client.publish(confirm_topic, confirmation_of(payload), qos=0)
+
+            received = Received(payload, ack)
+        settled = self._handle(msg.topic, msg.payload, received)
+        if settled and received is None:  # acknowledged on receipt: confirm once handled
+            confirm_topic = self._confirm_topic(msg.topic[len(self._topic_head) :])
+            if confirm_topic is not None:
+                client.publish(confirm_topic, confirmation_of(msg.payload), qos=0)
+
+    def _publishes(self, publishes: list[Publish], generation: int) -> None:
+        """bulk: the messages of one socket read."""
+        bulk = self._bulk
+        assert bulk is not None
+        head = len(self._topic_head)
+        for p in publishes:
+            confirm_topic = self._confirm_topic(p.topic[head:])
+            extra = publish_packet(confirm_topic, confirmation_of(p.payload), version=bulk.version) if confirm_topic is not None else b""
+            if p.qos:
+                received = Received(p.payload, functools.partial(bulk.ack, p.packet_id, generation, extra))
+            else:
+                received = Received(p.payload, lambda: None)
+            self._handle(p.topic, p.payload, received)
+        bulk.flush_acks()  # the acks of rejected messages go out now
+
+    def flush(self) -> None:
+        """Send the PUBACKs and confirmations that ``ack()`` calls queued (any thread)."""
+        if self._bulk is not None:
+            self._bulk.flush_acks()
+
+    def _handle(self, topic: str, payload: bytes, received: Received | None) -> bool:
+        """Decode, check, de-duplicate and pass on one message; False if ``on_batch`` raised
+        (the message stays unseen)."""
+        topic_user = topic[len(self._topic_head):] if topic.startswith(self._topic_head) else ""
+        try:
+            batch = decode_ingest(payload, topic=topic, now=self._clock(), window=self._window)
         except WireError as exc:
             self._reject(topic, topic_user, exc)
             if received is not None:
                 received.ack()
-            return
+            return True
         if batch.user != topic_user:
             self._reject(topic, topic_user, WireError("payload user differs from the topic's user", reason="wrong_user", source=topic, field="user"))
             if received is not None:
                 received.ack()
-            return
+            return True
         with self._lock:
             if self._dedup.seen(batch):
                 self.duplicates += 1
@@ -256,7 +361,7 @@ class IngestReceiver:
                     self._on_duplicate(received)
                 elif received is not None:
                     received.ack()
-                return
+                return True
         try:
             if received is not None:
                 self._on_batch(batch, received)
@@ -266,16 +371,24 @@ class IngestReceiver:
             with self._lock:
                 self.failed += 1
             log.exception("ingest: on_batch failed for stream %s seq %d", batch.stream_id, batch.seq)
-            return
+            return False
         with self._lock:
             self._dedup.first_time(batch)
             self.accepted += 1
+        return True
 
     def close(self) -> None:
         """Disconnect (the broker keeps the session and queues batches until the next start)."""
+        if self._bulk is not None:
+            self._bulk.close()
+            return
+        assert self._client is not None
         self._client.on_connect = None
         self._client.disconnect()
         self._client.loop_stop()
 
 
-__all__ = ["MAX_BATCH_SAMPLES", "Deduplicator", "IngestBatch", "IngestReceiver", "Received", "Rejection"]
+__all__ = [
+    "CONFIRMATION_BYTES", "MAX_BATCH_SAMPLES", "Deduplicator", "IngestBatch", "IngestReceiver", "Received", "Rejection",
+    "confirmation_of", "read_confirmations",
+]  # fmt: skip

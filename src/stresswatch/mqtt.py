@@ -123,7 +123,7 @@ class Credentials:
         return cls(username or None, password)
 
 
-def _refusal(rc: object, addr: BrokerAddress, creds: Credentials) -> TransportError:
+def refusal(rc: object, addr: BrokerAddress, creds: Credentials) -> TransportError:
     reason = str(rc)
     if reason.lower() in _AUTH_REFUSALS:
         who = f"the account {creds.username!r}" if creds.username else "a client without an account"
@@ -231,7 +231,7 @@ def connect(
             return client
         client.loop_stop()
         client.disconnect()
-        error = _refusal(rc, addr, creds)
+        error = refusal(rc, addr, creds)
         if "protocol" not in str(rc).lower():
             break  # refused for a reason other than the version: do not retry with another
     raise error
@@ -245,7 +245,7 @@ def _after_connect(
 ) -> Callable[..., None]:
     def on_connect(c: mqtt.Client, userdata: object, flags: object, rc: object, props: object = None) -> None:
         if getattr(rc, "is_failure", False):
-            error = _refusal(rc, addr, creds)
+            error = refusal(rc, addr, creds)
             if on_refused is not None:
                 on_refused(error)
             else:

@@ -18,6 +18,10 @@ class Topics:
     def ingest(self, user: str) -> str:
         return f"{self.prefix}/ingest/{check_id('user', user)}"
 
+    def ingested(self, user: str) -> str:
+        """The engine's confirmations of the user's batches, once they are in its ingest log."""
+        return f"{self.prefix}/ingested/{check_id('user', user)}"
+
     def consent(self, user: str) -> str:
         return f"{self.prefix}/consent/{check_id('user', user)}"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..errors import ConfigError
 from ..wire.limits import MAX_PAYLOAD_BYTES
@@ -28,6 +29,13 @@ class TlsListener:
 # Fixed header, topic (prefix + level + id) and MQTT 5 properties of one PUBLISH around its payload.
 PACKET_OVERHEAD_BYTES = 64 * 1024
 
+BrokerRole = Literal["alerts", "ingest"]
+# The ingest broker's store is saved this often (and at a clean shutdown). Nothing acknowledged
+# to a companion depends on it: a companion keeps each batch until the engine confirms it is in
+# its ingest log (docs/BROKER.md, "Two brokers"). The saves keep the engine's session (and the
+# batches queued for it) across a broker restart, so that companions need not re-send them.
+INGEST_AUTOSAVE_S = 60
+
 
 def mosquitto_conf(
     *,
@@ -41,6 +49,7 @@ def mosquitto_conf(
     tls: TlsListener | None = None,
     plaintext: bool = True,
     max_packet_size_bytes: int = MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES,
+    role: BrokerRole = "alerts",
 ) -> str:
     """A mosquitto.conf for our broker. The limits are deliberate (SPEC "broker facts"):
 
@@ -56,17 +65,24 @@ def mosquitto_conf(
       sending far more.
 
     ``tls`` adds a TLS listener (TLS 1.2 or later); ``plaintext=False`` leaves it the only one.
+
+    ``role="ingest"``: the broker for ``ingest/+`` and the engine's ``ingested/+`` confirmations
+    only, which saves its store every :data:`INGEST_AUTOSAVE_S` seconds instead of after every
+    change: saving after every change caps a broker near 300 QoS 1 messages/s on this machine
+    (benchmarks/RESULTS.md), while the durability of ingest is the companion's buffer plus the
+    engine's ingest log (docs/BROKER.md).
     """
+    if role not in ("alerts", "ingest"):
+        raise ConfigError(f"unknown broker role {role!r}: alerts or ingest", field="role")
     if not plaintext and tls is None:
         raise ConfigError("a broker needs at least one listener: keep the plaintext one or give TLS certificates")
     lines = [
-        "# Written by stresswatch. See docs/BROKER.md.",
+        f"# Written by stresswatch: the {'alerts-and-consent' if role == 'alerts' else 'ingest'} broker. See docs/BROKER.md.",
         "per_listener_settings false",
         f"allow_anonymous {'true' if allow_anonymous else 'false'}",
         "persistence true",
         f"persistence_location {data_dir}/",
-        "autosave_on_changes true",
-        "autosave_interval 1",
+        *(["autosave_on_changes true", "autosave_interval 1"] if role == "alerts" else ["autosave_on_changes false", f"autosave_interval {INGEST_AUTOSAVE_S}"]),
         "max_queued_messages 0",
         "max_inflight_messages 100",
         "persistent_client_expiration 7d",
@@ -118,8 +134,10 @@ def render_acl(prefix: str, accounts: Mapping[str, Role]) -> str:
         f"pattern read {p}/alerts/%u",
         f"pattern write {p}/acks/%u",
         f"pattern read {p}/replies/%u",
-        "# a service user: its own samples, consent and check-ins out, its status in",
+        "# a service user: its own samples, consent and check-ins out, its status and the engine's",
+        "# confirmations of its samples in",
         f"pattern write {p}/ingest/%u",
+        f"pattern read {p}/ingested/%u",
         f"pattern write {p}/consent/%u",
         f"pattern read {p}/status/%u",
         f"pattern write {p}/checkin/%u",
@@ -131,6 +149,7 @@ def render_acl(prefix: str, accounts: Mapping[str, Role]) -> str:
         if role is Role.ENGINE:
             lines += [
                 f"topic read {p}/ingest/+",
+                f"topic write {p}/ingested/+",
                 # readwrite: `stresswatch erase` clears a user's retained consent through the engine
                 f"topic readwrite {p}/consent/+",
                 f"topic read {p}/acks/+",
@@ -141,7 +160,7 @@ def render_acl(prefix: str, accounts: Mapping[str, Role]) -> str:
                 f"topic readwrite {p}/engine/status",
             ]
         elif role is Role.WORKER:
-            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("ingest", "consent", "status", "checkin")]
+            lines += [f"topic deny {p}/{t}/{account_id}" for t in ("ingest", "ingested", "consent", "status", "checkin")]
         else:
             lines += [f"topic deny {p}/{t}/{account_id}" for t in ("alerts", "acks", "replies")]
     return "\n".join(lines) + "\n"

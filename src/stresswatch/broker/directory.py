@@ -21,8 +21,10 @@ from .conf import PACKET_OVERHEAD_BYTES, TlsListener, mosquitto_conf, render_acl
 
 @dataclass(frozen=True)
 class BrokerDir:
-    """``stresswatch broker config --out DIR``: ``mosquitto.conf``, ``passwd``, ``acl``,
-    ``data/`` (persistence) and ``accounts.json`` (id -> role, the source of the ACL)."""
+    """``stresswatch broker config --out DIR``: ``mosquitto.conf`` (the alerts-and-consent
+    broker), ``mosquitto-ingest.conf`` (the ingest broker), ``passwd`` and ``acl`` (shared by
+    both), ``data/`` and ``data-ingest/`` (their persistence) and ``accounts.json`` (id -> role,
+    the source of the ACL)."""
 
     path: Path
 
@@ -43,6 +45,14 @@ class BrokerDir:
         return self.path / "data"
 
     @property
+    def ingest_conf(self) -> Path:
+        return self.path / "mosquitto-ingest.conf"
+
+    @property
+    def ingest_data(self) -> Path:
+        return self.path / "data-ingest"
+
+    @property
     def state(self) -> Path:
         return self.path / "accounts.json"
 
@@ -56,32 +66,47 @@ class BrokerDir:
         plaintext: bool = True,
         run_as: str | None = None,
         max_packet_size_bytes: int = MAX_PAYLOAD_BYTES + PACKET_OVERHEAD_BYTES,
+        ingest_port: int | None = None,
+        ingest_tls_port: int | None = None,
+        ingest_broker: bool = True,
     ) -> None:
-        """Write (or rewrite) the configuration; accounts already provisioned are kept."""
+        """Write (or rewrite) the configuration; accounts already provisioned are kept.
+
+        ``ingest_broker``: also write the ingest broker's conf, on ``ingest_port`` (default
+        ``port + 1``) and, with TLS, ``ingest_tls_port`` (default the TLS port + 1); both
+        brokers read the same password file and ACL. Without it an old ingest conf is removed
+        and the one broker carries everything (saving after every change: ~300 messages/s).
+        """
         root = self.path.resolve()
         if tls is not None:
             for name, f in (("--tls-cert", tls.cert), ("--tls-key", tls.key), ("--tls-ca", tls.ca)):
                 if not f.is_file():
                     raise ConfigError("no such file", source=f, field=name)
             tls = TlsListener(tls.port, tls.cert.resolve(), tls.key.resolve(), tls.ca.resolve(), tls.host)
-        conf = mosquitto_conf(
-            port=port,
-            host=host,
-            data_dir=root / "data",
-            password_file=root / "passwd",
-            acl_file=root / "acl",
-            run_as=run_as,
-            tls=tls,
-            plaintext=plaintext,
-            max_packet_size_bytes=max_packet_size_bytes,
-        )
+        common = dict(host=host, password_file=root / "passwd", acl_file=root / "acl", run_as=run_as, plaintext=plaintext,
+                      max_packet_size_bytes=max_packet_size_bytes)  # fmt: skip
+        conf = mosquitto_conf(port=port, data_dir=root / "data", tls=tls, role="alerts", **common)  # type: ignore[arg-type]
+        ingest_conf = None
+        if ingest_broker:
+            iport = ingest_port if ingest_port is not None else port + 1
+            itls = None if tls is None else TlsListener(ingest_tls_port or tls.port + 1, tls.cert, tls.key, tls.ca, tls.host)
+            taken = {port} | ({tls.port} if tls else set())
+            if (plaintext and iport in taken) or (itls is not None and itls.port in taken | {iport}):
+                raise ConfigError("the ingest broker needs ports of its own (--ingest-port, --ingest-tls-port)", field="--ingest-port")
+            ingest_conf = mosquitto_conf(port=iport, data_dir=root / "data-ingest", tls=itls, role="ingest", **common)  # type: ignore[arg-type]
         self.data.mkdir(parents=True, exist_ok=True)
+        if ingest_conf is not None:
+            self.ingest_data.mkdir(parents=True, exist_ok=True)
         with self._locked():
             accounts = self._accounts() if self.state.exists() else {}
             if not self.passwd.exists():
                 atomic_write(self.passwd, "")
             self._save(prefix, accounts)
             atomic_write(self.conf, conf, mode=0o644)
+            if ingest_conf is not None:
+                atomic_write(self.ingest_conf, ingest_conf, mode=0o644)
+            else:
+                self.ingest_conf.unlink(missing_ok=True)
 
     # accounts
 

@@ -57,6 +57,15 @@ def broker() -> None:
 @broker.command(epilog=EPILOG)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
 @click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="Plaintext listener port.")
+@click.option(
+    "--ingest-port", type=click.IntRange(1, 65535), help="The ingest broker's plaintext port (default: --port + 1)."
+)
+@click.option("--ingest-tls-port", type=click.IntRange(1, 65535), help="The ingest broker's TLS port (default: --tls-port + 1).")
+@click.option(
+    "--single-broker",
+    is_flag=True,
+    help="No separate ingest broker: one broker for everything, saving after every change (~300 messages/s).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the listeners bind to.")
 @click.option("--no-plaintext", is_flag=True, help="Only the TLS listener (needs --tls-*).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="Server certificate (PEM).")
@@ -75,6 +84,9 @@ def config(
     app: AppContext,
     out: Path,
     port: int,
+    ingest_port: int | None,
+    ingest_tls_port: int | None,
+    single_broker: bool,
     host: str,
     no_plaintext: bool,
     tls_cert: Path | None,
@@ -84,11 +96,13 @@ def config(
     prefix: str | None,
     run_as: str,
 ) -> None:
-    """Write OUT/mosquitto.conf, OUT/passwd, OUT/acl and OUT/data/ for `mosquitto -c`.
+    """Write two brokers' files: OUT/mosquitto.conf (alerts and consent, saved after every
+    change) and OUT/mosquitto-ingest.conf (ingest, saved every minute), sharing OUT/passwd
+    and OUT/acl; OUT/data/ and OUT/data-ingest/ hold their stores.
 
     No anonymous access; a password file and an ACL of SPEC's topic table (%u patterns);
-    persistence that survives a crash; an optional TLS listener from given certificates.
-    Rerunning it keeps the accounts already provisioned.
+    nothing acknowledged is lost when a broker crashes (docs/BROKER.md, "Two brokers"); an
+    optional TLS listener from given certificates. Rerunning it keeps the accounts.
     """
     given = [f for f in (tls_cert, tls_key, tls_ca) if f is not None]
     if given and len(given) != 3:
@@ -113,8 +127,13 @@ def config(
         tls=tls,
         plaintext=not no_plaintext,
         run_as=run_as,
+        ingest_port=ingest_port,
+        ingest_tls_port=ingest_tls_port,
+        ingest_broker=not single_broker,
     )
     click.echo(f"wrote {d.conf}, {d.passwd}, {d.acl} and {d.data}/", err=True)
+    if not single_broker:
+        click.echo(f"wrote {d.ingest_conf} and {d.ingest_data}/ (the ingest broker: set mqtt.ingest_url to it)", err=True)
     if not no_plaintext and not is_loopback_host(host):
         click.echo(
             f"warning: the plaintext listener on {host}:{port} sends passwords and alerts unencrypted; "
@@ -124,6 +143,8 @@ def config(
     if not d.accounts():
         click.echo(f"next: stresswatch broker add-engine --dir {out}; then add workers and users", err=True)
     click.echo(f"run: mosquitto -c {d.conf.resolve()}", err=True)
+    if not single_broker:
+        click.echo(f"run: mosquitto -c {d.ingest_conf.resolve()}", err=True)
 
 
 def _read_password(path: Path | None) -> str | None:

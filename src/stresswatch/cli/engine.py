@@ -11,6 +11,7 @@ import click
 from ..broker import EmbeddedBroker
 from ..config import load_settings
 from ..engine import Engine
+from ..mqtt import BrokerAddress
 from ._common import AppContext, console_err, pass_app
 
 EPILOG = """
@@ -25,6 +26,7 @@ Examples:
 @click.command(epilog=EPILOG)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), help="TOML settings file (same as the global --config).")
 @click.option("--broker", metavar="URL", help="mqtt://HOST:PORT; overrides mqtt.url.")
+@click.option("--ingest-broker", metavar="URL", help="The ingest broker; overrides mqtt.ingest_url (unset: --broker carries ingest).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Overrides store.state_dir.")
 @click.option(
     "--broker-conf",
@@ -32,7 +34,9 @@ Examples:
     help="The broker's mosquitto.conf: refuse to start if a listener off loopback allows anonymous clients.",
 )
 @pass_app
-def engine(app: AppContext, config_path: str | None, broker: str | None, state_dir: Path | None, broker_conf: Path | None) -> None:
+def engine(
+    app: AppContext, config_path: str | None, broker: str | None, ingest_broker: str | None, state_dir: Path | None, broker_conf: Path | None
+) -> None:
     """Run the engine until SIGTERM or Ctrl-C.
 
     Receives consenting users' samples on {prefix}/ingest/{user}, runs the detector, sends
@@ -52,11 +56,13 @@ def engine(app: AppContext, config_path: str | None, broker: str | None, state_d
             embedded = stack.enter_context(EmbeddedBroker(port=_first_run_port()))
             url, protocol = embedded.url, "3.1.1"
             console_err.print(f"embedded MQTT broker on {url} (loopback only; configure mqtt.url for Mosquitto)")
-        eng = Engine(settings, url=url, protocol=protocol, state_dir=state_dir, broker_conf=broker_conf).start()
+        ingest_url = ingest_broker or settings.mqtt.ingest_url or url
+        eng = Engine(settings, url=url, ingest_url=ingest_url, protocol=protocol, state_dir=state_dir, broker_conf=broker_conf).start()
         stop = lambda *_: eng.request_stop()  # noqa: E731
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        console_err.print(f"engine running on {url}; state in {eng.state_dir} (SIGTERM or Ctrl-C to stop)")
+        where = str(BrokerAddress.parse(url)) + ("" if ingest_url == url else f" (ingest: {BrokerAddress.parse(ingest_url)})")
+        console_err.print(f"engine running on {where}; state in {eng.state_dir} (SIGTERM or Ctrl-C to stop)")
         eng.run()
         console_err.print("engine stopped; state saved")
 

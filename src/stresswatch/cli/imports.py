@@ -24,7 +24,7 @@ from rich.table import Table
 
 from ..alerts.topics import Topics
 from ..alerts.transport import BrokerAddress, MqttTransport
-from ..config import Settings
+from ..config import Settings, ingest_url_of
 from ..errors import ConfigError, ParseError, TransportError
 from ..importing import ImportReport, input_fingerprints, parse_start_time
 from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
@@ -134,7 +134,8 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
     ``stream_id`` is derived from the data itself, so publishing the same import again sends
     the same (stream_id, seq) pairs and the engine's deduplicator drops them.
     """
-    if not settings.mqtt.url:
+    url = ingest_url_of(settings.mqtt)  # the ingest broker when there is one (docs/BROKER.md)
+    if not url:
         raise ConfigError("--publish needs a broker: set mqtt.url (e.g. --set mqtt.url=mqtt://host:1883)", field="mqtt.url")
     topics = Topics(settings.mqtt.prefix)
     digest = 0
@@ -145,7 +146,7 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
             total += frame.height
     stream_id = f"import-{kind}-{digest:016x}-{total}"[:64]
     transport = MqttTransport(
-        settings.mqtt.url,
+        url,
         client_id=f"stresswatch-import-{uuid.uuid4().hex[:12]}",
         username=settings.mqtt.username,
         password=settings.mqtt.password,
@@ -234,7 +235,7 @@ def _print_report(report: ImportReport | None, result: AddResult, *, where: str)
     "the others are counted and left out.",
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store root to import into (default: the state dir).")
-@click.option("--publish", is_flag=True, help="Send the samples to the engine over MQTT (mqtt.url) instead of storing them.")
+@click.option("--publish", is_flag=True, help="Send the samples to the engine over MQTT (mqtt.ingest_url, else mqtt.url) instead of storing them.")
 @reading_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @pass_app

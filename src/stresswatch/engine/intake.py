@@ -60,10 +60,19 @@ class Intake:
         return replayed
 
     def connect(
-        self, url: str, mqtt: MqttSettings, protocol: str, *, clock: Clock, window: TimeWindow, rejections: Rejections
+        self,
+        url: str,
+        mqtt: MqttSettings,
+        protocol: str,
+        *,
+        clock: Clock,
+        window: TimeWindow,
+        rejections: Rejections,
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
-        """Start the log and subscribe (after :meth:`recover`); ``clock``, ``window`` and
-        ``rejections``: the wire boundary's (:func:`stresswatch.wire.ingest.decode_ingest`)."""
+        """Start the log and subscribe to ``url`` (the ingest broker; after :meth:`recover`);
+        ``clock``, ``window`` and ``rejections``: the wire boundary's
+        (:func:`stresswatch.wire.ingest.decode_ingest`); ``mqtt.ingest_reader`` picks the client."""
         self.log.start()
         self.receiver = IngestReceiver(
             url,
@@ -74,6 +83,8 @@ class Intake:
             protocol=protocol,
             client_id=private_client_id(f"{mqtt.client_id}-ingest", mqtt.password),
             manual_ack=True,
+            reader=mqtt.ingest_reader,
+            on_reconnect=on_reconnect,
             on_duplicate=lambda rx: self.log.append(LogEntry("", None, (None, rx))),
             seen=self._kept,
             clock=clock,
@@ -86,7 +97,12 @@ class Intake:
         for e in entries:
             batch, rx = e.ref  # type: ignore[misc]
             assert isinstance(rx, Received)
-            rx.ack()
+            rx.ack()  # the PUBACK, and the confirmation the companion waits for
+        receiver = self.receiver
+        if receiver is not None:
+            receiver.flush()  # one write for the group's PUBACKs (bulk reader)
+        for e in entries:
+            batch = e.ref[0]  # type: ignore[index]
             if batch is not None:
                 self._deliver(batch, e.seq)
 

@@ -87,6 +87,7 @@ class Engine:
         settings: Settings,
         *,
         url: str,
+        ingest_url: str | None = None,
         protocol: str | None = None,
         clock: Clock = utc_now,
         state_dir: Path | None = None,
@@ -103,6 +104,8 @@ class Engine:
         self.settings = settings
         self.broker_conf = broker_conf
         self.url = url
+        # the ingest broker (docs/BROKER.md, "Two brokers"); without one, ``url`` carries ingest too
+        self.ingest_url = ingest_url or settings.mqtt.ingest_url or url
         self.protocol = protocol or settings.mqtt.protocol
         self.clock = clock
         self.flush_s = flush_s
@@ -204,6 +207,8 @@ class Engine:
         m = self.settings.mqtt
         # Refuse an open broker off loopback before connecting (pure check, broker.py).
         check_broker_security(self.url, m.username, conf=self.broker_conf)
+        if self.ingest_url != self.url:
+            check_broker_security(self.ingest_url, m.username)
         self.transport = MqttTransport(
             self.url,
             # persistent session: a client id only the holder of the password can present
@@ -214,19 +219,18 @@ class Engine:
             will=(self.topics.engine_status, ENGINE_OFFLINE),
             persistent_session=True,
             on_message=self._on_message,
-            on_reconnect=lambda: self._queue.put(self._announce),
+            on_reconnect=lambda: self._queue.put(self._announce_engine),
             on_connection_lost=lambda: self._queue.put(self._connection_lost),
         )
         self.dispatcher = Dispatcher.from_settings(
             self.settings, self.outbox, self.ledger, self.transport, clock=self.clock, observe_delivery_s=self.metrics.alert_delivery.observe
         )
         self.pipeline = Pipeline(detector, self.dispatcher)
-        transport = self.transport
         self.status = StatusPublisher(
             self.topics,
             self.consent,
             lambda user: self.pipeline.detector.baseline_ready(user),
-            lambda topic, body: transport.publish(topic, body, qos=1, retain=True),
+            self._publish_status,
             quarantine=self.quarantine,
         )
         self.transport.subscribe(self.router.subscriptions())
@@ -238,8 +242,9 @@ class Engine:
         self.intake.recover(self.outbox.ingest_seq(), self._on_batch)
         self.flush()
         self.intake.connect(
-            self.url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections
-        )
+            self.ingest_url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections,
+            on_reconnect=lambda: self._queue.put(self._announce_users),  # resubscribed
+        )  # fmt: skip
         from apscheduler.schedulers.background import BackgroundScheduler
 
         e = self.settings.engine
@@ -427,13 +432,24 @@ class Engine:
             log.warning("broker connection lost: %d recently acknowledged alert(s) will be published again", n)
 
     def _announce(self) -> None:
-        """Online, then every user's status again. The consent ledger is read in one query on a
-        thread of its own, and each slice of states is applied to the consent cache and its
-        statuses published by a job queued behind the ingest jobs, so the engine is live
-        while they go out (a ledger read and a publish per user before going live was most of
-        a 72-s start at 100,000 users)."""
+        self._announce_engine()
+        self._announce_users()
+
+    def _announce_engine(self) -> None:
+        """The engine's own status, on the alerts-and-consent broker (start, reconnect)."""
         assert self.transport is not None
         self.transport.publish(self.topics.engine_status, ENGINE_ONLINE, qos=1, retain=True)
+
+    def _announce_users(self) -> None:
+        """On the ingest broker (start, reconnect to it): "online", the companions' cue to
+        send again what that broker acknowledged but the engine never confirmed (it may have
+        dropped it while the engine was not subscribed; docs/BROKER.md), then every user's status.
+
+        The consent ledger is read in one query on a thread of its own, and each slice of
+        states is applied to the consent cache and its statuses published by a job queued
+        behind the ingest jobs, so the engine is live while they go out (a ledger read and a
+        publish per user before going live was most of a 72-s start at 100,000 users)."""
+        self._publish_status(self.topics.engine_status, ENGINE_ONLINE)
         if self._consent_loader is not None and self._consent_loader.is_alive():
             return  # the read under way announces everyone
         self.consent.begin_load()
@@ -463,6 +479,15 @@ class Engine:
             room.release()
             if last:
                 self.consent.end_load()
+
+    def _publish_status(self, topic: str, body: bytes) -> None:
+        """Per-user status topics live on the ingest broker with the traffic they describe:
+        one retained message per user, rewritten at every engine start, is more than a broker
+        that saves after every change can take at 100,000 users (docs/BROKER.md). Before the
+        ingest connection exists (replay at start) nothing is published: the announce follows."""
+        receiver = self.intake.receiver if self.intake is not None else None
+        if receiver is not None:
+            receiver.publish_retained(topic, body)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """paho's thread: only enqueue, to the handler for the topic's kind."""
