@@ -1,5 +1,6 @@
-"""A real 3-node NATS JetStream cluster for tests: its own processes on free loopback ports,
-each with its own configuration, server name and store directory (never the system's NATS)."""
+"""A real 3-node NATS JetStream cluster for tests (and benchmarks/load/cluster.py): its own
+processes on free loopback ports, each with its own configuration, server name and store
+directory (never the system's NATS)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 from stresswatch.broker import free_port
 
@@ -86,7 +85,7 @@ cluster {{
 
 def start_cluster(root: Path, n: int = 3) -> NatsCluster:
     if NATS_SERVER is None:
-        pytest.fail("nats-server is not installed: the cluster tests need it (apt-get install nats-server)")
+        raise RuntimeError("nats-server is not installed: the cluster tests need it (apt-get install nats-server)")
     ports = [(free_port(), free_port()) for _ in range(n)]
     cluster = NatsCluster()
     for i, (port, cport) in enumerate(ports):

@@ -90,12 +90,13 @@ def _run_cluster(
     settings: Settings, servers: str, url: str | None, state_dir: Path | None, engine_id: str | None, publish_windows: bool
 ) -> None:
     from ..cluster.engine import ClusterEngine  # noqa: F811 - nats-py only when asked for
+    from .cluster import split_servers
 
     if url is None:
         raise click.UsageError("--cluster needs the alerts broker: --broker mqtt://HOST:PORT or mqtt.url")
     eng = ClusterEngine(
         settings,
-        servers=[s.strip() for s in servers.split(",") if s.strip()],
+        servers=split_servers(servers),
         mqtt_url=url,
         engine_id=engine_id,
         work_dir=(state_dir / "cluster") if state_dir else None,

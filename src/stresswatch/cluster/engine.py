@@ -50,7 +50,7 @@ from ..pipeline import Pipeline
 from ..private_files import private_dir
 from ..wire.consent import decode_consent
 from ..wire.rejections import Rejections
-from .jetstream import Fetched, JetStreamIO
+from .jetstream import Fetched, JetStreamIO, open_ready
 from .layout import Layout
 from .lease import Lease, plan
 from .snapshot import Snapshot
@@ -99,7 +99,9 @@ class MarkedTransport:
     """The alert transport with publish-once markers: an alert notice whose marker exists was
     delivered by this partition's previous owner and is acknowledged without publishing; a
     notice the broker acknowledges gets its marker. A crash between a PUBACK and its marker
-    can still repeat one notice; the worker client drops it by ``alert_id``."""
+    can still repeat one notice; the worker client drops it by ``alert_id``. (A notice whose
+    PUBACK takes longer than ``alerts.resend_after_s`` is published again by the dispatcher,
+    as in the single engine: at least once, the worker client drops the repeat.)"""
 
     def __init__(self, inner: Transport, jsio: JetStreamIO, layout: Layout) -> None:
         self.inner = inner
@@ -116,7 +118,12 @@ class MarkedTransport:
         return _MarkingReceipt(receipt, self, key) if key is not None else receipt
 
     def mark(self, key: str) -> None:
-        self.jsio.submit(self.jsio.kv(self.layout.sent).put(key, b"1"))
+        """Written at once (one round trip per delivered notice: alerts are rare), so the
+        window in which a SIGKILL can leave a delivered notice unmarked is that round trip."""
+        try:
+            self.jsio.put(self.layout.sent, key, b"1")
+        except ClusterError:  # NATS away: write it when it is back
+            self.jsio.submit(self.jsio.kv(self.layout.sent).put(key, b"1"))
 
     @staticmethod
     def _key(topic: str, payload: bytes) -> str | None:
@@ -198,8 +205,7 @@ class ClusterEngine:
         the snapshot). ``publish_windows``: every window the detector finishes also goes, as
         Arrow IPC, to ``sw.windows.<partition>`` (downstream consumers; tests compare them)."""
         self.settings = settings
-        c = settings.cluster
-        self.layout = Layout(partitions=c.partitions, replicas=c.replicas, name=c.name)
+        self.layout = Layout.of(settings.cluster)
         self.servers = servers
         self.mqtt_url = mqtt_url
         self.protocol = protocol or settings.mqtt.protocol
@@ -226,8 +232,7 @@ class ClusterEngine:
         for stale in self.work_dir.glob("part-*.sqlite*"):
             stale.unlink()  # a previous run's scratch: the snapshots are the truth
         c, m = self.settings.cluster, self.settings.mqtt
-        self.jsio = JetStreamIO(self.servers, self.layout, name=f"stresswatch-engine-{self.engine_id}")
-        self.jsio.ensure(c.retention_days * 86_400)
+        self.jsio = open_ready(self.servers, self.layout, name=f"stresswatch-engine-{self.engine_id}", retention_s=c.retention_days * 86_400)
         self.jsio.watch(self.layout.consent, self.consent.apply)
         check_broker_security(self.mqtt_url, m.username)
         inner = MqttTransport(
@@ -359,17 +364,8 @@ class ClusterEngine:
 
     def _live_engines(self, now_s: float) -> int:
         assert self.jsio is not None
-        keys = [k for k in self.jsio.call(self._engine_keys())]
-        got = self.jsio.leases(keys)
+        got = self.jsio.leases(self.jsio.keys(self.layout.leases, "engine."))
         return max(1, sum(1 for lease, _ in got.values() if lease is not None and lease.live(now_s)))
-
-    async def _engine_keys(self) -> list[str]:
-        assert self.jsio is not None
-        try:
-            keys = await self.jsio.kv(self.layout.leases).keys()
-        except Exception:  # noqa: BLE001 - NoKeysError: an empty bucket
-            return []
-        return [k for k in keys if k.startswith("engine.")]
 
     def _take(self, p: int, lease_rev: int, lease_until_s: float) -> None:
         """Load partition ``p``'s snapshot and pull from its sequence (the replay)."""

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ class JetStreamIO:
         require("nats.js", extra="cluster", feature="cluster mode")
         self.layout = layout
         self.servers = servers
+        self._closing = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats", daemon=True)
         self._thread.start()
@@ -60,7 +62,7 @@ class JetStreamIO:
             self.nc = self.call(
                 self._nats.connect(
                     servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.25, connect_timeout=2,
-                    allow_reconnect=True, ping_interval=5, max_outstanding_pings=2, error_cb=_quiet, disconnected_cb=_disconnected,
+                    allow_reconnect=True, ping_interval=5, max_outstanding_pings=2, error_cb=_quiet, disconnected_cb=self._disconnected,
                     reconnected_cb=_reconnected,
                 ),
                 connect_timeout_s,
@@ -68,7 +70,7 @@ class JetStreamIO:
         except Exception as exc:  # noqa: BLE001 - any failure to connect is one line
             self._stop_loop()
             raise ClusterError(f"cannot connect to NATS {', '.join(servers)}: {type(exc).__name__} {exc}") from None
-        self.js = self.nc.jetstream(timeout=5.0)
+        self.js = self.nc.jetstream(timeout=10.0)  # a loaded host or a leader election: seconds
         self._kv: dict[str, Any] = {}
         self._obs: Any = None
         self._watchers: list[asyncio.Task[None]] = []
@@ -92,7 +94,12 @@ class JetStreamIO:
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         fut.add_done_callback(_log_failure)
 
+    async def _disconnected(self) -> None:
+        if not self._closing:
+            log.warning("NATS connection lost; reconnecting")
+
     def close(self) -> None:
+        self._closing = True
         try:
             for t in self._watchers:
                 self._loop.call_soon_threadsafe(t.cancel)
@@ -102,8 +109,20 @@ class JetStreamIO:
         self._stop_loop()
 
     def _stop_loop(self) -> None:
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_the_rest(), self._loop).result(5)
+        except Exception as exc:  # noqa: BLE001 - stopping anyway
+            log.debug("stopping the NATS loop: %s", type(exc).__name__)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     @property
     def connected_url(self) -> str:
@@ -153,8 +172,12 @@ class JetStreamIO:
             return await self.js.create_key_value(cfg)
 
     def kv(self, bucket: str) -> Any:
+        """The bucket's handle (not from the client's own thread: coroutines use :meth:`_bucket`)."""
+        return self._kv.get(bucket) or self.call(self._bucket(bucket))
+
+    async def _bucket(self, bucket: str) -> Any:
         if bucket not in self._kv:
-            self._kv[bucket] = self.call(self.js.key_value(bucket))
+            self._kv[bucket] = await self.js.key_value(bucket)
         return self._kv[bucket]
 
     # -- key-value ---------------------------------------------------------------------
@@ -163,10 +186,21 @@ class JetStreamIO:
 
     async def _get(self, bucket: str, key: str) -> KvEntry | None:
         try:
-            e = await self.kv(bucket).get(key)
+            e = await (await self._bucket(bucket)).get(key)
         except self._nats.js.errors.KeyNotFoundError:  # also deleted / purged keys
             return None
         return KvEntry(e.value, e.revision)
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """The bucket's keys starting with ``prefix`` (none for an empty bucket)."""
+        return self.call(self._keys(bucket, prefix))
+
+    async def _keys(self, bucket: str, prefix: str) -> list[str]:
+        try:
+            keys = await (await self._bucket(bucket)).keys()
+        except self._nats.js.errors.NoKeysError:
+            return []
+        return [k for k in keys if k.startswith(prefix)]
 
     def put(self, bucket: str, key: str, value: bytes) -> int:
         return self.call(self.kv(bucket).put(key, value))
@@ -176,7 +210,7 @@ class JetStreamIO:
         return self.call(self._cas(bucket, key, value, last))
 
     async def _cas(self, bucket: str, key: str, value: bytes, last: int | None) -> int | None:
-        kv = self.kv(bucket)
+        kv = await self._bucket(bucket)
         errors = self._nats.js.errors
         try:
             if last is None:
@@ -206,7 +240,7 @@ class JetStreamIO:
             raise ClusterError(f"the {bucket} bucket did not load within {timeout_s:g} s")
 
     async def _start_watch(self, bucket: str, on_entry: Callable[[str, bytes | None, int], None], ready: threading.Event) -> None:
-        watcher = await self.kv(bucket).watchall()
+        watcher = await (await self._bucket(bucket)).watchall()
         self._watchers.append(asyncio.ensure_future(self._watch(watcher, on_entry, ready)))
 
     async def _watch(self, watcher: Any, on_entry: Callable[[str, bytes | None, int], None], ready: threading.Event) -> None:
@@ -291,41 +325,57 @@ class JetStreamIO:
         self.submit(self.js.purge_stream(self.layout.stream, subject=self.layout.subject(p), seq=seq))
 
     def partition_info(self, p: int) -> tuple[int, int | None]:
-        """(last stream sequence of the partition's subject or 0, the consumer's pending count)."""
+        """(the partition's last stream sequence, or 0; the owner's consumer's pending count:
+        not yet delivered plus not yet acknowledged, None without a consumer)."""
         return self.call(self._partition_info(p))
 
     async def _partition_info(self, p: int) -> tuple[int, int | None]:
         L = self.layout
         try:
-            msg = await self.js.get_last_msg(L.stream, L.subject(p))
-            last = int(msg.seq)
-        except self._nats.js.errors.NotFoundError:
+            last = int((await self.js.get_last_msg(L.stream, L.subject(p))).seq)
+        except self._nats.js.errors.NotFoundError:  # none, or all purged behind a snapshot
             last = 0
         try:
             ci = await self.js.consumer_info(L.stream, L.consumer(p))
-            pending = int(ci.num_pending or 0) + int(ci.num_ack_pending or 0)
         except self._nats.js.errors.NotFoundError:
-            pending = None
-        return last, pending
+            return last, None
+        last = max(last, int(ci.delivered.stream_seq or 0))
+        return last, int(ci.num_pending or 0) + int(ci.num_ack_pending or 0)
 
     def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> int:
         """A JetStream publish, waiting for the stream's acknowledgement; its sequence."""
         return self.call(self.js.publish(subject, payload, headers=headers)).seq
 
-    def publish_later(self, subject: str, payload: bytes) -> None:
-        """A JetStream publish in the background, repeated until the stream acknowledges it
-        (through a server's loss); :meth:`wait_published` waits for all of them."""
+    def publish_later(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        then: Callable[[], object] | None = None,
+        give_up_s: float | None = 60.0,
+    ) -> None:
+        """A JetStream publish in the background, repeated (same message id) until the stream
+        acknowledges it, through a server's loss; then ``then()`` (on the client's thread).
+        ``give_up_s`` None: never give up. :meth:`wait_published` waits for all of them."""
         self._later = [f for f in self._later if not f.done()]
-        self._later.append(asyncio.run_coroutine_threadsafe(self._publish_retrying(subject, payload), self._loop))
+        coro = self._publish_retrying(subject, payload, headers, then, give_up_s)
+        self._later.append(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
-    async def _publish_retrying(self, subject: str, payload: bytes) -> None:
-        for _ in range(120):
+    async def _publish_retrying(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, then: Callable[[], object] | None, give_up_s: float | None
+    ) -> None:
+        deadline = None if give_up_s is None else self._loop.time() + give_up_s
+        while deadline is None or self._loop.time() < deadline:
             try:
-                await self.js.publish(subject, payload, timeout=5)
-                return
-            except Exception:  # noqa: BLE001 - a server away: again
+                await self.js.publish(subject, payload, timeout=5, headers=headers)
+            except Exception:  # noqa: BLE001 - a server away or a leader election: again
                 await asyncio.sleep(0.5)
-        log.warning("a publish to %s was not acknowledged for a minute; given up", subject)
+                continue
+            if then is not None:
+                then()
+            return
+        log.warning("a publish to %s was not acknowledged for %g s; given up", subject, give_up_s)
 
     def wait_published(self, timeout_s: float = 60.0) -> None:
         concurrent.futures.wait(self._later, timeout_s)
@@ -352,12 +402,31 @@ async def _quiet(exc: Exception) -> None:
     log.debug("NATS: %s", type(exc).__name__)
 
 
-async def _disconnected() -> None:
-    log.warning("NATS connection lost; reconnecting")
-
-
 async def _reconnected() -> None:
     log.info("NATS reconnected")
+
+
+def open_ready(servers: list[str], layout: Layout, *, name: str, retention_s: float, timeout_s: float = 60.0) -> JetStreamIO:
+    """Connect and :meth:`~JetStreamIO.ensure` the cluster's objects, retrying while the servers
+    start or JetStream elects its leaders (a fresh cluster takes seconds); a layout conflict is
+    not retried."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            jsio = JetStreamIO(servers, layout, name=name)
+        except ClusterError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        try:
+            jsio.ensure(retention_s)
+            return jsio
+        except ClusterError as exc:
+            jsio.close()
+            if "partitions" in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _log_failure(fut: Any) -> None:
@@ -365,4 +434,4 @@ def _log_failure(fut: Any) -> None:
         log.debug("background NATS call failed: %s", type(fut.exception()).__name__)
 
 
-__all__ = ["Fetched", "JetStreamIO", "KvEntry", "Pulled"]
+__all__ = ["Fetched", "JetStreamIO", "KvEntry", "Pulled", "open_ready"]

@@ -10,6 +10,10 @@ with the user in a header; ids may contain dots, which a NATS subject token cann
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import ClusterSettings
 
 USER_HEADER = "Sw-User"
 MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream's own de-duplication within its duplicate window
@@ -78,6 +82,10 @@ class Layout:
     def snapshots(self) -> str:
         """Object store: one object per partition."""
         return f"{self.name}_snapshots"
+
+    @classmethod
+    def of(cls, settings: ClusterSettings) -> Layout:
+        return cls(partitions=settings.partitions, replicas=settings.replicas, name=settings.name)
 
     def subject(self, p: int) -> str:
         return f"{self.subject_root}.{p}"
