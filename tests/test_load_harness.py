@@ -65,3 +65,47 @@ def test_every_sample_of_every_user_arrives_once_in_order(mosquitto, fmt):
         values = np.concatenate([b.value for b in mine])
         vv = templates.value[templates.off[j] : templates.off[j + 1]][(tt >= sample_t0) & (tt <= sample_t0 + 60 * NS)]
         assert np.array_equal(values, vv)
+
+
+# -- reconciliation: every raised alert accounted for before a percentile (benchmarks/load/reconcile.py)
+import math  # noqa: E402
+
+from hypothesis import given, strategies as st  # noqa: E402
+from reconcile import Receipt, reconcile  # noqa: E402
+
+
+def test_an_alert_past_the_deadline_is_lost_and_puts_the_p99_at_infinity():
+    receipts = [Receipt(f"a{i}", 10.0 + i, lat) for i, lat in enumerate((0.2, 0.4, 0.6, 0.8))]  # on time
+    receipts.append(Receipt("a4", 99.0, 0.3))  # arrived after the deadline
+    receipts.append(Receipt("a1", 20.0, 5.0))  # a re-send of a1: a duplicate, not a delivery
+    r = reconcile(raised=5, withheld=0, suppressed=0, receipts=receipts, deadline_s=60.0)
+    assert (r.expected, r.delivered, r.lost, r.late, r.duplicates) == (5, 4, 1, 1, 1)
+    assert r.reconciled
+    assert r.percentile_s(50) == 0.6  # nearest rank over all five: 0.2 0.4 0.6 0.8 inf
+    assert r.percentile_s(80) == 0.8
+    assert math.isinf(r.percentile_s(99))  # not the p99 of the four that arrived
+    assert r.summary()["latency_p99_s"] == "inf"
+
+
+def test_withheld_and_suppressed_alerts_are_not_expected_and_extra_receipts_break_reconciliation():
+    r = reconcile(raised=4, withheld=1, suppressed=1, receipts=[Receipt("a", 1.0, 0.5), Receipt("b", 1.0, 0.7)], deadline_s=5.0)
+    assert (r.expected, r.delivered, r.lost) == (2, 2, 0) and r.reconciled and r.percentile_s(99) == 0.7
+    extra = reconcile(raised=1, withheld=0, suppressed=0, receipts=[Receipt("a", 1.0, 0.5), Receipt("b", 1.0, 0.7)], deadline_s=5.0)
+    assert extra.unexpected == 1 and not extra.reconciled  # the workers saw an alert the engine did not count
+    unknown = reconcile(raised=2, withheld=0, suppressed=0, receipts=[Receipt("a", 1.0, None), Receipt("b", 1.0, 0.4)], deadline_s=5.0)
+    assert unknown.unmatched == 1 and unknown.delivered == 2 and math.isinf(unknown.percentile_s(99))
+    assert reconcile(raised=0, withheld=0, suppressed=0, receipts=[], deadline_s=1.0).percentile_s(99) is None
+
+
+@given(
+    raised=st.integers(0, 30),
+    arrivals=st.lists(st.tuples(st.integers(0, 40), st.floats(0, 100), st.floats(0, 10)), max_size=60),
+    deadline=st.floats(0, 100),
+)
+def test_every_expected_alert_is_delivered_or_lost(raised, arrivals, deadline):
+    receipts = [Receipt(f"a{k}", t, lat) for k, t, lat in arrivals]
+    r = reconcile(raised=raised, withheld=0, suppressed=0, receipts=receipts, deadline_s=deadline)
+    assert r.delivered + r.lost == r.expected == raised == len(r.latencies_s)
+    assert r.duplicates == len(receipts) - len({x.alert_id for x in receipts})
+    assert list(r.latencies_s) == sorted(r.latencies_s)
+    assert sum(math.isinf(x) for x in r.latencies_s) >= r.lost

@@ -1,13 +1,13 @@
 """The engine under load: the real :class:`stresswatch.engine.Engine` in its own process.
 
-``python benchmarks/load/engine_proc.py SETTINGS_JSON STATE_DIR URL STATS_JSONL [PROFILE_JSON]``
+``python benchmarks/load/engine_proc.py SETTINGS_JSON [PROFILE_JSON]``
 
-Same as ``stresswatch engine`` (same class, same ``start``/``run``), plus a thread that every
-0.5 s appends one JSON line of counters to STATS_JSONL: batches and samples processed by the
-engine thread, the receiver's counts, the engine's work-queue length, and whether startup
-(restore, subscribe, announce) is done. The harness reads CPU and memory from /proc itself.
-With PROFILE_JSON, yappi profiles every thread (CPU time) from SIGUSR1 to SIGUSR2 (py-spy
-cannot read this sandbox's process memory).
+Same as ``stresswatch engine`` (same class, same ``start``/``run``, same settings). The
+harness reads its counters where an operator does, from the engine's ``/metrics`` and
+``/healthz`` (``settings.metrics``), and CPU and memory from /proc. With PROFILE_JSON, yappi
+profiles every thread (CPU time) from SIGUSR1 to SIGUSR2 (py-spy cannot read this sandbox's
+process memory). ``SWLOAD_FLUSH_S`` changes the engine's flush interval (an experiment: the
+harness prints it as a deviation).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import json
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 from stresswatch.config import Settings
@@ -39,50 +37,18 @@ def _write_profile(path: str) -> None:
 
 
 def main() -> None:
-    settings_path, state_dir, url, stats_path = sys.argv[1:5]
-    settings = Settings.model_validate(json.loads(Path(settings_path).read_text()))
-    flush_s = float(os.environ.get("SWLOAD_FLUSH_S", "0.5"))  # experiments only; 0.5 s is the engine's default
-    eng = Engine(settings, url=url, state_dir=Path(state_dir), flush_s=flush_s)
-    t_start = time.time()
-    eng.start()
-    started = time.time() - t_start
-    announced = threading.Event()
-    eng.call_soon(announced.set)  # runs after the announce/pump jobs that start() queued
+    settings = Settings.model_validate(json.loads(Path(sys.argv[1]).read_text()))
+    kwargs = {"flush_s": float(os.environ["SWLOAD_FLUSH_S"])} if "SWLOAD_FLUSH_S" in os.environ else {}
+    eng = Engine(settings, url=settings.mqtt.url or "", **kwargs)
     signal.signal(signal.SIGTERM, lambda *_: eng.request_stop())
     signal.signal(signal.SIGINT, lambda *_: eng.request_stop())
-    if len(sys.argv) > 5:  # profile between SIGUSR1 and SIGUSR2 (all threads, CPU time)
-        profile_path = sys.argv[5]
+    if len(sys.argv) > 2:  # profile between SIGUSR1 and SIGUSR2 (all threads, CPU time)
+        profile_path = sys.argv[2]
         import yappi
 
         yappi.set_clock_type("cpu")
         signal.signal(signal.SIGUSR1, lambda *_: yappi.start(builtins=False, profile_threads=True))
         signal.signal(signal.SIGUSR2, lambda *_: _write_profile(profile_path))
-
-    def report() -> None:
-        with open(stats_path, "a", buffering=1) as f:
-            while not eng.stopping:
-                st = eng.stats()
-                f.write(
-                    json.dumps(
-                        {
-                            "wall": time.time(),
-                            "start_s": started,
-                            "ready": announced.is_set(),
-                            "batches": st.batches_processed,
-                            "samples": st.samples_processed,
-                            "accepted": st.accepted,
-                            "duplicates": st.duplicates,
-                            "rejected": st.rejected,
-                            "queue": st.queue,
-                            "dropped": st.dropped_batches,
-                            "users": st.users,
-                        }
-                    )
-                    + "\n"
-                )
-                time.sleep(0.5)
-
-    threading.Thread(target=report, daemon=True).start()
     eng.run()
 
 

@@ -33,10 +33,14 @@ class RawPublisher:
 
     MAX_INFLIGHT = 30_000  # packet ids are 16-bit: never reuse one still unacknowledged
 
-    def __init__(self, host: str, port: int, client_id: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, host: str, port: int, client_id: str, *, username: str | None = None, password: str | None = None, timeout_s: float = 10.0
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = _utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0) + _utf8(client_id)  # clean session, no keepalive
+        flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)  # clean session
+        body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", 0) + _utf8(client_id)  # no keepalive
+        body += (_utf8(username) if username is not None else b"") + (_utf8(password) if password is not None else b"")
         self.sock.sendall(b"\x10" + _remaining_length(len(body)) + body)
         connack = self._read_exact(4)
         if connack[0] != 0x20 or connack[3] != 0:

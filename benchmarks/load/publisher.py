@@ -25,6 +25,7 @@ def run_publisher(
     connections: int,
     host: str,
     port: int,
+    credentials: tuple[str, str] | None,
     stop_wall: float,
     log_path: str,
     sent: Synchronized,
@@ -33,7 +34,8 @@ def run_publisher(
 ) -> None:
     users = np.arange(part, plan.n_users, parts)
     maker = BatchMaker(plan, templates, users)
-    conns = [RawPublisher(host, port, f"load-{plan.run_id}-{part}-{k}") for k in range(connections)]
+    username, password = credentials or (None, None)
+    conns = [RawPublisher(host, port, f"load-{plan.run_id}-{part}-{k}", username=username, password=password) for k in range(connections)]
     n_local = len(users)
     log_u, log_seq, log_wall, log_tmax, log_n, log_b = [], [], [], [], [], []
     k = 0  # next send: cycle k // n_local, local user k % n_local

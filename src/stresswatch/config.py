@@ -190,6 +190,15 @@ class EngineSettings(_Section):
         return TimeWindow(max_age_s=self.ingest_max_age_days * 86_400, max_future_s=self.ingest_max_future_s)
 
 
+class MetricsSettings(_Section):
+    """The engine's operator endpoint: ``/metrics`` (Prometheus text format) and ``/healthz``."""
+
+    enabled: bool = Field(default=True, description="serve /metrics and /healthz while the engine runs")
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to bind: loopback unless a scraper elsewhere needs it (no authentication)")
+    port: int = Field(default=9779, ge=0, le=65535, description="TCP port; 0 picks a free one (logged)")
+    stall_s: float = Field(default=30.0, gt=0, description="/healthz fails when the engine thread has not turned for this long")
+
+
 class ClusterSettings(_Section):
     """Cluster mode: users partitioned over engine processes on NATS JetStream (docs/CLUSTER.md).
     Every engine of one cluster must use the same ``partitions``."""
@@ -221,6 +230,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     alerts: AlertSettings = AlertSettings()
     engine: EngineSettings = EngineSettings()
+    metrics: MetricsSettings = MetricsSettings()
     cluster: ClusterSettings = ClusterSettings()
     # Named groups of workers a user may choose as recipients, e.g. team-north = ["sam", "kim"].
     groups: dict[str, list[str]] = Field(default_factory=dict)

@@ -185,6 +185,11 @@ class IngestReceiver:
             self.close()
             raise TransportError(f"no SUBACK for {self.subscription!r}", url=url)
 
+    @property
+    def connected(self) -> bool:
+        """The MQTT link is up (the engine's health endpoint reads it)."""
+        return self._client.is_connected()
+
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reason_codes: object, props: object = None) -> None:
         self._subscribed.set()
 

@@ -57,6 +57,7 @@ class _InFlight:
     sent_mono: float
     alert_id: str
     worker: str
+    first_queued_at: datetime | None  # the alert's raise time if this is its first notice
 
 
 @dataclass
@@ -66,6 +67,8 @@ class DispatchStats:
     republished: int = 0
     delivered: int = 0
     withheld: int = 0
+    suppressed: int = 0  # not sent: the user's cooldown
+    acknowledged: int = 0  # a worker said "I'm reaching out"
     undeliverable: int = 0  # deliveries dropped: no topic can be formed for the recipient, or publishing failed
 
 
@@ -85,7 +88,10 @@ class Dispatcher:
         redeliver_window_s: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
         on_delivered: Callable[[str, str], None] | None = None,
+        observe_delivery_s: Callable[[float], None] | None = None,
     ) -> None:
+        """``observe_delivery_s``: told, for each alert's first notice, the seconds from its
+        raise to the broker's PUBACK (the engine's metrics)."""
         self.outbox = outbox
         self.ledger = ledger
         self.transport = transport
@@ -100,11 +106,19 @@ class Dispatcher:
         self._inflight: dict[int, _InFlight] = {}
         self._last_collect_mono = float("-inf")
         self._on_delivered = on_delivered
+        self._observe_delivery_s = observe_delivery_s
         self.stats = DispatchStats()
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, outbox: Outbox, ledger: ConsentLedger, transport: Transport, *, clock: Clock
+        cls,
+        settings: Settings,
+        outbox: Outbox,
+        ledger: ConsentLedger,
+        transport: Transport,
+        *,
+        clock: Clock,
+        observe_delivery_s: Callable[[float], None] | None = None,
     ) -> Dispatcher:
         """The dispatcher every caller builds (engine, demo, replay): groups, escalation policy,
         expiry and re-send delay from ``settings``."""
@@ -119,6 +133,7 @@ class Dispatcher:
             policy=EscalationPolicy(a.escalate_after_s, a.renotify_after_s, a.max_reminders, a.cooldown_s, a.checkin_cooldown_s),
             alert_expiry_s=settings.mqtt.alert_expiry_s,
             resend_after_s=a.resend_after_s,
+            observe_delivery_s=observe_delivery_s,
         )
 
     # -- raising -----------------------------------------------------------------------
@@ -147,6 +162,7 @@ class Dispatcher:
                     last = self.outbox.last_sent_at(d.user, excluding=d.alert_id, self_report=checkin) if cooldown else None
                     if last is not None and (now - last).total_seconds() < cooldown:
                         rec = self.outbox.save(apply(rec, Suppressed(now)), "suppressed", now, detail="cooldown")
+                        self.stats.suppressed += 1
                     else:
                         rec, payload = self._first_notice(rec, d, now)
                 if payload is not None:
@@ -171,7 +187,7 @@ class Dispatcher:
             self._undeliverable(dl, "invalid_recipient")
             return
         receipt = self.transport.publish(topic, alert_wire(payload, notice=dl.notice), qos=1, expiry_s=self.alert_expiry_s)
-        self._inflight[dl.id] = _InFlight(receipt, mono, dl.alert_id, dl.worker)
+        self._inflight[dl.id] = _InFlight(receipt, mono, dl.alert_id, dl.worker, dl.queued_at if dl.notice == 0 else None)
         self.stats.published += 1
 
     def _undeliverable(self, dl: Delivery, reason: str) -> None:
@@ -259,6 +275,10 @@ class Dispatcher:
         if self._on_delivered:
             for _, f in done:
                 self._on_delivered(f.alert_id, f.worker)
+        if self._observe_delivery_s:
+            for _, f in done:
+                if f.first_queued_at is not None:
+                    self._observe_delivery_s(max(0.0, (now - f.first_queued_at).total_seconds()))
         self.stats.delivered += len(done)
         return len(done)
 
@@ -346,7 +366,9 @@ class Dispatcher:
             raise LifecycleError(f"unknown alert {msg.alert_id}")
         now = self.clock()
         if msg.action is AckAction.ACK:
-            return self.outbox.save(apply(rec, Acknowledged(worker, now)), "acknowledged", now, actor=worker)
+            rec = self.outbox.save(apply(rec, Acknowledged(worker, now)), "acknowledged", now, actor=worker)
+            self.stats.acknowledged += 1
+            return rec
         assert msg.outcome is not None
         nxt = apply(rec, Resolved(worker, msg.outcome, now, msg.note))
         return self.outbox.save(nxt, "resolved", now, actor=worker, detail=msg.outcome.value)

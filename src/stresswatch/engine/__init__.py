@@ -5,7 +5,8 @@
 * :mod:`.consent_cache`: per-user consent state for the hot path;
 * :mod:`.status`: per-user status topics and the sweep that finds expiry;
 * :mod:`.persist`: detector state and samples saved (writer thread);
-* :mod:`.erasure`: erasure from every store the engine keeps.
+* :mod:`.erasure`: erasure from every store the engine keeps;
+* :mod:`.metrics`: operator metrics and health (``/metrics``, ``/healthz``).
 """
 
 from .service import ENGINE_OFFLINE, ENGINE_ONLINE, Engine, EngineStats, Handler

@@ -17,11 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from ..alerts.dispatch import Dispatcher
+from prometheus_client import CollectorRegistry
+
+from ..alerts.dispatch import DispatchStats, Dispatcher
 from ..alerts.outbox import Outbox
 from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
@@ -42,6 +44,7 @@ from .ingest_buffer import IngestBuffer, readable_frame
 from . import handlers
 from .intake import Intake
 from .isolation import detect_isolated, dispatch_isolated
+from .metrics import EngineMetrics, Health, MetricsServer, assess_health
 from .persist import StatePersister
 from .quarantine import Quarantine
 from .routing import FaultLog, Handler, Router
@@ -65,6 +68,12 @@ class EngineStats:
     duplicates: int | None
     rejected: int  # every message refused at the wire boundary (by kind and reason: Engine.rejections.counts())
     quarantined: int  # users set aside after a fault in their data path
+    dropped_quarantined: int = 0  # batches of quarantined users, not processed
+    buffered: int = 0  # batches waiting for the next flush
+    rejections: dict[tuple[str, str], int] = field(default_factory=dict)  # by (kind, reason)
+    alerts: DispatchStats = field(default_factory=DispatchStats)  # a copy
+    alerts_in_flight: int = 0
+    broker_links: dict[str, bool | None] = field(default_factory=dict)  # link -> connected (None: unknown)
 
 
 class Engine:
@@ -80,11 +89,14 @@ class Engine:
         state_dir: Path | None = None,
         broker_conf: Path | None = None,
         flush_s: float = 0.5,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         """``broker_conf``: the broker's mosquitto.conf, if the operator has it, for the
         security check (no anonymous listener off loopback). ``flush_s``: at most this long
         in the ingest buffer, part of the alert latency budget (1 s); measured at 100,000
-        users (benchmarks/load): 0.25 s kept the engine at a full core, 0.5 s at 0.75."""
+        users (benchmarks/load): 0.25 s kept the engine at a full core, 0.5 s at 0.75.
+        ``metrics_registry``: where the operator metrics go (a new registry by default);
+        served on ``settings.metrics`` while the engine runs (:mod:`.metrics`)."""
         self.settings = settings
         self.broker_conf = broker_conf
         self.url = url
@@ -116,6 +128,10 @@ class Engine:
         self.dispatcher: Dispatcher | None = None
         self._scheduler: object | None = None
         self.ready = threading.Event()
+        self.metrics = EngineMetrics(metrics_registry)
+        self.metrics.bind(self.stats, self.health)
+        self.metrics_server: MetricsServer | None = None
+        self._wait_from: float | None = None  # when the oldest batch not yet flushed was handed over
 
     # -- public seams ------------------------------------------------------------------
     def add_handler(self, kind: str, handler: Handler) -> None:
@@ -135,6 +151,7 @@ class Engine:
     def stats(self) -> EngineStats:
         rx = self.intake.receiver if self.intake is not None else None
         pipeline = getattr(self, "pipeline", None)
+        d = self.dispatcher
         return EngineStats(
             self.batches_processed,
             self.samples_processed,
@@ -145,6 +162,27 @@ class Engine:
             rx.duplicates if rx else None,
             self.rejections.total,
             len(self.quarantine),
+            dropped_quarantined=self.quarantine.dropped_batches,
+            buffered=len(self.buffer),
+            rejections=self.rejections.counts(),
+            alerts=replace(d.stats) if d is not None else DispatchStats(),
+            alerts_in_flight=d.in_flight if d is not None else 0,
+            broker_links=self._broker_links(),
+        )
+
+    def _broker_links(self) -> dict[str, bool | None]:
+        transport, intake = self.transport, self.intake
+        rx = intake.receiver if intake is not None else None
+        return {
+            "alerts": transport.connected if transport is not None else False,
+            "ingest": getattr(rx, "connected", None) if rx is not None else False,
+        }
+
+    def health(self) -> Health:
+        """What ``/healthz`` answers (:func:`.metrics.assess_health`; any thread)."""
+        running = self.ready.is_set() and not self._stopping.is_set()
+        return assess_health(
+            running=running, broker_links=self._broker_links(), loop_age_s=self.metrics.loop_age_s(), stall_s=self.settings.metrics.stall_s
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -175,7 +213,9 @@ class Engine:
             on_reconnect=lambda: self._queue.put(self._announce),
             on_connection_lost=lambda: self._queue.put(self._connection_lost),
         )
-        self.dispatcher = Dispatcher.from_settings(self.settings, self.outbox, self.ledger, self.transport, clock=self.clock)
+        self.dispatcher = Dispatcher.from_settings(
+            self.settings, self.outbox, self.ledger, self.transport, clock=self.clock, observe_delivery_s=self.metrics.alert_delivery.observe
+        )
         self.pipeline = Pipeline(detector, self.dispatcher)
         transport = self.transport
         self.status = StatusPublisher(
@@ -188,7 +228,9 @@ class Engine:
         self.transport.subscribe(self.router.subscriptions())
         # Nothing is acknowledged before it is durable: the ingest log syncs each batch before
         # its PUBACK; the batches after the last snapshot are replayed now (docs/INGEST.md).
-        self.intake = Intake(self.state_dir / "ingest-log", self.topics, lambda b, seq: self._queue.put(_BatchJob(self, b, seq)))
+        self.intake = Intake(
+            self.state_dir / "ingest-log", self.topics, lambda b, seq: self._queue.put(_BatchJob(self, b, seq, time.monotonic()))
+        )
         self.intake.recover(self.outbox.ingest_seq(), self._on_batch)
         self.flush()
         self.intake.connect(
@@ -204,7 +246,20 @@ class Engine:
         self._scheduler = sched
         self._queue.put(self._announce)
         self._queue.put(self.dispatcher.pump)  # undelivered alerts from before a restart, same ids
+        self._serve_metrics()
         return self
+
+    def _serve_metrics(self) -> None:
+        ms = self.settings.metrics
+        if not ms.enabled:
+            return
+        try:
+            self.metrics_server = MetricsServer(self.metrics, ms.host, ms.port).start()
+        except OSError as exc:
+            # Alerts matter more than their metrics: run on, and say so (a health probe then fails).
+            log.error("metrics endpoint not started on %s:%d: %s (set metrics.port, or metrics.enabled = false)", ms.host, ms.port, exc.strerror or exc)
+            return
+        log.info("metrics on %s/metrics, health on %s/healthz", self.metrics_server.url, self.metrics_server.url)
 
     def request_stop(self) -> None:
         """Safe from a signal handler or another thread."""
@@ -220,6 +275,7 @@ class Engine:
         self.ready.set()
         try:
             while not self._stopping.is_set():
+                self.metrics.beat()
                 try:
                     job = self._queue.get(timeout=0.1)
                 except queue.Empty:
@@ -244,6 +300,7 @@ class Engine:
                 self._run_job(job)
 
     def _run_job(self, job: Callable[[], None]) -> None:
+        self.metrics.beat()
         try:
             if len(self.buffer) and not isinstance(job, _BatchJob):
                 self.flush()  # every other job sees the batches received before it
@@ -254,6 +311,9 @@ class Engine:
             self.faults.fault(getattr(job, "__name__", type(job).__name__), exc)
 
     def shutdown(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
             self._scheduler = None
@@ -284,6 +344,7 @@ class Engine:
 
     def persist(self, *, wait: bool = False) -> None:
         """Save detector state and buffered samples (see :mod:`.persist`)."""
+        started = time.monotonic()
         now = self.clock()
         # Consent can also end without a message to this engine (expiry; a revocation written
         # into a ledger file it shares): forget those users before saving. From the consent
@@ -297,9 +358,13 @@ class Engine:
         self.intake.log.rotate()
         # The log keeps the segments of one more interval than the snapshot needs: a batch
         # whose PUBACK was lost in a crash is redelivered, and is recognised by them.
-        self.persister.save(
-            self.pipeline.detector.to_bytes(), now, wait=wait, ingest_seq=seq, then=lambda: intake.log.truncate_through(drop_through)
-        )
+        observe = self.metrics.state_save.observe
+
+        def saved() -> None:
+            observe(time.monotonic() - started)
+            intake.log.truncate_through(drop_through)
+
+        self.persister.save(self.pipeline.detector.to_bytes(), now, wait=wait, ingest_seq=seq, then=saved)
 
     def flush(self) -> None:
         """Give every pending batch to the detector, as one frame. A fault is isolated to the
@@ -308,6 +373,7 @@ class Engine:
             return
         batches = self.buffer.take()
         self._flushed_at = time.monotonic()
+        wait_from, self._wait_from = self._wait_from, None
         self.batches_processed += len(batches)
         frame, batches, unreadable = readable_frame(batches)
         for user, exc in unreadable.items():
@@ -319,6 +385,8 @@ class Engine:
             self.persister.add_samples(part)
             self.samples_processed += part.height
         self.status.after_flush(list(dict.fromkeys(b.user for b in batches)), self.clock())
+        if wait_from is not None:
+            self.metrics.waited(time.monotonic() - wait_from)
 
     def _quarantine(self, user: str, where: str, exc: BaseException) -> None:
         if self.quarantine.add(user, where, exc):
@@ -401,15 +469,19 @@ class Engine:
 class _BatchJob:
     """A received batch on the engine's work queue (told apart from other jobs by its type)."""
 
-    __slots__ = ("engine", "batch", "seq")
+    __slots__ = ("engine", "batch", "seq", "handed_at")
 
-    def __init__(self, engine: Engine, batch: IngestBatch, seq: int) -> None:
+    def __init__(self, engine: Engine, batch: IngestBatch, seq: int, handed_at: float) -> None:
         self.engine = engine
         self.batch = batch
         self.seq = seq
+        self.handed_at = handed_at  # monotonic: when the intake handed it over (durable, acknowledged)
 
     def __call__(self) -> None:
-        self.engine._on_batch(self.batch, self.seq)
+        engine = self.engine
+        engine._on_batch(self.batch, self.seq)
+        if engine._wait_from is None and len(engine.buffer):  # in order: the first buffered since a flush is the oldest
+            engine._wait_from = self.handed_at
 
 
 __all__ = ["ENGINE_OFFLINE", "ENGINE_ONLINE", "Engine", "EngineStats", "Handler"]
