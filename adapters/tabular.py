@@ -40,6 +40,20 @@ class SamplesFileSource:
         except (pl.exceptions.PolarsError, OSError):
             return None  # read() will name the problem
 
+    def scan(self) -> pl.LazyFrame | None:
+        """The file as a lazy frame of the samples columns in file order (Parquet only; else
+        None), so a replay can read it in parts without holding it whole. Each part still
+        needs ``validate_samples``; where a part fails it, :meth:`read` names the error."""
+        if self.path.suffix.lower() != ".parquet" or not self.path.is_file():
+            return None
+        try:
+            lf = pl.scan_parquet(self.path)
+            if any(c not in lf.collect_schema() for c in SAMPLES_SCHEMA):
+                return None  # read() will name the missing column
+        except (pl.exceptions.PolarsError, OSError):
+            return None
+        return lf.select(list(SAMPLES_SCHEMA))
+
     def read(self) -> pl.DataFrame:
         """The whole file, validated and sorted by time then user."""
         if not self.path.is_file():

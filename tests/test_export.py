@@ -62,6 +62,7 @@ def test_export_then_erase_everywhere(mosquitto, tmp_path, rr_stream):
     assert [e["action"] for e in doc["consent_history"]] == ["grant"]  # stored once, not twice
     v = doc["consent_history"][0]["text_version"]
     assert doc["consent_texts"][v] and doc["consent_history"][0]["quiet_hours"] == f"{quiet} Europe/London"
+    assert doc["consent_history"][0]["timezone"] == "Europe/London"  # --tz: the person's own zone, stored with the grant
     assert {a["alert_id"] for a in doc["alerts"]} == alice_alerts
     resolved = next(a for a in doc["alerts"] if a["alert_id"] == first)
     assert (resolved["outcome"], resolved["note"], resolved["acknowledged_by"]) == ("reached_out", "talked", "sam")

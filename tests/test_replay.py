@@ -180,8 +180,9 @@ def test_files_sharing_a_user_are_read_together_and_others_alone(tmp_path: Path,
     report, blocks, n = iter_input_blocks(paths)
     assert n == 2 and [f["rows"] for f in report.files] == [None, None, None]  # planned, not read yet
     got = list(blocks)
-    assert [b["user"].unique().to_list() for b in got] == [["alice"], ["bob"]]
-    assert got[0]["time"].is_sorted() and got[0].height == alice.height
-    assert report.rows_read == report.rows_kept == alice.height + got[1].height
+    assert [b.users for b in got] == [("alice",), ("bob",)]
+    frames = [b.to_frame() for b in got]  # cleaned as taken
+    assert frames[0]["time"].is_sorted() and frames[0].height == got[0].height == alice.height
+    assert report.rows_read == report.rows_kept == alice.height + frames[1].height
     whole = replay(cohort.filter(pl.col("user").is_in(["alice", "bob"])))
     assert replay(paths).windows.equals(whole.windows)

@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .clock import is_zone
 from .errors import ConfigError
 from .wire.limits import TimeWindow
 
@@ -77,6 +78,12 @@ def read_password_file(path: Path) -> str:
     if not password:
         raise ValueError(f"the password file {path} is empty")
     return password
+
+
+def _check_zone(tz: str, who: str = "") -> str:
+    if not is_zone(tz):
+        raise ValueError(f"{who}unknown time zone {tz!r} (expected an IANA name such as Europe/Berlin)")
+    return tz
 
 
 class DetectorSettings(_Section):
@@ -139,6 +146,24 @@ class DetectorSettings(_Section):
     )
     reason_z: float = Field(default=1.0, ge=0, description="a feature is named as a reason at this robust z or beyond")
     high_score: float = Field(default=4.0, description="alert level 'high' at or above this episode peak score")
+    timezone: str = Field(
+        default="UTC", description="IANA zone of the time-of-day baselines of people whose consent names none (e.g. Europe/Berlin)"
+    )
+    user_timezones: dict[str, str] = Field(
+        default_factory=dict, description="per person: IANA zone when their consent names none (a consent's zone comes first)"
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        return _check_zone(v)
+
+    @field_validator("user_timezones")
+    @classmethod
+    def _zones(cls, v: dict[str, str]) -> dict[str, str]:
+        for user, tz in v.items():
+            _check_zone(tz, f"{user}: ")
+        return v
 
     @model_validator(mode="after")
     def _hysteresis(self) -> DetectorSettings:

@@ -19,8 +19,17 @@ import polars as pl
 
 from .alerts.dispatch import Dispatcher
 from .alerts.lifecycle import AlertRecord
+from .config import DetectorSettings
+from .consent.state import ConsentState
 from .detect import Detector, DetectorOutput
 from .model import WINDOW_SCHEMA, AlertDecision
+
+
+def person_timezone(user: str, consent: ConsentState, settings: DetectorSettings) -> str:
+    """The IANA zone of ``user``'s time-of-day baselines: the one their consent names (the
+    person's own word, which a later grant can move when they travel), else
+    ``[detector] user_timezones``, else ``[detector] timezone`` (UTC unless configured)."""
+    return consent.timezone or settings.user_timezones.get(user) or settings.timezone
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,7 @@ class Pipeline:
         self._keep_windows = keep_windows
         self._keep_alerts = keep_alerts
         self._data_clock = data_clock
+        self.zones: dict[str, str] = {}  # the zone given to the detector per user (see :meth:`place`)
 
     def process(self, batch: pl.DataFrame) -> DetectorOutput:
         """Feed one batch; hand what it raised to the dispatcher."""
@@ -181,9 +191,19 @@ class Pipeline:
             ]
         return out
 
+    def place(self, user: str, consent: ConsentState) -> str:
+        """Score ``user``'s time-of-day slots in their own zone (:func:`person_timezone`); a
+        change applies to the windows finished from now on. Returns the zone."""
+        zone = person_timezone(user, consent, self.detector.settings)
+        if self.zones.get(user) != zone:
+            self.detector.set_timezone(user, zone)
+            self.zones[user] = zone
+        return zone
+
     def forget(self, user: str) -> None:
         """Drop the user's detector state (consent withdrawn, erasure)."""
         self.detector = self.detector.forget(user)
+        self.zones.pop(user, None)
 
     def _handle(self, out: DetectorOutput) -> DetectorOutput:
         self.report.n_windows += out.windows.height

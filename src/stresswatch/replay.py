@@ -7,10 +7,11 @@ cooldown, quiet hours, escalation), with an in-memory outbox and transport and t
 time as its clock: a replay alerts no one, but records what consent would have let through
 and to whom.
 
-Determinism: inputs are read whole, cleaned (exact duplicates dropped, conflicting
-duplicates resolved by input order, each counted in the input report), ordered by time
-then user, and fed in hourly batches of data time. So the same samples give byte-identical
-outputs whatever their chunking into files or batches.
+Determinism: inputs are cleaned (exact duplicates dropped, conflicting duplicates resolved
+by input order, each counted in the input report), ordered by user and time, and fed a UTC
+day of data at a time, block of users by block (hourly, every user together, at
+``speed > 0``). So the same samples give byte-identical outputs whatever their chunking
+into files or batches. Reading: :mod:`stresswatch.replay_input`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import polars as pl
 
@@ -42,7 +43,9 @@ from .sources import SourceRegistry
 
 from .replay_input import (  # noqa: F401  (re-exported: callers read inputs through the replay module too)
     BATCH_S,
+    PART_ROWS,
     InputReport,
+    SampleBlock,
     clean_samples,
     iter_input_blocks,
     load_input_blocks,
@@ -52,6 +55,9 @@ from .replay_input import (  # noqa: F401  (re-exported: callers read inputs thr
     run_sync,
     time_batches,
 )
+
+
+T = TypeVar("T")
 
 
 def pseudonymiser(key: bytes) -> Callable[[str], str]:
@@ -83,16 +89,16 @@ class ReplayResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (not written: outputs stay deterministic)
 
 
-class _Timed:
+class _Timed(Generic[T]):
     """Wraps an iterator and adds the time spent producing items to ``timings[key]``."""
 
-    def __init__(self, it: Iterable[pl.DataFrame], timings: dict[str, float], key: str) -> None:
+    def __init__(self, it: Iterable[T], timings: dict[str, float], key: str) -> None:
         self._it, self._timings, self._key = iter(it), timings, key
 
-    def __iter__(self) -> Iterator[pl.DataFrame]:
+    def __iter__(self) -> Iterator[T]:
         return self
 
-    def __next__(self) -> pl.DataFrame:
+    def __next__(self) -> T:
         started = time.perf_counter()
         try:
             return next(self._it)
@@ -101,12 +107,13 @@ class _Timed:
 
 
 def _run_pipeline(
-    blocks: Iterable[pl.DataFrame],
+    blocks: Iterable[SampleBlock],
     n_blocks: int,
     settings: Settings,
     ledger: ConsentLedger,
     speed: float,
     on_batch: Callable[[int, int], None] | None,
+    timings: dict[str, float],
 ) -> tuple[PipelineReport, pl.DataFrame]:
     """Run every block; returns the report and each user's first and last sample time.
 
@@ -124,11 +131,19 @@ def _run_pipeline(
             pipeline.process(batch)
             pipeline.tick()
 
+        def place(users: Sequence[str]) -> None:
+            """Each person's time-of-day slots in their own zone: their consent's, else the
+            configuration's (``[detector] user_timezones``, ``timezone``)."""
+            for user in users:
+                if user not in pipeline.zones:
+                    pipeline.place(user, ledger.state(user))
+
         spans: list[pl.DataFrame] = []
         if speed > 0:
             # a demonstration in real time: every user's hour together, as the engine sees them
-            everything = pl.concat([empty_samples(), *blocks], how="vertical")
+            everything = pl.concat([empty_samples(), *(b.to_frame() for b in blocks)], how="vertical")
             spans.append(user_spans(everything))
+            place(spans[-1].get_column("user").to_list())
             batches = time_batches(everything, BATCH_S)
             for i, batch in enumerate(batches):
                 feed(batch)
@@ -136,12 +151,14 @@ def _run_pipeline(
                 if on_batch:
                     on_batch(i + 1, len(batches))
         else:
-            # as fast as possible, one block at a time: blocks share no user, and any chunking of
-            # a user's time-ordered samples gives the same windows (streaming equals batch)
+            # as fast as possible, one block at a time, a day of data per batch: blocks share no
+            # user, and any chunking of a user's time-ordered samples gives the same windows
+            # (streaming equals batch)
             for i, block in enumerate(blocks):
-                spans.append(user_spans(block))
-                for batch in time_batches(block, 86400):
+                place(block.users)
+                for batch in _Timed(block.days(), timings, "read"):  # cleaning a day counts as reading
                     feed(batch)
+                spans.append(block.spans())
                 if on_batch:
                     on_batch(i + 1, n_blocks)
         all_spans = pl.concat([user_spans(empty_samples()), *spans], how="vertical").sort("user")
@@ -234,24 +251,25 @@ def replay(
     registry: SourceRegistry | None = None,
     kind: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    part_rows: int = PART_ROWS,
 ) -> ReplayResult:
     """Replay samples (paths, or a samples frame) through the live pipeline.
 
     ``consent_db``: a consent ledger to mark which alerts would have been sent (default: no
     one consented). ``labels``: episodes to evaluate against. ``pseudonym_key``: replace user
     ids by keyed hashes in every output. ``speed``: 0 as fast as possible, else a multiple
-    of real time.
+    of real time. ``part_rows``: rows read at a time from files in time order (memory, not
+    results: see :func:`iter_input_blocks`).
     """
     settings = settings or Settings()
     timings: dict[str, float] = {"read": 0.0}
     started = time.perf_counter()
     if isinstance(paths, pl.DataFrame):
         inputs = InputReport(rows_read=paths.height)
-        blocks: Iterable[pl.DataFrame] = [clean_samples(paths.select(list(SAMPLES_SCHEMA)), inputs)] if paths.height else []
-        inputs.rows_kept = sum(b.height for b in blocks)
+        blocks: Iterable[SampleBlock] = [SampleBlock(paths.select(list(SAMPLES_SCHEMA)), inputs)] if paths.height else []
         n_blocks = len(blocks)  # type: ignore[arg-type]
     else:
-        inputs, blocks, n_blocks = iter_input_blocks(paths, registry, kind)
+        inputs, blocks, n_blocks = iter_input_blocks(paths, registry, kind, part_rows=part_rows)
     label_frame = labels if isinstance(labels, pl.DataFrame) or labels is None else read_labels(labels)
     timings["read"] += time.perf_counter() - started
 
@@ -260,7 +278,7 @@ def replay(
     ledger = ConsentLedger(consent_db if consent_db is not None else ":memory:")  # none given: no one consented
     started, read_before = time.perf_counter(), timings["read"]
     try:
-        report, spans = _run_pipeline(_Timed(blocks, timings, "read"), n_blocks, settings, ledger, speed, on_batch)
+        report, spans = _run_pipeline(_Timed(blocks, timings, "read"), n_blocks, settings, ledger, speed, on_batch, timings)
     finally:
         ledger.close()
     del blocks

@@ -15,7 +15,7 @@ from rich.table import Table
 from ..alerts.topics import Topics
 from ..alerts.transport import MqttTransport
 from ..consent.ledger import ConsentLedger
-from ..consent.state import CONSENT_TEXT, CONSENT_TEXT_VERSION, ConsentState, QuietHours, Visibility
+from ..consent.state import CONSENT_TEXT, CONSENT_TEXT_VERSION, ConsentState, QuietHours, Visibility, check_zone
 from ..wire.consent import encode_consent
 from ..clock import utc_now
 from ..errors import ConsentError
@@ -69,6 +69,8 @@ def _print_state(st: ConsentState, now: datetime | None = None) -> None:
         extra += f"; quiet hours {st.quiet_hours}"
     if st.expires_at:
         extra += f"; until {st.expires_at:%Y-%m-%d %H:%M} UTC"
+    if st.timezone:
+        extra += f"; your time zone {st.timezone}"
     choice = f"shown as {st.display_name}, who see {st.visibility.value}{extra} (consent text v{st.text_version})"
     if status == "paused":
         console.print(f"{st.user}: [bold]paused[/] since {st.since:%Y-%m-%d %H:%M} UTC; no one is alerted until you resume, then {to}, {choice}")
@@ -114,7 +116,7 @@ def consent() -> None:
 @click.option("--show", type=click.Choice(list(_SHOW)), default="reach-out", show_default=True, help="What they may see (the score only if you choose it).")
 @click.option("--as", "display_name", help="The name they see (default: a pseudonym).")
 @click.option("--quiet", metavar="HH:MM-HH:MM", help="No alerts during these hours (your time zone); they wait until the end.")
-@click.option("--tz", default="UTC", show_default=True, help="Your time zone for --quiet, e.g. Europe/London.")
+@click.option("--tz", help="Your time zone (IANA), e.g. Europe/London: for --quiet, and for your time-of-day baselines (default: the engine's configured zone; UTC for --quiet).")
 @click.option("--until", metavar="DATE", help="Consent ends after this date (or date and time, UTC).")
 @click.option("--yes", is_flag=True, help="Agree to the consent text without asking.")
 @_broker_option
@@ -126,14 +128,15 @@ def grant(
     show: str,
     display_name: str | None,
     quiet: str | None,
-    tz: str,
+    tz: str | None,
     until: str | None,
     yes: bool,
     broker: str | None,
 ) -> None:
     """Allow alerts about you to reach the workers or groups you name."""
     now = utc_now()
-    quiet_hours = QuietHours.parse(quiet, tz) if quiet else None
+    quiet_hours = QuietHours.parse(quiet, tz or "UTC") if quiet else None
+    zone = check_zone(tz) if tz else None
     expires_at = _until(until, now)
     if expires_at is not None and expires_at <= now:  # before the consent text is shown
         raise ConsentError(f"--until {until}: that is in the past ({expires_at:%Y-%m-%d %H:%M} UTC); consent must end in the future")
@@ -146,7 +149,14 @@ def grant(
         click.confirm("Do you agree?", abort=True)
     with _ledger(app) as ledger:
         st = ledger.grant(
-            user, list(recipients), now=now, visibility=_SHOW[show], display_name=display_name, quiet_hours=quiet_hours, expires_at=expires_at
+            user,
+            list(recipients),
+            now=now,
+            visibility=_SHOW[show],
+            display_name=display_name,
+            quiet_hours=quiet_hours,
+            expires_at=expires_at,
+            timezone=zone,
         )
         _print_state(st)
         _publish(app, ledger, user, broker)

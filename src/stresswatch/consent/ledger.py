@@ -23,7 +23,7 @@ from pathlib import Path
 from .. import sqlite
 from ..errors import ConsentError, StorageError
 from ..wire.ids import is_valid_id
-from .state import Action, ConsentEvent, ConsentState, QuietHours, Visibility, decide_change, fold
+from .state import Action, ConsentEvent, ConsentState, QuietHours, Visibility, check_zone, decide_change, fold
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ _ADDED_COLUMNS = {
     "event_id": "TEXT",
     "quiet_hours": "TEXT",
     "expires_at": "TEXT",
+    "timezone": "TEXT",
 }
-_COLUMNS = "seq, user, action, at, via, text_version, recipients, visibility, display_name, event_id, quiet_hours, expires_at"
+_COLUMNS = "seq, user, action, at, via, text_version, recipients, visibility, display_name, event_id, quiet_hours, expires_at, timezone"
 
 
 def new_pseudonym() -> str:
@@ -111,7 +112,7 @@ class ConsentLedger:
             with self.transaction():
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO consent_events (user, action, at, via, text_version, recipients, visibility,"
-                    " display_name, event_id, quiet_hours, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " display_name, event_id, quiet_hours, expires_at, timezone) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         event.user,
                         event.action.value,
@@ -124,6 +125,7 @@ class ConsentLedger:
                         event.event_id,
                         event.quiet_hours.encode() if event.quiet_hours else None,
                         expires_at,
+                        event.timezone,
                     ),
                 )
         except sqlite3.Error as exc:
@@ -167,6 +169,7 @@ class ConsentLedger:
                         event_id=r[9] or f"legacy-{r[0]}",
                         quiet_hours=QuietHours.decode(r[10]),
                         expires_at=expires_at,
+                        timezone=check_zone(r[12]) if r[12] else None,
                     )
                 )
             except (ValueError, TypeError, OverflowError, ConsentError) as exc:  # JSONDecodeError is a ValueError
@@ -211,7 +214,10 @@ class ConsentLedger:
         quiet_hours: QuietHours | None = None,
         expires_at: datetime | None = None,
         via: str = "cli",
+        timezone: str | None = None,
     ) -> ConsentState:
+        """Record a grant. ``timezone``: the person's own IANA zone (their time-of-day
+        baselines follow it; a later grant with another zone moves them, e.g. after travel)."""
         if not recipients:
             raise ConsentError("name at least one worker or group who may be alerted", user=user)
         if expires_at is not None and expires_at <= now:
@@ -228,6 +234,7 @@ class ConsentLedger:
                 display_name=display_name or previous.display_name or new_pseudonym(),
                 quiet_hours=quiet_hours,
                 expires_at=expires_at,
+                timezone=check_zone(timezone) if timezone else None,
             )
         )
         return self.state(user)

@@ -89,6 +89,7 @@ def export_user(
             "display_name": e.display_name,
             "quiet_hours": str(e.quiet_hours) if e.quiet_hours else None,
             "expires_at": _iso(e.expires_at),
+            "timezone": e.timezone,
         }
         for e in events
     ]

@@ -12,8 +12,9 @@ import enum
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
+from ..clock import is_zone
 from ..errors import ConsentError
 
 
@@ -61,6 +62,13 @@ CONSENT_TEXTS: dict[str, str] = {
 }
 
 
+def check_zone(tz: str) -> str:
+    """``tz`` if it names an IANA time zone (e.g. ``Asia/Tokyo``), else :class:`ConsentError`."""
+    if not is_zone(tz):
+        raise ConsentError(f"unknown time zone {tz!r} (expected an IANA name such as Europe/London)")
+    return tz
+
+
 @dataclass(frozen=True)
 class QuietHours:
     """A daily span in the user's local time during which no one is alerted (may cross midnight)."""
@@ -79,11 +87,7 @@ class QuietHours:
             raise ConsentError(f"quiet hours {text!r}: expected HH:MM-HH:MM") from None
         if start == end:
             raise ConsentError(f"quiet hours {text!r}: start and end are the same")
-        try:
-            ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConsentError(f"unknown time zone {tz!r} (expected an IANA name such as Europe/London)") from None
-        return cls(start, end, tz)
+        return cls(start, end, check_zone(tz))
 
     def __str__(self) -> str:
         return f"{self.start:%H:%M}-{self.end:%H:%M} {self.tz}"
@@ -127,6 +131,8 @@ class ConsentEvent:
     quiet_hours: QuietHours | None = None
     expires_at: datetime | None = None
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # idempotent transfer over MQTT
+    # the person's own time zone (IANA name): the detector's time-of-day slots follow it
+    timezone: str | None = None
     seq: int | None = None  # assigned by the ledger
 
 
@@ -143,6 +149,7 @@ class ConsentState:
     quiet_hours: QuietHours | None = None
     expires_at: datetime | None = None
     withdrawn_at: datetime | None = None  # the last revocation, kept across a later grant
+    timezone: str | None = None  # the person's own zone, as their latest grant names it
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -171,6 +178,7 @@ def fold(user: str, events: list[ConsentEvent] | tuple[ConsentEvent, ...]) -> Co
                 ev.text_version,
                 quiet_hours=ev.quiet_hours,
                 expires_at=ev.expires_at,
+                timezone=ev.timezone,
             )
         elif ev.action is Action.PAUSE and state.status is Status.ACTIVE:
             state = replace(state, status=Status.PAUSED, since=ev.at)

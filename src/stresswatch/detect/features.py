@@ -38,6 +38,8 @@ Conventions (stated because libraries differ):
   share of minutes holding at least one valid HR reading.
 * ``signal``: ``rr`` (beat-to-beat features), ``hr_only`` (HR from readings, no HRV) or
   ``none``.
+* ``lf_ms2``, ``hf_ms2``, ``lf_hf``: only from :func:`window_features` with ``spectral=True``
+  (:mod:`.spectral`, Lomb-Scargle on the kept beats; not computed by the detector).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import polars as pl
 
 from ..config import DetectorSettings
 from ..model import Metric
+from . import spectral
 
 NS = 1_000_000_000
 NO_WINDOW = np.iinfo(np.int64).min
@@ -68,6 +71,7 @@ FEATURE_COLUMNS = (
     "steps",
     "motion",
 )
+SPECTRAL_COLUMNS = ("lf_ms2", "hf_ms2", "lf_hf")  # window_features(spectral=True)
 
 
 @dataclass
@@ -202,19 +206,19 @@ def _prepare_block(key: np.ndarray, rr: np.ndarray, carry: BeatCarry, s: Detecto
         return Beats.empty()
     in_range = (rr >= s.rr_min_ms) & (rr <= s.rr_max_ms)
     all_in = bool(in_range.all())
+    # boolean-mask gathers and scatters: cheaper than index arrays when few rows drop out
     if all_in:
         ki_, ri = key, rr
     else:
-        ir = np.flatnonzero(in_range)
-        ki_, ri = key[ir], rr[ir]
+        ki_, ri = key[in_range], rr[in_range]
     if len(ri):
         same, prev = _prev_in_window(ki_, ri, carry.ir_rr, carry.ir_key)
         jump = same & (np.abs(ri - prev) > s.rr_max_change * prev)
         if all_in:
             kept = ~jump
         else:
-            kept = in_range
-            kept[ir[jump]] = False
+            kept = in_range.copy()
+            kept[in_range] = ~jump
     else:
         kept = in_range
     if kept.all():
@@ -223,12 +227,11 @@ def _prepare_block(key: np.ndarray, rr: np.ndarray, carry: BeatCarry, s: Detecto
         return Beats(key, rr, kept, d, same)
     d = np.zeros(n)
     has_d = np.zeros(n, bool)
-    ki = np.flatnonzero(kept)
-    if len(ki):
-        kk, rk = key[ki], rr[ki]
+    kk, rk = key[kept], rr[kept]
+    if len(kk):
         same, prev = _prev_in_window(kk, rk, carry.kept_rr, carry.kept_key)
-        d[ki] = np.where(same, rk - prev, 0.0)
-        has_d[ki] = same
+        d[kept] = np.where(same, rk - prev, 0.0)
+        has_d[kept] = same
     return Beats(key, rr, kept, d, has_d)
 
 
@@ -323,11 +326,11 @@ def rr_stats(b: Beats, starts: np.ndarray) -> dict[str, np.ndarray]:
         else:
             nk = np.add.reduceat(kept.view(np.int8), st, dtype=np.int64)
             srr = np.add.reduceat(np.where(kept, rr, 0.0), st)
-            inv = np.divide(60000.0, rr, out=np.zeros(len(rr)), where=kept)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = srr / nk
-            dev = (rr - np.repeat(mean, lengths)) * kept
-            dev = np.nan_to_num(dev, copy=False)
+            inv = np.divide(60000.0, rr)
+            inv *= kept
+            mean = srr / np.maximum(nk, 1)  # finite: a block without kept beats adds nothing
+            dev = rr - np.repeat(mean, lengths)
+            dev *= kept
         n_kept[s0:s1] = nk
         sum_rr[s0:s1] = srr
         sum_inv[s0:s1] = np.add.reduceat(inv, st)
@@ -473,6 +476,7 @@ def aggregate(beats: Beats, others: Others, s: DetectorSettings) -> dict[str, np
 
 
 SIGNALS = np.array(["rr", "hr_only", "none"])
+_SIGNAL_NAMES = pl.Series("signal", SIGNALS.tolist(), pl.String)
 
 
 def encode_users(col: pl.Series, known: dict[str, int], *, grow: bool = True) -> np.ndarray:
@@ -480,10 +484,10 @@ def encode_users(col: pl.Series, known: dict[str, int], *, grow: bool = True) ->
     (``grow``) or raise ``KeyError``. Runs of one value (per-user files, live batches) are
     coded once per run, so sorted input costs little more than a scan."""
     if col.len() >= 16:
-        runs = col.rle()
-        if runs.len() * 4 <= col.len():
-            lens = runs.struct.field("len").to_numpy()
-            return np.repeat(encode_users(runs.struct.field("value"), known, grow=grow), lens)
+        starts = col.ne_missing(col.shift(1)).arg_true().to_numpy()  # first row of each run
+        if len(starts) * 4 <= col.len():
+            lens = np.diff(np.append(starts, col.len()))
+            return np.repeat(encode_users(col.gather(starts), known, grow=grow), lens)
     for name in col.unique(maintain_order=True).to_list():  # codes ascend in row order: no sort later
         if name not in known:
             if not grow:
@@ -546,7 +550,11 @@ class Columns:
 def to_columns(samples: pl.DataFrame, u: np.ndarray, s: DetectorSettings) -> Columns:
     """Arrays of ``samples`` sorted by (user code ``u``, time)."""
     t = samples.get_column("time").to_physical().to_numpy()
-    code = encode_users(samples.get_column("metric"), dict(CODE), grow=False).astype(np.int8)
+    metric = samples.get_column("metric")
+    if metric.len() and bool((metric == metric[0]).all()):  # one metric (RR files): no hashing per row
+        code = np.full(metric.len(), CODE[metric[0]], np.int8)
+    else:
+        code = encode_users(metric, dict(CODE), grow=False).astype(np.int8)
     value = samples.get_column("value").to_numpy()
     n = len(t)
     if n > 1 and not bool(np.all(u[1:] >= u[:-1])):
@@ -574,30 +582,56 @@ def split_rows(c: Columns, carry: BeatCarry, s: DetectorSettings) -> tuple[Beats
     return beats, Others(c.block[oi], c.code[oi], c.value[oi])
 
 
-def window_features(samples: pl.DataFrame, settings: DetectorSettings) -> pl.DataFrame:
+def window_features(samples: pl.DataFrame, settings: DetectorSettings, *, spectral: bool = False) -> pl.DataFrame:
     """One row per (user, window_start) present in ``samples``, sorted by user then time.
 
     Windows are aligned to multiples of ``window_s`` since the Unix epoch (UTC), so any
-    chunking of the input lands beats in the same windows.
+    chunking of the input lands beats in the same windows. ``spectral`` adds ``lf_ms2``,
+    ``hf_ms2`` and ``lf_hf`` (``spectral.hrv_frequency`` on the kept beats of ``rr`` windows;
+    about 20x the cost of all other features together, so not computed unless asked).
     """
     known: dict[str, int] = {}
     u = encode_users(samples.get_column("user"), known)
     cols = to_columns(samples, u, settings)
     beats, others = split_rows(cols, BeatCarry.empty(len(known)), settings)
     f = aggregate(beats, others, settings)
+    if spectral:
+        f.update(_spectral_columns(cols, beats, f, settings))
     frame = features_frame(f, pl.Series("user", list(known), pl.String), settings)
     return frame.sort("user", "window_start")
 
 
+def _spectral_columns(c: Columns, beats: Beats, f: dict[str, np.ndarray], s: DetectorSettings) -> dict[str, np.ndarray]:
+    """LF, HF, LF/HF of each ``rr`` window of ``f`` from its kept beats (NaN elsewhere)."""
+    is_rr = c.code == 0
+    wkey = c.key[is_rr][beats.kept]
+    t_ns = c.t[is_rr][beats.kept]
+    st = _segments(wkey)
+    w_ns = (wkey[st] & 0xFFFFFFFF) * (s.window_s * NS)
+    # seconds from the window's start, exact in integers before the conversion to float
+    t_s = (t_ns - np.repeat(w_ns, np.diff(np.append(st, len(wkey))))) / NS
+    spec = spectral.hrv_frequency(t_s, beats.rr[beats.kept], st, s.window_s)
+    at = np.searchsorted(f["key"], wkey[st])
+    is_rr_window = f["signal"] == 0
+    out = {}
+    for name in SPECTRAL_COLUMNS:
+        col = np.full(len(f["key"]), np.nan)
+        col[at] = spec[name]
+        out[name] = np.where(is_rr_window, col, np.nan)
+    return out
+
+
 def features_frame(f: dict[str, np.ndarray], names: pl.Series, s: DetectorSettings) -> pl.DataFrame:
     w_ns = s.window_s * NS
+    floats = [*FEATURE_COLUMNS[2:], *(c for c in SPECTRAL_COLUMNS if c in f)]
     return pl.DataFrame(
         [
             names.gather(f["u"]).alias("user"),
             pl.Series("window_start", f["w"] * w_ns).cast(pl.Datetime("ns", "UTC")),
             pl.Series("window_end", (f["w"] + 1) * w_ns).cast(pl.Datetime("ns", "UTC")),
             *(pl.Series(c, f[c]) for c in ("n_beats", "n_rr_removed")),
-            *(pl.Series(c, f[c], pl.Float64).fill_nan(None) for c in FEATURE_COLUMNS[2:]),
-            pl.Series("signal", SIGNALS[f["signal"]]),
+            *(pl.Series(c, f[c], pl.Float64) for c in FEATURE_COLUMNS[2:]),
+            _SIGNAL_NAMES.gather(f["signal"]),
+            *(pl.Series(c, f[c], pl.Float64) for c in SPECTRAL_COLUMNS if c in f),
         ]
-    )
+    ).with_columns(pl.col(floats).fill_nan(None))

@@ -29,8 +29,11 @@ def on_consent(engine: Engine, user: str, payload: bytes, topic: str) -> None:
     engine.consent.drop(user)
     if engine.ledger.extend(events):
         now = engine.clock()
-        if not engine.consent.may_process(user, now):
+        state = engine.consent.state(user)
+        if not state.allows_processing(now):
             engine.forget(user)
+        elif user in engine.pipeline.zones:  # a new grant may move the person's zone (travel)
+            engine.pipeline.place(user, state)
         engine.status.update(user, now)
 
 

@@ -400,7 +400,10 @@ class Engine:
             self.batches_processed += 1
             return
         try:
-            allowed = self.consent.may_process(batch.user, self.clock())
+            state = self.consent.state(batch.user)
+            allowed = state.allows_processing(self.clock())
+            if allowed:
+                self.pipeline.place(batch.user, state)  # time-of-day slots in the person's own zone
         except Exception as exc:  # noqa: BLE001 - a stored consent state that cannot be read
             self._quarantine(batch.user, "reading consent", exc)
             return

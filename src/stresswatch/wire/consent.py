@@ -7,14 +7,15 @@ Payload (``schema_version`` 1, JSON)::
     {"schema_version": 1, "user": "alice", "events": [{"event_id": "…", "action": "grant",
      "at": "2026-11-25T10:00:00+00:00", "via": "cli", "text_version": "2026-11-2",
      "recipients": ["sam", "team-north"], "visibility": "reach_out", "display_name": "peer-3fa1c2",
-     "quiet_hours": "22:00-07:00@Europe/London", "expires_at": null}, ...]}
+     "quiet_hours": "22:00-07:00@Europe/London", "expires_at": null, "timezone": "Europe/London"}, ...]}
 
 An empty retained payload clears the topic (erasure).
 
 Checked at this boundary (:mod:`stresswatch.wire.limits`): the user, every event id and every
 recipient by the id grammar; ``at`` and ``expires_at`` in [2000, 2200) UTC (so no later
 conversion to UTC can overflow) and, given ``now``, ``at`` not after ``now`` plus a day; at most
-500 events, 64 recipients an event, short texts of 64 printable characters.
+500 events, 64 recipients an event, short texts of 64 printable characters; ``timezone``
+(optional: the person's own zone, for the detector's time-of-day baselines) an IANA name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from datetime import datetime, timedelta
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ..consent.state import Action, ConsentEvent, QuietHours, Visibility
+from ..consent.state import Action, ConsentEvent, QuietHours, Visibility, check_zone
 from ..errors import ConsentError, WireError
 from .json import checked_id, decode_json, refuse
 from .limits import MAX_CONSENT_BYTES, MAX_CONSENT_EVENTS, MAX_RECIPIENTS, MAX_SHORT_TEXT_CHARS, TIME_MAX, TIME_MIN, TimeWindow
@@ -58,6 +59,7 @@ class _WireEvent(BaseModel):
     display_name: str | None = Field(default=None, max_length=MAX_SHORT_TEXT_CHARS)
     quiet_hours: str | None = Field(default=None, max_length=MAX_SHORT_TEXT_CHARS)
     expires_at: AwareDatetime | None = None
+    timezone: str | None = Field(default=None, max_length=MAX_SHORT_TEXT_CHARS)
 
     @field_validator("event_id")
     @classmethod
@@ -82,6 +84,16 @@ class _WireEvent(BaseModel):
         if v is not None and not v.isprintable():
             raise refuse("malformed", "must not contain control characters")
         return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return check_zone(v)
+        except ConsentError:  # its message repeats the text: say what is expected instead
+            raise refuse("malformed", "expected an IANA time zone name such as Asia/Tokyo") from None
 
 
 class ConsentMessage(BaseModel):
@@ -112,6 +124,7 @@ def encode_consent(user: str, events: list[ConsentEvent]) -> bytes:
                 display_name=e.display_name,
                 quiet_hours=e.quiet_hours.encode() if e.quiet_hours else None,
                 expires_at=e.expires_at,
+                timezone=e.timezone,
             )
             for e in events
         ],
@@ -150,6 +163,7 @@ def decode_consent(
                 quiet_hours=quiet,
                 expires_at=e.expires_at,
                 event_id=e.event_id,
+                timezone=e.timezone,
             )
         )
     return out
