@@ -22,7 +22,7 @@ Examples:
 servers_option = click.option("--cluster", "servers", metavar="URLS", required=True, help="nats://host:port[,...] of the cluster's NATS servers.")
 
 
-@click.group()
+@click.group(epilog=EPILOG)
 def cluster() -> None:
     """Cluster mode: users partitioned over engine processes on NATS JetStream."""
 
