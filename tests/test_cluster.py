@@ -261,7 +261,8 @@ def run_failover(nats3: NatsCluster, mosquitto, tmp_path: Path, *, kill_after_s:
         feeder.join(120)
         assert not feeder.is_alive()
         assert wait_for(lambda: set(counter.counts()) >= want_alerts, 60), (sorted(want_alerts - set(counter.counts())), engines.log("e1"))
-        assert wait_for(lambda: published_windows(jsio, layout).height >= want_windows.height, 30)
+        # windows are published in the background, repeated through a server's loss: give them time
+        assert wait_for(lambda: published_windows(jsio, layout).height >= want_windows.height, 120)
         time.sleep(1.0)  # late duplicates, if any, arrive now
         got = counter.counts()
         raised, delivered = len(want_alerts), len(set(got) & want_alerts)

@@ -462,7 +462,7 @@ class ClusterEngine:
         buf = io.BytesIO()
         windows.write_ipc(buf)  # type: ignore[attr-defined]
         assert self.jsio is not None
-        self.jsio.publish_later(self.layout.windows_subject(p), buf.getvalue())
+        self.jsio.publish_later(self.layout.windows_subject(p), buf.getvalue(), give_up_s=None)  # through any outage
 
     def _on_fault(self, part: Partition) -> Callable[[str, str, BaseException], None]:
         def fault(user: str, where: str, exc: BaseException) -> None:
