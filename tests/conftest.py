@@ -19,6 +19,21 @@ from stresswatch.broker import free_port, mosquitto_conf
 MOSQUITTO = shutil.which("mosquitto") or (Path("/usr/sbin/mosquitto") if Path("/usr/sbin/mosquitto").exists() else None)
 
 
+def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, output, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Wait until ``proc`` accepts connections on loopback ``port``; its ``output()`` in the
+    error if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {output()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not open its port")
+
+
 @dataclass
 class MosquittoProcess:
     port: int
@@ -34,16 +49,8 @@ class MosquittoProcess:
         if MOSQUITTO is None:
             pytest.fail("mosquitto is not installed: the tests need a real broker (apt-get install mosquitto)")
         self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)], stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not open its port")
+        proc = self.proc
+        wait_listening(proc, self.port, "mosquitto", lambda: proc.stderr.read().decode() if proc.stderr else "")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -4,6 +4,7 @@
     python benchmarks/load/run.py --users 3000 30000        # the same at other N
     python benchmarks/load/run.py --quick                   # 60-s windows, 10-s batches, N = 300, 3000 (a deviation)
     python benchmarks/load/run.py --users 100000 --profile  # the engine's hottest functions (yappi; slows it)
+    python benchmarks/load/run.py --cluster --users 20000 --engines 1 2 --preload  # cluster mode (cluster.py)
 
 **Defaults are the product's defaults.** For each N the harness writes the broker directory
 exactly as ``stresswatch broker config`` does (same function, ``BrokerDir.write_config``:
@@ -551,6 +552,10 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if "--cluster" in (argv if argv is not None else sys.argv[1:]):  # cluster mode: its own module, cluster.py
+        from cluster import main as cluster_main
+
+        raise SystemExit(cluster_main([x for x in (argv if argv is not None else sys.argv[1:]) if x != "--cluster"]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="60-s windows (a deviation), 10-s batches, N = 300 and 3000 (~2 min)")
     ap.add_argument("--users", type=int, nargs="+", help="the N to run, in order")

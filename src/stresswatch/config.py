@@ -250,6 +250,19 @@ class MetricsSettings(_Section):
     stall_s: float = Field(default=30.0, gt=0, description="/healthz fails when the engine thread has not turned for this long")
 
 
+class ClusterSettings(_Section):
+    """Cluster mode: users partitioned over engine processes on NATS JetStream (docs/CLUSTER.md).
+    Every engine of one cluster must use the same ``partitions``."""
+
+    name: str = Field(default="sw", pattern=r"^[a-z][a-z0-9]{0,15}$", description="the cluster's namespace: stream, subject and bucket names")
+    partitions: int = Field(default=16, ge=1, le=1024, description="users are spread over this many partitions (fixed for the cluster's life)")
+    replicas: int = Field(default=3, ge=1, le=5, description="JetStream replicas of the ingest stream, buckets and snapshots")
+    lease_ttl_s: float = Field(default=10.0, ge=1, description="a partition whose owner has not renewed its lease this long is taken over")
+    snapshot_s: float = Field(default=60.0, gt=0, description="save each owned partition's state (detector, outbox, sequence) this often")
+    fetch_batch: int = Field(default=1000, ge=1, le=100_000, description="ingest messages pulled per call per partition")
+    retention_days: float = Field(default=7.0, gt=0, description="ingest kept at most this long (also trimmed behind each snapshot)")
+
+
 def _check_groups(groups: dict[str, list[str]]) -> dict[str, list[str]]:
     for name, members in groups.items():
         if not members:
@@ -269,6 +282,7 @@ class Settings(BaseSettings):
     alerts: AlertSettings = AlertSettings()
     engine: EngineSettings = EngineSettings()
     metrics: MetricsSettings = MetricsSettings()
+    cluster: ClusterSettings = ClusterSettings()
     # Named groups of workers a user may choose as recipients, e.g. team-north = ["sam", "kim"].
     groups: dict[str, list[str]] = Field(default_factory=dict)
 

@@ -114,6 +114,13 @@ class TransportError(StresswatchError):
         super().__init__(f"{url}: {message}" if url else message)
 
 
+
+class ClusterError(StresswatchError):
+    """NATS JetStream (cluster mode) could not be reached, refused a request, or disagrees
+    with this engine's layout (another number of partitions)."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
 class StorageError(StresswatchError):
     """A local store (SQLite, Parquet) that cannot be read or written."""
 

@@ -8,6 +8,7 @@ extra       brings                               for
 ``ble``     bleak                                ``pair``, ``stream``, ``record`` with a real device
 ``sim``     scipy                                the labelled cohort simulator (``stresswatch_fixtures.cohort``)
 ``web``     starlette, uvicorn                   ``worker-app``, the support workers' web app
+``cluster`` nats-py                              ``engine --cluster``, ``cluster ...`` (NATS JetStream)
 ``bench``   neurokit2, pandas, psutil, yappi     ``benchmarks/``
 ==========  ===================================  ===================================
 """

@@ -114,6 +114,22 @@ class Deduplicator:
         self._set_floor(*key, floor)
         return True
 
+    def to_state(self) -> list[list[object]]:
+        """What it remembers, as JSON-ready rows ``[user, stream_id, floor, [seq above]]`` (a
+        partition's snapshot in cluster mode carries it to the next owner)."""
+        keys = self._floor.keys() | self._above.keys()
+        return [[u, s, self._floor.get((u, s), 0), sorted(self._above.get((u, s), ()))] for u, s in sorted(keys)]
+
+    @classmethod
+    def from_state(cls, rows: list[list[object]]) -> Deduplicator:
+        d = cls()
+        for user, stream, floor, above in rows:
+            key = (str(user), str(stream))
+            d._floor[key] = int(floor)  # type: ignore[call-overload]
+            if above:
+                d._above[key] = {int(x) for x in above}  # type: ignore[union-attr]
+        return d
+
 
 CONFIRMATION_BYTES = 16
 

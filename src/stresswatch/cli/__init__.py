@@ -17,6 +17,7 @@ from ._common import AppContext
 from .alerts import alerts
 from .broker import broker
 from .checkin import checkin
+from .cluster import cluster
 from .consent import consent
 from .demo import demo
 from .engine import engine
@@ -56,7 +57,7 @@ def cli(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...])
     ctx.obj = AppContext(config_path, overrides)
 
 
-for command in (demo, replay, consent, alerts, checkin, import_, engine, export, erase, broker, worker_app):
+for command in (demo, replay, consent, alerts, checkin, import_, engine, export, erase, broker, worker_app, cluster):
     cli.add_command(command)
 
 COMMANDS_ENTRY_POINT_GROUP = "stresswatch.commands"
