@@ -114,18 +114,21 @@ class Deduplicator:
         self._set_floor(*key, floor)
         return True
 
+    def _keys(self) -> set[tuple[str, str]]:
+        slots = {(u, self._stream[i]) for u, i in self._slot.items() if self._stream[i]}
+        return slots | self._other.keys() | self._above.keys()
+
     def to_state(self) -> list[list[object]]:
         """What it remembers, as JSON-ready rows ``[user, stream_id, floor, [seq above]]`` (a
         partition's snapshot in cluster mode carries it to the next owner)."""
-        keys = self._floor.keys() | self._above.keys()
-        return [[u, s, self._floor.get((u, s), 0), sorted(self._above.get((u, s), ()))] for u, s in sorted(keys)]
+        return [[u, s, self._floor(u, s), sorted(self._above.get((u, s), ()))] for u, s in sorted(self._keys())]
 
     @classmethod
     def from_state(cls, rows: list[list[object]]) -> Deduplicator:
         d = cls()
         for user, stream, floor, above in rows:
             key = (str(user), str(stream))
-            d._floor[key] = int(floor)  # type: ignore[call-overload]
+            d._set_floor(*key, int(floor))  # type: ignore[call-overload]
             if above:
                 d._above[key] = {int(x) for x in above}  # type: ignore[union-attr]
         return d
