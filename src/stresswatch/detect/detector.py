@@ -30,11 +30,11 @@ import io
 from dataclasses import dataclass, field, fields
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import polars as pl
 
+from ..clock import is_zone
 from ..config import DetectorSettings
 from ..errors import ConfigError, StorageError
 from ..model import WINDOW_SCHEMA, AlertDecision, AlertLevel, Reason, WindowState, alert_id_for
@@ -521,10 +521,8 @@ class Detector:
 
         The seam for consent or configuration to say where a person lives; it applies to
         windows finished from now on (a move re-uses the same slots at local times)."""
-        try:
-            ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError) as e:
-            raise ConfigError(f"unknown time zone {tz!r} for a detector user") from e
+        if not is_zone(tz):
+            raise ConfigError(f"unknown time zone {tz!r} for a detector user")
         if tz not in self._tz_names:
             self._tz_names.append(tz)
         self._tz_wanted[user] = tz
