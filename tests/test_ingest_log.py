@@ -84,3 +84,37 @@ def test_erasure_rewrites_the_log_without_the_user(tmp_path):
     log.close()
     assert [(r.user, r.payload) for r in log.recover(0)] == [("bob", b"b1"), ("bob", b"b2")]
     assert b"a1" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
+
+
+def test_erasure_racing_a_snapshots_truncation_keeps_the_log_alive(tmp_path, monkeypatch):
+    """A snapshot may delete a covered segment (another thread) while an erasure rewrites the
+    segments: the log's thread must survive, later batches must still become durable, and no
+    deleted segment may come back."""
+    import stresswatch.engine.ingest_log as ingest_log
+
+    write_all(tmp_path, [("alice", b"a1"), ("bob", b"b1")])  # segment 1: seq 1-2
+    durable: list[LogEntry] = []
+    synced = threading.Event()
+    log = IngestLog(tmp_path, lambda group: (durable.extend(group), synced.set()))
+    list(log.recover(0))
+    real_read = ingest_log.read_segment
+    raced = threading.Event()
+
+    def read_while_a_snapshot_truncates(path):
+        if not raced.is_set():
+            raced.set()  # the snapshot covering seq 2 lands now, from its own thread
+            t = threading.Thread(target=log.truncate_through, args=(2,))
+            t.start()
+            t.join(timeout=0.5)  # it may have to wait for the rewrite: then it deletes after it
+        return real_read(path)
+
+    monkeypatch.setattr(ingest_log, "read_segment", read_while_a_snapshot_truncates)
+    log.start()
+    log.erase("alice")
+    log.append(LogEntry("bob", b"b2", None))
+    assert synced.wait(5), "the ingest log stopped: a batch after the erasure never became durable"
+    log.close()
+    assert raced.is_set()
+    monkeypatch.setattr(ingest_log, "read_segment", real_read)
+    assert [(r.user, r.payload) for r in log.recover(0)] == [("bob", b"b2")]  # segment 1 stays deleted
+    assert b"a1" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())

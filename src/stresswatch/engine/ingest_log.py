@@ -187,14 +187,24 @@ class IngestLog:
         with self._lock:
             closed = [p for p in self._segments if p != self._path]
         for path in closed:
-            recs = list(read_segment(path))
-            if not any(r.user == user for r in recs):
-                continue
-            with atomic_writer(path, mode=0o600, binary=True) as f:
-                for r in recs:
-                    if r.user != user:
-                        u = r.user.encode()
-                        f.write(_HEAD.pack(r.seq, len(u), len(r.payload), zlib.crc32(u + r.payload)) + u + r.payload)
+            # Under the lock: a snapshot's truncate_through (another thread) may otherwise delete
+            # the segment between listing and reading it (the log's thread died of the
+            # FileNotFoundError) or after reading it (the rewrite brought a deleted segment back).
+            with self._lock:
+                if path not in self._segments:
+                    continue  # truncated meanwhile: the user's records went with it
+                try:
+                    recs = list(read_segment(path))
+                    if not any(r.user == user for r in recs):
+                        continue
+                    with atomic_writer(path, mode=0o600, binary=True) as f:
+                        for r in recs:
+                            if r.user != user:
+                                u = r.user.encode()
+                                f.write(_HEAD.pack(r.seq, len(u), len(r.payload), zlib.crc32(u + r.payload)) + u + r.payload)
+                except OSError as exc:  # the log keeps acknowledging everyone else; said loudly
+                    self.failed = exc
+                    log.error("ingest log: erasing a user's records from a segment failed (%s)", exc.strerror)
 
     def _write(self, group: list[LogEntry]) -> None:
         if not group:
