@@ -106,7 +106,7 @@ def test_publish_sends_ingest_batches_that_rebuild_the_samples_and_resend_identi
         import time
 
         time.sleep(0.3)
-        args = ["--set", f"mqtt.url={mosquitto.url}", "--set", "mqtt.prefix=sw", "import", "fit", str(FIXTURES / "fit" / "hr_beats.fit"), "--user", "carol", "--publish", "--no-progress"]
+        args = ["--set", f"mqtt.url={mosquitto.url}", "--set", "mqtt.prefix=sw", "import", "fit", str(FIXTURES / "fit" / "hr_beats.fit"), "--user", "carol", "--publish", "--trust-broker", "--no-progress"]  # no engine here
         assert main(args) == 0
         assert main(args) == 0
         deadline = time.monotonic() + 10
@@ -153,7 +153,7 @@ def test_publish_sends_only_what_the_engines_boundary_accepts(mosquitto, tmp_pat
             "value": [61.0, float("nan"), 62.0, 63.0],
             "source": ["t"] * 4,
         }))  # fmt: skip
-        publish_store(store, Settings.model_validate({"mqtt": {"url": mosquitto.url}}), kind="table")
+        publish_store(store, Settings.model_validate({"mqtt": {"url": mosquitto.url}}), kind="table", confirm_timeout_s=None)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not received:
             time.sleep(0.05)

@@ -12,6 +12,7 @@ import pytest
 
 from stresswatch.cli import main
 from stresswatch.ingest import IngestBatch
+from engine_harness import engine_settings, running_engine
 from test_broker_security import Inbox
 
 P = "stresswatch/v1"
@@ -37,7 +38,7 @@ def test_user_filters_a_multi_user_file_and_only_that_users_rows_are_published(s
     engine = Inbox(b.url, ENGINE, b.passwords[ENGINE], [f"{P}/ingest/+"])
     try:
         started = time.monotonic()
-        rc = main(["--set", f"mqtt.url={_url(b, 'alice')}", "import", "samples", str(two_users_file), "--user", "alice", "--publish", "--no-progress"])
+        rc = main(["--set", f"mqtt.url={_url(b, 'alice')}", "import", "samples", str(two_users_file), "--user", "alice", "--publish", "--trust-broker", "--no-progress"])
         out, err = capsys.readouterr()
         assert rc == 0, err
         assert time.monotonic() - started < 20
@@ -68,3 +69,30 @@ def test_a_refused_publish_stops_the_import_at_once_naming_topic_and_user(secure
     line = [ln for ln in err.splitlines() if ln.startswith("stresswatch: error:")]
     assert len(line) == 1 and f"{P}/ingest/alice" in line[0] and "user alice" in line[0]
     assert b.passwords["bob"] not in err  # the URL's password is never printed
+
+
+def test_publish_ends_only_once_the_engine_confirms_storing_every_batch(secure_broker, two_users_file, tmp_path, capsys):
+    """As for the companion, the ingest broker's PUBACK is not enough (it saves every minute):
+    without an engine the import fails saying so, and running it again once the engine is up
+    ends with every batch confirmed (the copies it already had confirmed too)."""
+    b = secure_broker
+    args = ["--set", f"mqtt.url={_url(b, 'alice')}", "import", "samples", str(two_users_file), "--user", "alice", "--publish", "--no-progress"]
+    started = time.monotonic()
+    rc = main([*args, "--confirm-timeout", "1.5"])
+    out, err = capsys.readouterr()
+    assert rc == 69, err
+    assert time.monotonic() - started < 20
+    line = [ln for ln in err.splitlines() if ln.startswith("stresswatch: error:")]
+    assert len(line) == 1 and "1 of 1 batch(es) were accepted by the broker but no engine confirmed" in line[0]
+    assert f"{P}/ingested/alice" in line[0] and "Running the same import again is safe" in line[0]
+    assert b.passwords["alice"] not in err
+
+    with running_engine(engine_settings(b, tmp_path / "state")) as eng:
+        rc = main(args)
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert "3,000 samples in 1 message(s)" in out and "stored by the engine (confirmed)" in out
+        assert eng.stats().accepted == 1
+        assert main(args) == 0  # the same import again: the engine drops the copy and confirms it
+        capsys.readouterr()
+        assert eng.stats().accepted == 1 and eng.stats().duplicates == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,9 +26,9 @@ from rich.table import Table
 from ..alerts.topics import Topics
 from ..alerts.transport import BrokerAddress, MqttTransport
 from ..config import Settings, ingest_url_of
-from ..errors import ConfigError, ParseError, TransportError
+from ..errors import ConfigError, ParseError, StresswatchError, TransportError
 from ..importing import ImportReport, input_fingerprints, parse_start_time
-from ..ingest import MAX_BATCH_SAMPLES, IngestBatch
+from ..ingest import MAX_BATCH_SAMPLES, IngestBatch, confirmation_of, read_confirmations
 from ..wire.ingest import representable
 from ..sources import Source, SourceRegistry
 from ..store import AddResult, SampleStore, StagedAdd
@@ -128,11 +129,18 @@ def run_import(
         return sink.commit()
 
 
-def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple[int, int]:
+def publish_store(store: SampleStore, settings: Settings, *, kind: str, confirm_timeout_s: float | None = 120.0) -> tuple[int, int]:
     """Send every sample in ``store`` as :class:`IngestBatch` messages; return (messages, samples).
 
     ``stream_id`` is derived from the data itself, so publishing the same import again sends
     the same (stream_id, seq) pairs and the engine's deduplicator drops them.
+
+    ``confirm_timeout_s``: after the last publish, wait up to this long for the engine's
+    confirmation of every batch on ``{prefix}/ingested/{user}`` (its digest, sent once the
+    batch is in the engine's ingest log), as the companion does: the ingest broker's PUBACK
+    is not enough, since it saves its store only every minute (docs/BROKER.md). A batch not
+    confirmed in time raises :class:`TransportError` saying how many and that running the
+    same import again is safe. ``None``: trust the broker's PUBACK.
     """
     url = ingest_url_of(settings.mqtt)  # the ingest broker when there is one (docs/BROKER.md)
     if not url:
@@ -145,31 +153,74 @@ def publish_store(store: SampleStore, settings: Settings, *, kind: str) -> tuple
             digest = (digest * 1_000_003 + int(frame.hash_rows(seed=0).sum())) % (1 << 64)
             total += frame.height
     stream_id = f"import-{kind}-{digest:016x}-{total}"[:64]
+    confirmed: set[bytes] = set()
+    lock = threading.Lock()
+    arrived = threading.Condition(lock)
+
+    def on_confirmation(topic: str, payload: bytes) -> None:  # paho's thread
+        try:
+            digests = read_confirmations(payload, source=topic)
+        except StresswatchError:
+            return  # not the engine's: ignored, as the companion does
+        with arrived:
+            confirmed.update(digests)
+            arrived.notify_all()
+
     transport = MqttTransport(
         url,
         client_id=f"stresswatch-import-{uuid.uuid4().hex[:12]}",
         username=settings.mqtt.username,
         password=settings.mqtt.password,
         protocol=settings.mqtt.protocol,
+        on_message=on_confirmation if confirm_timeout_s is not None else None,
     )
     seq = 0
+    waiting: dict[bytes, str] = {}  # digest -> user, of batches sent and not yet confirmed
     try:
-        for user in store.users():
+        users = store.users()
+        if confirm_timeout_s is not None:
+            transport.subscribe([topics.ingested(user) for user in users])  # before the first publish
+        for user in users:
             topic = topics.ingest(user)
             for frame in store.frames(user):
                 for (source_name,), part in frame.group_by("source", maintain_order=True):
                     part = representable(part)  # what the engine's boundary would refuse is not sent
                     for off in range(0, part.height, PUBLISH_BATCH):
                         chunk = part.slice(off, PUBLISH_BATCH)
-                        batch = IngestBatch.from_frame(chunk, user=user, stream_id=stream_id, seq=seq, source=str(source_name))
-                        _publish_acked(transport, topic, batch.encode(), user=user, sent=seq)
+                        payload = IngestBatch.from_frame(chunk, user=user, stream_id=stream_id, seq=seq, source=str(source_name)).encode()
+                        waiting[confirmation_of(payload)] = user
+                        _publish_acked(transport, topic, payload, user=user, sent=seq)
                         seq += 1
+        if confirm_timeout_s is not None:
+            _wait_confirmed(waiting, confirmed, arrived, confirm_timeout_s, topics=topics, url=transport.url)
     finally:
         try:
             transport.close()
         except TransportError:
             pass  # already reported by _publish_acked, which stopped at the first failure
     return seq, total
+
+
+def _wait_confirmed(
+    waiting: dict[bytes, str], confirmed: set[bytes], arrived: threading.Condition, timeout_s: float, *, topics: Topics, url: str
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    with arrived:
+        while True:
+            missing = [user for digest, user in waiting.items() if digest not in confirmed]
+            left = deadline - time.monotonic()
+            if not missing or left <= 0:
+                break
+            arrived.wait(min(left, 1.0))
+    if missing:
+        where = ", ".join(sorted({topics.ingested(u) for u in missing})[:3])
+        raise TransportError(
+            f"{len(missing)} of {len(waiting)} batch(es) were accepted by the broker but no engine confirmed storing them "
+            f"within {timeout_s:g} s (on {where}): is the engine running on this broker, and may this account read that "
+            "topic (only the user's own account may)? Until the engine confirms, a crash of the ingest broker may lose them "
+            "(docs/BROKER.md). Running the same import again is safe: batches already stored are dropped as copies",
+            url=str(BrokerAddress.parse(url)),
+        )
 
 
 def _publish_acked(transport: MqttTransport, topic: str, payload: bytes, *, user: str, sent: int, timeout_s: float = 30.0) -> None:
@@ -236,6 +287,15 @@ def _print_report(report: ImportReport | None, result: AddResult, *, where: str)
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Store root to import into (default: the state dir).")
 @click.option("--publish", is_flag=True, help="Send the samples to the engine over MQTT (mqtt.ingest_url, else mqtt.url) instead of storing them.")
+@click.option(
+    "--confirm-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --publish: how long to wait for the engine to confirm it stored every batch (as the companion waits) before failing.",
+)
+@click.option("--trust-broker", is_flag=True, help="With --publish: finish on the broker's acknowledgement, without waiting for the engine's confirmation.")
 @reading_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @pass_app
@@ -246,6 +306,8 @@ def import_(
     user: str,
     out: Path | None,
     publish: bool,
+    confirm_timeout: float,
+    trust_broker: bool,
     tz: str | None,
     maps: tuple[str, ...],
     metric: str | None,
@@ -261,7 +323,9 @@ def import_(
 
     With --publish, mqtt.url must carry the user's own account
     (mqtt://USER:PASSWORD@HOST:PORT): a batch the broker refuses stops the import at once,
-    naming the topic.
+    naming the topic. The import ends once the engine has confirmed storing every batch (it
+    confirms on {prefix}/ingested/USER, as for the companion); --trust-broker ends on the
+    broker's acknowledgement instead.
     """
     if out is not None and publish:
         raise click.UsageError("--out and --publish exclude each other")
@@ -314,9 +378,10 @@ def import_(
             names = ", ".join(sorted(only_user.other_users)[:5]) + (", ..." if len(only_user.other_users) > 5 else "")
             raise ParseError(f"no rows of user {user!r} (the file holds {names}): pass one of them as --user", source=path, field="user")
         if publish:
-            messages, samples = publish_store(store, settings, kind=kind)
+            messages, samples = publish_store(store, settings, kind=kind, confirm_timeout_s=None if trust_broker else confirm_timeout)
             _print_report(report, result, where=where)
-            console.print(f"sent {samples:,} samples in {messages:,} message(s) to {settings.mqtt.prefix}/ingest/{user}")
+            stored = "accepted by the broker (not confirmed by the engine: --trust-broker)" if trust_broker else "stored by the engine (confirmed)"
+            console.print(f"sent {samples:,} samples in {messages:,} message(s) to {settings.mqtt.prefix}/ingest/{user}: {stored}")
         else:
             _print_report(report, result, where=where)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
