@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..errors import ClusterError
 from ..extras import require
-from .layout import USER_HEADER, Layout
+from .layout import KIND_HEADER, KIND_INGEST, USER_HEADER, Layout
 from .lease import Lease
 
 log = logging.getLogger("stresswatch.cluster")
@@ -29,11 +29,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Pulled:
-    """One ingest message: its stream sequence, the user header and the payload."""
+    """One partition message: its stream sequence, the user header (a worker's id for an
+    ack), the payload and its kind (``layout.KIND_*``)."""
 
     seq: int
     user: str
     payload: bytes
+    kind: str = KIND_INGEST
 
 
 @dataclass
@@ -143,7 +145,7 @@ class JetStreamIO:
                 num_replicas=L.replicas, max_age=retention_s, duplicate_window=120.0, discard=api.DiscardPolicy.OLD,
             )  # fmt: skip
             await self._add_or_find_stream(cfg)
-        for bucket, ttl, history in ((L.leases, None, 1), (L.consent, None, 1), (L.sent, retention_s, 1), (L.state, None, 1)):
+        for bucket, ttl, history in ((L.leases, None, 1), (L.consent, None, 1), (L.sent, retention_s, 1), (L.state, None, 1), (L.alerts, retention_s, 1)):
             self._kv[bucket] = await self._kv_bucket(bucket, ttl, history)
         try:
             self._obs = await self.js.object_store(L.snapshots)
@@ -313,7 +315,10 @@ class JetStreamIO:
         out: dict[int, Fetched] = {}
         for p, msgs in await asyncio.gather(*(one(p, s) for p, s in subs.items())):
             if msgs:
-                items = [Pulled(m.metadata.sequence.stream, (m.headers or {}).get(USER_HEADER, ""), m.data) for m in msgs]
+                items = [
+                    Pulled(m.metadata.sequence.stream, (m.headers or {}).get(USER_HEADER, ""), m.data, (m.headers or {}).get(KIND_HEADER, KIND_INGEST))
+                    for m in msgs
+                ]
                 out[p] = Fetched(items, msgs[-1])
         return out
 
@@ -323,6 +328,11 @@ class JetStreamIO:
     def purge_before(self, p: int, seq: int) -> None:
         """Drop partition ``p``'s ingest below ``seq`` (a snapshot covers it)."""
         self.submit(self.js.purge_stream(self.layout.stream, subject=self.layout.subject(p), seq=seq))
+
+    def purge_through(self, p: int, seq: int) -> None:
+        """Drop partition ``p``'s messages up to and including ``seq`` now (erasure: a snapshot
+        taken at ``seq`` covers them); waits for the stream's answer."""
+        self.call(self.js.purge_stream(self.layout.stream, subject=self.layout.subject(p), seq=seq + 1))
 
     def partition_info(self, p: int) -> tuple[int, int | None]:
         """(the partition's last stream sequence, or 0; the owner's consumer's pending count:
