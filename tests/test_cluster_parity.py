@@ -6,7 +6,7 @@ the bridge (Mosquitto -> JetStream) and `stresswatch engine --cluster` subproces
   owner: an alert acknowledged before the kill (after the last snapshot) and one acknowledged
   while its partition had no owner both escalate no further, while an unacknowledged alert
   of the same partition does escalate; an ack from a worker the alert was not sent to is
-  refused;
+  refused; ``alerts list`` gathers the worker's alerts from every partition;
 * erasure: the user's data leaves the detector, the snapshot (written at once), the outbox
   and the partition's stream; the consent key is gone; the user's status topic is cleared
   (the single engine's confirmation); another user of the same partition is untouched;
@@ -29,11 +29,13 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from stresswatch.alerts import MqttTransport, Topics
-from stresswatch.alerts.replies import request
+from stresswatch.alerts.lifecycle import AlertState
+from stresswatch.alerts.replies import AlertView, Reply, request
 from stresswatch.broker import free_port
 from stresswatch.cluster.bridge import Bridge
 from stresswatch.cluster.jetstream import JetStreamIO, open_ready
 from stresswatch.cluster.layout import USER_HEADER, Layout, partition_of
+from stresswatch.cluster.lists import merge_lists
 from stresswatch.cluster.publish import put_consent
 from stresswatch.cluster.snapshot import Snapshot
 from stresswatch.config import ClusterSettings, MqttSettings, Settings
@@ -188,11 +190,31 @@ def test_ack_reaches_the_alerts_partition_and_survives_its_owner_killed(nats1, m
         # a worker the alert was not sent to is refused, as by the single engine
         refused = ack(mosquitto.url, "kim", a1, timeout_s=30)
         assert not refused.ok and "no alert" in (refused.error or "")
+        # `alerts list`: every partition's owner answers its part, the worker gets one reply
+        listed = request(mosquitto.url, "kim", AckMessage(action=AckAction.LIST), timeout_s=30)
+        assert listed.ok and [a.alert_id for a in listed.alerts or []] == [b]
+        listed = request(mosquitto.url, "sam", AckMessage(action=AckAction.LIST), timeout_s=30)
+        assert listed.ok and {a.alert_id: a.state.value for a in listed.alerts or []} == {a1: "acknowledged", a2: "acknowledged", b: "escalated"}
     finally:
         wire.close()
         engines.stop()
         bridge.close()
         jsio.close()
+
+
+def view(alert_id: str, raised_s: int) -> AlertView:
+    return AlertView(alert_id=alert_id, user="a person you support", raised_at=datetime.fromtimestamp(raised_s, timezone.utc), state=AlertState.DELIVERED)
+
+
+def test_a_list_is_merged_from_every_partition_newest_first_or_refused_when_one_is_missing():
+    parts = [Reply(ok=True, action=AckAction.LIST, alerts=[view("a", 10), view("c", 30)]), Reply(ok=True, action=AckAction.LIST, alerts=[view("b", 20)])]
+    got = merge_lists(parts, partitions=2, request_id="r1", limit=200)
+    assert got.ok and got.request_id == "r1" and [a.alert_id for a in got.alerts or []] == ["c", "b", "a"]
+    assert [a.alert_id for a in merge_lists(parts, partitions=2, request_id="r1", limit=2).alerts or []] == ["c", "b"]
+    partial = merge_lists(parts[:1], partitions=2, request_id="r1", limit=200)
+    assert not partial.ok and partial.alerts is None and "ask again" in (partial.error or "")
+    bad = Reply(ok=False, error="not recorded: malformed")
+    assert merge_lists([bad, bad], partitions=2, request_id="r2", limit=200) == bad.model_copy(update={"request_id": "r2"})
 
 
 def partition_messages(jsio: JetStreamIO, layout: Layout, p: int) -> list[tuple[str, bytes]]:

@@ -43,11 +43,14 @@ from ..errors import ClusterError, ParseError, WireError
 from ..ingest import IngestBatch, IngestReceiver, Received
 from ..mqtt import connect
 from ..wire.consent import decode_consent
+from ..alerts.replies import Reply
+from ..wire.acks import AckAction, AckMessage
 from ..wire.ids import is_valid_id
 from ..wire.rejections import Rejections
 from .jetstream import JetStreamIO, open_ready
 from .layout import Layout, partition_of
-from .publish import ingest_headers, publish_ack, publish_checkin, publish_erase
+from .lists import merge_lists
+from .publish import ingest_headers, list_request, publish_ack, publish_checkin, publish_erase
 
 log = logging.getLogger("stresswatch.cluster.bridge")
 
@@ -64,6 +67,7 @@ class Bridge:
         self.forwarded = 0  # acknowledged by JetStream, then to the companion
         self.consents = 0
         self.requests = 0  # acks, list requests, check-ins, erasures forwarded
+        self.list_timeout_s = 5.0  # a list waits this long for every partition's owner
         # forwards that look the alert index up run here, in order, off paho's thread
         self._requests = ThreadPoolExecutor(1, thread_name_prefix="bridge-requests")
         self._lock = threading.Lock()
@@ -118,7 +122,6 @@ class Bridge:
         """Publish into the right partition (repeated until JetStream takes it), then PUBACK.
         A message that does not decode is forwarded all the same to the worker's partition:
         the owner answers it with the single engine's error reply."""
-        from ..wire.acks import AckMessage
         from ..wire.checkin import decode_checkin
 
         assert self.jsio is not None
@@ -128,10 +131,14 @@ class Bridge:
             return
         if kind == "acks":
             try:
-                m = AckMessage.decode(payload, topic=topic)
-                alert_id, rid = m.alert_id, m.request_id
+                m: AckMessage | None = AckMessage.decode(payload, topic=topic)
             except ParseError:
-                alert_id, rid = None, None
+                m = None
+            if m is not None and m.action is AckAction.LIST:
+                self._list(who, payload, m)
+                ack()
+                return
+            alert_id, rid = (m.alert_id, m.request_id) if m is not None else (None, None)
             send = functools.partial(publish_ack, self.jsio, self.layout, who, payload, alert_id=alert_id, request_id=rid)
         else:
             try:
@@ -145,6 +152,23 @@ class Bridge:
         ack()
         with self._lock:
             self.requests += 1
+
+    def _list(self, worker: str, payload: bytes, m: AckMessage) -> None:
+        """Every partition's owner answers its part; the worker gets the merged reply (or, if a
+        partition has no owner right now, a reply saying to ask again)."""
+        assert self.jsio is not None and self._consent_client is not None
+        try:
+            answers = list_request(self.jsio, self.layout, worker, payload, request_id=m.request_id, timeout_s=self.list_timeout_s)
+        except ClusterError:
+            answers = []
+        parts = []
+        for a in answers:
+            try:
+                parts.append(Reply.decode(a))
+            except ParseError:
+                continue
+        reply = merge_lists(parts, partitions=self.layout.partitions, request_id=m.request_id, limit=m.limit)
+        self._consent_client.publish(self.topics.replies(worker), reply.encode(), qos=1)
 
     def _until_stored(self, send: functools.partial[object]) -> None:
         while self.jsio is not None:

@@ -61,7 +61,7 @@ from ..private_files import private_dir
 from ..wire.consent import decode_consent
 from ..wire.rejections import Rejections
 from .jetstream import Fetched, JetStreamIO, open_ready
-from .layout import KIND_ACK, KIND_CHECKIN, KIND_ERASE, KIND_INGEST, Layout, partition_of
+from .layout import KIND_ACK, KIND_CHECKIN, KIND_ERASE, KIND_INGEST, KIND_LIST, Layout, partition_of
 from .lease import Lease, plan
 from .snapshot import Snapshot
 from .userstatus import StatusBoard
@@ -528,7 +528,7 @@ class ClusterEngine:
                 continue  # redelivered: already in the detector
             part.applied_seq = item.seq
             if item.kind != KIND_INGEST:
-                self._request(part, item.kind, item.user, item.payload)
+                self._request(part, item.kind, item.user, item.payload, item.reply_to)
                 if self.parts.get(part.number) is not part:
                     return  # the lease was lost at an erasure's snapshot: the next owner replays it
                 continue
@@ -598,7 +598,7 @@ class ClusterEngine:
                 self._status_of(part, user)
 
     # -- workers' and users' requests (engine thread, in the partition's stream order) ----
-    def _request(self, part: Partition, kind: str, who: str, payload: bytes) -> None:
+    def _request(self, part: Partition, kind: str, who: str, payload: bytes, reply_to: str = "") -> None:
         self._flush(part)  # the batches before it in the stream are applied first
         ctx = _Context(part.dispatcher, self.transport, self.rejections, self.topics, self.clock)
         try:
@@ -609,6 +609,10 @@ class ClusterEngine:
                 self.stats.checkins += 1
             elif kind == KIND_ERASE:
                 self.erase(part, who)
+            elif kind == KIND_LIST:  # this partition's part of the worker's list (the bridge merges)
+                if reply_to:
+                    assert self.jsio is not None
+                    self.jsio.publish_core(reply_to, replies.answer(part.dispatcher, who, payload, topic=self.topics.acks(who)).encode())
             else:
                 self.rejections.record("cluster", "unknown_kind", user=None)
         except ValueError as exc:  # an id a topic cannot carry: the bridge checks it, so not expected

@@ -21,6 +21,10 @@ USER_HEADER = "Sw-User"
 # that user's batches by the partition's owner and replayed from its snapshot on a takeover.
 KIND_HEADER = "Sw-Kind"
 KIND_INGEST, KIND_ACK, KIND_CHECKIN, KIND_ERASE = "ingest", "ack", "checkin", "erase"
+# A worker's list request goes to every partition; each owner answers its part on the NATS
+# subject in this header, and the bridge merges the parts into the worker's one reply.
+KIND_LIST = "list"
+REPLY_HEADER = "Sw-Reply"
 MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream's own de-duplication within its duplicate window
 
 _FNV_OFFSET = 0x811C9DC5
@@ -125,6 +129,6 @@ class Layout:
 
 
 __all__ = [
-    "KIND_ACK", "KIND_CHECKIN", "KIND_ERASE", "KIND_HEADER", "KIND_INGEST", "Layout", "MSG_ID_HEADER", "USER_HEADER",
+    "KIND_ACK", "KIND_CHECKIN", "KIND_ERASE", "KIND_HEADER", "KIND_INGEST", "KIND_LIST", "Layout", "REPLY_HEADER", "MSG_ID_HEADER", "USER_HEADER",
     "fnv1a_32", "partition_of",
 ]  # fmt: skip

@@ -5,7 +5,7 @@ JetStream directly."""
 from __future__ import annotations
 
 from .jetstream import JetStreamIO
-from .layout import KIND_ACK, KIND_CHECKIN, KIND_ERASE, KIND_HEADER, MSG_ID_HEADER, USER_HEADER, Layout, partition_of
+from .layout import KIND_ACK, KIND_CHECKIN, KIND_ERASE, KIND_HEADER, KIND_LIST, MSG_ID_HEADER, REPLY_HEADER, USER_HEADER, Layout, partition_of
 
 
 def ingest_headers(user: str, stream_id: str, seq: int) -> dict[str, str]:
@@ -41,6 +41,16 @@ def publish_ack(jsio: JetStreamIO, layout: Layout, worker: str, payload: bytes, 
     return jsio.publish(layout.subject(p), payload, request_headers(KIND_ACK, worker, request_id))
 
 
+def list_request(jsio: JetStreamIO, layout: Layout, worker: str, payload: bytes, *, request_id: str | None, timeout_s: float = 5.0) -> list[bytes]:
+    """A worker's list request into every partition; the owners' answers (one per partition
+    that has an owner within ``timeout_s``), to merge with :func:`.lists.merge_lists`."""
+    messages = [
+        (layout.subject(p), payload, request_headers(KIND_LIST, worker, f"{request_id}.{p}" if request_id else None))
+        for p in range(layout.partitions)
+    ]
+    return jsio.scatter(messages, REPLY_HEADER, timeout_s)
+
+
 def publish_checkin(jsio: JetStreamIO, layout: Layout, user: str, payload: bytes, *, checkin_id: str | None = None) -> int:
     return jsio.publish(layout.subject(partition_of(user, layout.partitions)), payload, request_headers(KIND_CHECKIN, user, checkin_id))
 
@@ -66,6 +76,6 @@ def put_consent(jsio: JetStreamIO, layout: Layout, user: str, message: bytes | N
 
 
 __all__ = [
-    "ack_partition", "ingest_headers", "publish_ack", "publish_checkin", "publish_erase", "publish_ingest", "put_consent",
+    "ack_partition", "ingest_headers", "list_request", "publish_ack", "publish_checkin", "publish_erase", "publish_ingest", "put_consent",
     "request_headers",
 ]  # fmt: skip
