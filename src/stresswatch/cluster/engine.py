@@ -75,9 +75,10 @@ class ConsentView:
     before each publish, so a withdrawal written to the bucket holds at once on whichever
     engine owns the user's partition."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int = 1) -> None:
+        self.partitions = partitions
         self._states: dict[str, ConsentState] = {}
-        self._revisions: dict[str, int] = {}  # user -> bucket revision of their last change
+        self._revisions: dict[str, tuple[int, int]] = {}  # user -> (bucket revision of their last change, partition)
         self.revision = 0
         self.changed: list[str] = []  # users whose consent changed (the engine thread drains it)
         self._lock = threading.Lock()
@@ -95,7 +96,7 @@ class ConsentView:
                 self._states[user] = st
             else:  # deleted (erasure or no consent): nothing of the user is kept
                 self._states.pop(user, None)
-            self._revisions[user] = revision
+            self._revisions[user] = (revision, partition_of(user, self.partitions))
             self.revision = max(self.revision, revision)
             self.changed.append(user)
 
@@ -109,10 +110,10 @@ class ConsentView:
         """The bucket holds a consent message for ``user``."""
         return user in self._states
 
-    def changed_since(self, revision: int) -> list[str]:
-        """Users whose consent changed after bucket revision ``revision``."""
+    def changed_since(self, revision: int, partition: int) -> list[str]:
+        """Users of ``partition`` whose consent changed after bucket revision ``revision``."""
         with self._lock:
-            return [u for u, r in self._revisions.items() if r > revision]
+            return [u for u, (r, p) in self._revisions.items() if r > revision and p == partition]
 
     def forget(self, user: str) -> None:
         """Erasure: the user's entry goes (a later write of the bucket brings it back)."""
@@ -120,9 +121,11 @@ class ConsentView:
             self._states.pop(user, None)
             self._revisions.pop(user, None)
 
-    def take_changed(self) -> list[str]:
+    def take_changed(self, most: int = 2_000) -> list[str]:
+        """Up to ``most`` changed users, oldest first (an engine's start sees every user's key:
+        they are handled a slice per loop round, between fetches)."""
         with self._lock:
-            out, self.changed = self.changed, []
+            out, self.changed = self.changed[:most], self.changed[most:]
         return out
 
 
@@ -304,7 +307,7 @@ class ClusterEngine:
         self.wall = wall
         self.publish_windows = publish_windows
         self.topics = Topics(settings.mqtt.prefix)
-        self.consent = ConsentView()
+        self.consent = ConsentView(self.layout.partitions)
         self.rejections = Rejections(log)
         self.faults = FaultLog()
         self.parts: dict[int, Partition] = {}
@@ -494,9 +497,8 @@ class ClusterEngine:
         )  # fmt: skip
         self._safely(part, dispatcher.pump)  # deliveries pending in the snapshot: markers skip what was delivered
         # consent changed while the partition had no owner: those users' statuses now
-        for user in self.consent.changed_since(snap.consent_revision if snap else 0):
-            if partition_of(user, L.partitions) == p:
-                self._status_of(part, user, force=True)
+        for user in self.consent.changed_since(snap.consent_revision if snap else 0, p):
+            self._status_of(part, user, force=True)
 
     def _drop(self, p: int) -> None:
         part = self.parts.pop(p, None)
