@@ -16,6 +16,7 @@ the bridge (Mosquitto -> JetStream) and `stresswatch engine --cluster` subproces
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import sqlite3
@@ -66,7 +67,7 @@ def nats1(tmp_path):
     node.stop()
 
 
-def write_config(path: Path, mqtt_url: str, name: str, *, snapshot_s: float, escalate_after_s: int) -> None:
+def write_config(path: Path, mqtt_url: str, name: str, *, snapshot_s: float, escalate_after_s: int, fetch_batch: int = 1000) -> None:
     det = "\n".join(f"{k} = {v}" for k, v in FAST_DETECTOR.items())
     path.write_text(
         f'[mqtt]\nurl = "{mqtt_url}"\nclient_id = "eng-{name}"\n'
@@ -75,6 +76,7 @@ def write_config(path: Path, mqtt_url: str, name: str, *, snapshot_s: float, esc
         f"[alerts]\ncooldown_s = 0\ncheckin_cooldown_s = 0\nescalate_after_s = {escalate_after_s}\nrenotify_after_s = 3600\nmax_reminders = 0\n"
         "[engine]\ntick_s = 0.5\ngrace_s = 0\n"
         f'[cluster]\nname = "{name}"\npartitions = {PARTITIONS}\nreplicas = 1\nlease_ttl_s = 4.0\nsnapshot_s = {snapshot_s}\n'
+        f"fetch_batch = {fetch_batch}\n"
     )
 
 
@@ -137,12 +139,12 @@ def ack(url: str, worker: str, alert_id: str, timeout_s: float = 10.0):  # type:
     return request(url, worker, AckMessage(action=AckAction.ACK, alert_id=alert_id), timeout_s=timeout_s)
 
 
-def start_all(nats1: NatsNode, mosquitto, tmp_path: Path, *, snapshot_s: float, escalate_after_s: int, engines: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def start_all(nats1: NatsNode, mosquitto, tmp_path: Path, *, snapshot_s: float, escalate_after_s: int, engines: tuple[str, ...], fetch_batch: int = 1000):  # type: ignore[no-untyped-def]
     name = "p" + uuid.uuid4().hex[:8]
     layout = Layout(partitions=PARTITIONS, replicas=1, name=name)
     jsio = open_ready([nats1.url], layout, name=f"test-{name}", retention_s=3600)
     config = tmp_path / f"{name}.toml"
-    write_config(config, mosquitto.url, name, snapshot_s=snapshot_s, escalate_after_s=escalate_after_s)
+    write_config(config, mosquitto.url, name, snapshot_s=snapshot_s, escalate_after_s=escalate_after_s, fetch_batch=fetch_batch)
     settings = Settings(mqtt=MqttSettings(url=mosquitto.url, client_id=f"bridge-{name}"), cluster=ClusterSettings(name=name, partitions=PARTITIONS, replicas=1))
     bridge = Bridge(settings, mqtt_url=mosquitto.url, servers=[nats1.url]).start()
     procs = Engines(nats1, config, tmp_path)  # type: ignore[arg-type] - a node has the url the engines need
@@ -195,6 +197,65 @@ def test_ack_reaches_the_alerts_partition_and_survives_its_owner_killed(nats1, m
         assert listed.ok and [a.alert_id for a in listed.alerts or []] == [b]
         listed = request(mosquitto.url, "sam", AckMessage(action=AckAction.LIST), timeout_s=30)
         assert listed.ok and {a.alert_id: a.state.value for a in listed.alerts or []} == {a1: "acknowledged", a2: "acknowledged", b: "escalated"}
+    finally:
+        wire.close()
+        engines.stop()
+        bridge.close()
+        jsio.close()
+
+
+def test_a_new_owner_does_not_escalate_an_alert_whose_ack_is_still_to_be_replayed(nats1, mosquitto, tmp_path):
+    """The snapshot holds an alert delivered and not yet acknowledged; the ack is in the stream
+    far behind it (messages that arrived while the partition had no owner); the alert comes due
+    while the new owner replays them (one message per pull here, each pull waiting up to 0.2 s
+    for the partitions with nothing new): it must wait for the ack."""
+    name, layout, jsio, bridge, engines = start_all(
+        nats1, mosquitto, tmp_path, snapshot_s=2, escalate_after_s=8, engines=("e1", "e2"), fetch_batch=1
+    )  # fmt: skip
+    wire = Wire(mosquitto.url)
+    try:
+        u, v = same_partition(name[1:5], 2)
+        p = partition_of(u, PARTITIONS)
+        for user in (u, v):
+            grant(jsio, layout, user, ("sam", "kim"))
+        start_s = int(time.time()) // 60 * 60 - 3 * 3600
+        frames = {u: synthetic_rr(u, start_s, 1, seed=5), v: synthetic_rr(v, start_s, 1, seed=6)}
+        want, _ = expected(frames)
+        (a,) = expected({u: frames[u]})[0]
+        (b,) = want - {a}
+        feed(jsio, layout, frames, 0.0)
+        assert wait_for(lambda: set(wire.to("sam")) >= want, 60), engines.log("e1") + engines.log("e2")
+        sent_at = time.monotonic()
+
+        def delivered_in_snapshot() -> bool:
+            data = jsio.get_object(layout.snapshot_name(p))
+            if not data:
+                return False
+            image = tmp_path / "outbox-image.sqlite"
+            image.write_bytes(Snapshot.decode(data).outbox)  # a WAL-mode image: read from a file
+            db = sqlite3.connect(image)
+            try:
+                return db.execute("SELECT COUNT(*) FROM alerts WHERE state = 'delivered'").fetchone()[0] == 2
+            finally:
+                db.close()
+
+        assert wait_for(delivered_in_snapshot, 10)
+        owner = owners(jsio, layout)[p]
+        assert owner is not None
+        engines.kill(owner)
+        assert time.monotonic() - sent_at < 6, "the alerts came due before the test could set the scene"
+
+        async def filler() -> None:  # messages a new owner must replay before the ack (refused at the wire boundary: cheap)
+            await asyncio.gather(*(jsio.js.publish(layout.subject(p), b"not a batch", headers={USER_HEADER: u}) for _ in range(60)))
+
+        jsio.call(filler(), 60)
+        reply = ack(mosquitto.url, "sam", a, timeout_s=90)
+        assert reply.ok and reply.alert is not None and reply.alert.state.value == "acknowledged", reply
+        print(f"ack answered {time.monotonic() - sent_at:.1f} s after the alerts were sent (escalation due after 8 s)")
+        assert time.monotonic() - sent_at > 8, "the replay was over before the alert came due: nothing was tested"
+        assert wait_for(lambda: b in wire.to("kim"), 30), engines.log("e1") + engines.log("e2")  # the unacknowledged one escalates
+        time.sleep(2)
+        assert a not in wire.to("kim")
     finally:
         wire.close()
         engines.stop()
