@@ -11,7 +11,7 @@ the bridge (Mosquitto -> JetStream) and `stresswatch engine --cluster` subproces
   and the partition's stream; the consent key is gone; the user's status topic is cleared
   (the single engine's confirmation); another user of the same partition is untouched;
 * a check-in becomes an alert to the user's worker, which the worker acknowledges; per-user
-  status topics say calibrating / active / off.
+  status topics say calibrating / active / off, also for a consent that ends by itself.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import random
 import sqlite3
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, settings as hsettings, strategies as st
 
 from stresswatch.alerts import MqttTransport, Topics
 from stresswatch.alerts.lifecycle import AlertState
@@ -278,6 +280,26 @@ def test_a_list_is_merged_from_every_partition_newest_first_or_refused_when_one_
     assert merge_lists([bad, bad], partitions=2, request_id="r2", limit=200) == bad.model_copy(update={"request_id": "r2"})
 
 
+@hsettings(max_examples=60, deadline=None)
+@given(
+    raised=st.lists(st.integers(0, 10_000), min_size=0, max_size=30, unique=True),
+    parts=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    limit=st.integers(1, 40),
+)
+def test_merging_the_partitions_lists_equals_listing_them_all_at_once(raised, parts, seed, limit):
+    """However a worker's alerts are spread over the partitions, the merged list is the one
+    list of all of them, newest first, cut at the request's limit."""
+    rng = random.Random(seed)
+    views = [view(f"{i:08x}-0000-0000-0000-000000000000", s) for i, s in enumerate(raised)]
+    buckets: list[list[AlertView]] = [[] for _ in range(parts)]
+    for v in views:
+        buckets[rng.randrange(parts)].append(v)
+    got = merge_lists([Reply(ok=True, action=AckAction.LIST, alerts=b) for b in buckets], partitions=parts, request_id=None, limit=limit)
+    want = sorted(views, key=lambda a: (a.raised_at, a.alert_id), reverse=True)[:limit]
+    assert got.ok and got.alerts == want
+
+
 def partition_messages(jsio: JetStreamIO, layout: Layout, p: int) -> list[tuple[str, bytes]]:
     """Every message still in the partition's stream: (user header, payload)."""
 
@@ -301,10 +323,16 @@ def test_erasure_checkin_and_status_in_cluster_mode(nats1, mosquitto, tmp_path):
     wire = Wire(mosquitto.url)
     user_side = MqttTransport(mosquitto.url, client_id=f"companion-{uuid.uuid4().hex[:6]}")
     try:
-        x, y = same_partition(f"erase{name[1:5]}x", 2)
+        x, y, z = same_partition(f"erase{name[1:5]}x", 3)
         p = partition_of(x, PARTITIONS)
         for user in (x, y):
             grant(jsio, layout, user, ("sam",))
+        # z's consent ends by itself in 15 s: no message says so, the owner's sweep finds it
+        expires = datetime.now(timezone.utc) + timedelta(seconds=15)
+        ev = ConsentEvent(z, Action.GRANT, datetime.now(timezone.utc), "test", recipients=("sam",), expires_at=expires)
+        put_consent(jsio, layout, z, encode_consent(z, [ev]))
+        feed(jsio, layout, {z: synthetic_rr(z, int(time.time()) // 60 * 60 - 3 * 3600, 0, seed=7)}, 0.0)
+        assert wait_for(lambda: wire.statuses(z)[:1] == ["calibrating"], 20), wire.statuses(z)
         start_s = int(time.time()) // 60 * 60 - 3 * 3600
         frames = {x: synthetic_rr(x, start_s, 1, seed=3), y: synthetic_rr(y, start_s, 1, seed=4)}
         want, _ = expected(frames)
@@ -350,6 +378,9 @@ def test_erasure_checkin_and_status_in_cluster_mode(nats1, mosquitto, tmp_path):
         reply = ack(mosquitto.url, "sam", checkin_alert, timeout_s=30)
         assert reply.ok and reply.alert is not None and reply.alert.note == "call me"
 
+        assert wait_for(lambda: wire.statuses(z)[-1:] == ["off"], 30), wire.statuses(z)
+        assert datetime.now(timezone.utc) >= expires
+        assert wait_for(lambda: z not in Detector.from_bytes(snapshot().detector).users, 10)
         revoke(jsio, layout, y, ("sam",))  # a consent change: the status says so
         assert wait_for(lambda: wire.statuses(y)[-1:] == ["off"], 20), wire.statuses(y)
     finally:

@@ -318,6 +318,7 @@ class ClusterEngine:
         self.transport: MarkedTransport | None = None
         self._heartbeat_rev: int | None = None
         self.status = StatusBoard(self.topics, self._publish_status)
+        self._sweep_at = 0  # where the status sweep goes on (a slice of the owned users per tick)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> ClusterEngine:
@@ -670,6 +671,22 @@ class ClusterEngine:
             self._windows_out(part.number, out.windows)
             if part.applied_seq >= part.replay_until:
                 self._safely(part, part.pipeline.tick)
+        self._sweep(now)
+
+    def _sweep(self, now: datetime, most: int = 2_000) -> None:
+        """What only time changes (a consent that expires): a slice of the owned partitions'
+        users per tick is forgotten if consent no longer allows processing, and their status
+        published if it changed (as the single engine's status sweep)."""
+        users = [(part, u) for part in self.parts.values() for u in part.pipeline.detector.users]
+        if not users:
+            return
+        start = self._sweep_at % len(users)
+        self._sweep_at = start + most
+        for part, user in (users[start:] + users[:start])[:most]:
+            if not self.consent.may_process(user, now):
+                part.buffer.drop_user(user)
+                part.pipeline.forget(user)
+            self._status_of(part, user)
 
     def _safely(self, part: Partition, job: Callable[[], object]) -> None:
         try:
