@@ -44,6 +44,7 @@ from stresswatch.cluster.snapshot import Snapshot
 from stresswatch.config import ClusterSettings, MqttSettings, Settings
 from stresswatch.consent.state import Action, ConsentEvent, Visibility
 from stresswatch.detect import Detector
+from stresswatch.errors import ClusterError
 from stresswatch.wire.acks import AckAction, AckMessage
 from stresswatch.wire.checkin import CheckinMessage
 from stresswatch.wire.consent import encode_consent
@@ -230,9 +231,7 @@ def test_a_new_owner_does_not_escalate_an_alert_whose_ack_is_still_to_be_replaye
         sent_at = time.monotonic()
 
         def delivered_in_snapshot() -> bool:
-            data = jsio.get_object(layout.snapshot_name(p))
-            if not data:
-                return False
+            data = read_snapshot(jsio, layout, p)
             image = tmp_path / "outbox-image.sqlite"
             image.write_bytes(Snapshot.decode(data).outbox)  # a WAL-mode image: read from a file
             db = sqlite3.connect(image)
@@ -300,6 +299,22 @@ def test_merging_the_partitions_lists_equals_listing_them_all_at_once(raised, pa
     assert got.ok and got.alerts == want
 
 
+def read_snapshot(jsio: JetStreamIO, layout: Layout, p: int) -> bytes:
+    """The partition's snapshot object. The engine replaces it every few seconds: a read can
+    find it absent, or wait on chunks the replacement purged; then read again."""
+
+    async def get() -> bytes:
+        obs = await jsio.js.object_store(layout.snapshots)
+        return bytes((await asyncio.wait_for(obs.get(layout.snapshot_name(p)), 5)).data)
+
+    for _ in range(30):
+        try:
+            return jsio.call(get(), 10)
+        except ClusterError:
+            time.sleep(0.2)
+    raise AssertionError("the partition's snapshot could not be read")
+
+
 def partition_messages(jsio: JetStreamIO, layout: Layout, p: int) -> list[tuple[str, bytes]]:
     """Every message still in the partition's stream: (user header, payload)."""
 
@@ -343,12 +358,7 @@ def test_erasure_checkin_and_status_in_cluster_mode(nats1, mosquitto, tmp_path):
         assert wire.statuses(x)[0] == "calibrating"
 
         def snapshot() -> Snapshot:
-            for _ in range(20):  # an object being replaced is briefly absent
-                data = jsio.get_object(layout.snapshot_name(p))
-                if data:
-                    return Snapshot.decode(data)
-                time.sleep(0.1)
-            raise AssertionError("no snapshot of the partition")
+            return Snapshot.decode(read_snapshot(jsio, layout, p))
 
         assert wait_for(lambda: x in Detector.from_bytes(snapshot().detector).users, 20)
         assert any(x.encode() in payload for _, payload in partition_messages(jsio, layout, p))

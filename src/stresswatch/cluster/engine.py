@@ -253,6 +253,7 @@ class Partition:
     dedup: Deduplicator
     snapshot_seq: int
     previous_snapshot_seq: int = 0
+    erased: list[str] = field(default_factory=list)  # erased users the next snapshot confirms
     # the stream's end when the partition was taken: until the replay reaches it, no
     # escalation runs (an ack further on in the stream may already have stopped it)
     replay_until: int = 0
@@ -591,12 +592,10 @@ class ClusterEngine:
     def _consent_changes(self) -> None:
         now = self.clock()
         for user in dict.fromkeys(self.consent.take_changed()):
-            part = self.parts.get(partition_of(user, self.layout.partitions))
-            if not self.consent.may_process(user, now):
-                for other in self.parts.values():
-                    if user in other.pipeline.detector.users:
-                        other.buffer.drop_user(user)
-                        other.pipeline.forget(user)
+            part = self.parts.get(partition_of(user, self.layout.partitions))  # a user's data is only in their partition
+            if part is not None and not self.consent.may_process(user, now):
+                part.buffer.drop_user(user)
+                part.pipeline.forget(user)
             if part is not None and self.consent.has(user):  # a deleted key: the erasure marker clears the topic
                 self._status_of(part, user)
 
@@ -620,6 +619,10 @@ class ClusterEngine:
                 self.rejections.record("cluster", "unknown_kind", user=None)
         except ValueError as exc:  # an id a topic cannot carry: the bridge checks it, so not expected
             self.rejections.record(kind, "bad_id" if isinstance(exc, ParseError) else "malformed", user=None)
+        except ClusterError:
+            raise  # NATS away: the loop waits and goes on (an erasure's snapshot is retried, see erase)
+        except StresswatchError as exc:  # a reply the broker did not take: what was recorded stays recorded
+            log.warning("partition %d: %s request: %s", part.number, kind, exc)
 
     def _ack(self, part: Partition, ctx: _Context, worker: str, payload: bytes) -> None:
         """As the single engine answers (:func:`handlers.on_ack`). An alert a tick would raise
@@ -642,12 +645,12 @@ class ClusterEngine:
         removed = part.outbox.erase(user, self.clock())
         self.consent.forget(user)
         _scrub(part.db_path)
-        self.snapshot(part.number, erased=True)
-        if self.parts.get(part.number) is not part:
-            return
-        self.status.clear(user)
-        self.stats.erasures += 1
-        log.info("partition %d: a user erased (%d alert row(s)); snapshot at sequence %d, stream purged through it", part.number, removed, part.snapshot_seq)
+        part.erased.append(user)  # confirmed once the snapshot without them is saved
+        log.info("partition %d: a user erased (%d alert row(s)); snapshot and purge follow", part.number, removed)
+        try:
+            self.snapshot(part.number, erased=True)
+        except ClusterError as exc:  # NATS away: the next snapshot round saves, purges and confirms
+            log.warning("partition %d: snapshot after an erasure failed (%s); retried with the next", part.number, exc)
 
     def _status_of(self, part: Partition, user: str, *, force: bool = False) -> None:
         now = self.clock()
@@ -717,14 +720,18 @@ class ClusterEngine:
         if self.publish_windows:
             jsio.wait_published()  # windows published before the snapshot are in their stream
         snap = Snapshot(
-            p, part.applied_seq, now_s, self.engine_id, part.pipeline.detector.to_bytes(), _sqlite_image(part.db_path, vacuum=erased),
+            p, part.applied_seq, now_s, self.engine_id, part.pipeline.detector.to_bytes(), _sqlite_image(part.db_path, vacuum=erased or bool(part.erased)),
             part.dedup.to_state(), self.consent.revision,
         )  # fmt: skip
         jsio.put_object(self.layout.snapshot_name(p), snap.encode())
         jsio.put(self.layout.state, f"snap.{p}", json.dumps(snap.summary()).encode())
-        if erased:
+        if erased or part.erased:
             jsio.purge_through(p, snap.seq)
             part.previous_snapshot_seq = part.snapshot_seq = snap.seq
+            for user in part.erased:  # the single engine's confirmation: the status topic cleared
+                self.status.clear(user)
+                self.stats.erasures += 1
+            part.erased.clear()
         else:
             if part.previous_snapshot_seq:
                 jsio.purge_before(p, part.previous_snapshot_seq + 1)
