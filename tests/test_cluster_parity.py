@@ -39,7 +39,7 @@ from stresswatch.cluster.bridge import Bridge
 from stresswatch.cluster.jetstream import JetStreamIO, open_ready
 from stresswatch.cluster.layout import USER_HEADER, Layout, partition_of
 from stresswatch.cluster.lists import merge_lists
-from stresswatch.cluster.publish import put_consent
+from stresswatch.cluster.publish import ack_partition, put_consent
 from stresswatch.cluster.snapshot import Snapshot
 from stresswatch.config import ClusterSettings, MqttSettings, Settings
 from stresswatch.consent.state import Action, ConsentEvent, Visibility
@@ -262,6 +262,15 @@ def test_a_new_owner_does_not_escalate_an_alert_whose_ack_is_still_to_be_replaye
         engines.stop()
         bridge.close()
         jsio.close()
+
+
+def test_an_ack_goes_to_the_indexed_partition_else_to_one_fixed_partition_whose_owner_refuses_it():
+    layout = Layout(partitions=8, replicas=1, name="x")
+    alert_id = str(uuid.uuid4())
+    assert ack_partition(layout, "sam", alert_id, 5) == 5
+    # not in the index (or an index entry from another layout): the same partition every time
+    assert ack_partition(layout, "sam", alert_id, None) == ack_partition(layout, "kim", alert_id, 99) == partition_of(alert_id, 8)
+    assert ack_partition(layout, "sam", None, None) == partition_of("sam", 8)  # a list or a message that did not decode
 
 
 def view(alert_id: str, raised_s: int) -> AlertView:
