@@ -34,6 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from ..alerts.topics import Topics
 from ..broker import private_client_id
@@ -43,7 +45,7 @@ from ..errors import ClusterError, ParseError, WireError
 from ..ingest import IngestBatch, IngestReceiver, Received
 from ..mqtt import connect
 from ..wire.consent import decode_consent
-from ..alerts.replies import Reply
+from ..alerts.replies import REPLY_EXPIRY_S, Reply
 from ..wire.acks import AckAction, AckMessage
 from ..wire.ids import is_valid_id
 from ..wire.rejections import Rejections
@@ -168,7 +170,11 @@ class Bridge:
             except ParseError:
                 continue
         reply = merge_lists(parts, partitions=self.layout.partitions, request_id=m.request_id, limit=m.limit)
-        self._consent_client.publish(self.topics.replies(worker), reply.encode(), qos=1)
+        props = None
+        if self._consent_client.protocol == mqtt.MQTTv5:  # as the engine's replies: unread for an hour, of no use
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = REPLY_EXPIRY_S
+        self._consent_client.publish(self.topics.replies(worker), reply.encode(), qos=1, properties=props)
 
     def _until_stored(self, send: functools.partial[object]) -> None:
         while self.jsio is not None:
