@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..errors import ClusterError
 from ..extras import require
-from .layout import USER_HEADER, Layout
+from .layout import KIND_HEADER, KIND_INGEST, REPLY_HEADER, USER_HEADER, Layout
 from .lease import Lease
 
 log = logging.getLogger("stresswatch.cluster")
@@ -29,11 +29,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Pulled:
-    """One ingest message: its stream sequence, the user header and the payload."""
+    """One partition message: its stream sequence, the user header (a worker's id for an
+    ack), the payload and its kind (``layout.KIND_*``)."""
 
     seq: int
     user: str
     payload: bytes
+    kind: str = KIND_INGEST
+    reply_to: str = ""  # a list request: where its owner answers (core NATS)
 
 
 @dataclass
@@ -143,7 +146,7 @@ class JetStreamIO:
                 num_replicas=L.replicas, max_age=retention_s, duplicate_window=120.0, discard=api.DiscardPolicy.OLD,
             )  # fmt: skip
             await self._add_or_find_stream(cfg)
-        for bucket, ttl, history in ((L.leases, None, 1), (L.consent, None, 1), (L.sent, retention_s, 1), (L.state, None, 1)):
+        for bucket, ttl, history in ((L.leases, None, 1), (L.consent, None, 1), (L.sent, retention_s, 1), (L.state, None, 1), (L.alerts, retention_s, 1)):
             self._kv[bucket] = await self._kv_bucket(bucket, ttl, history)
         try:
             self._obs = await self.js.object_store(L.snapshots)
@@ -313,7 +316,13 @@ class JetStreamIO:
         out: dict[int, Fetched] = {}
         for p, msgs in await asyncio.gather(*(one(p, s) for p, s in subs.items())):
             if msgs:
-                items = [Pulled(m.metadata.sequence.stream, (m.headers or {}).get(USER_HEADER, ""), m.data) for m in msgs]
+                items = [
+                    Pulled(
+                        m.metadata.sequence.stream, (m.headers or {}).get(USER_HEADER, ""), m.data,
+                        (m.headers or {}).get(KIND_HEADER, KIND_INGEST), (m.headers or {}).get(REPLY_HEADER, ""),
+                    )  # fmt: skip
+                    for m in msgs
+                ]
                 out[p] = Fetched(items, msgs[-1])
         return out
 
@@ -323,6 +332,11 @@ class JetStreamIO:
     def purge_before(self, p: int, seq: int) -> None:
         """Drop partition ``p``'s ingest below ``seq`` (a snapshot covers it)."""
         self.submit(self.js.purge_stream(self.layout.stream, subject=self.layout.subject(p), seq=seq))
+
+    def purge_through(self, p: int, seq: int) -> None:
+        """Drop partition ``p``'s messages up to and including ``seq`` now (erasure: a snapshot
+        taken at ``seq`` covers them); waits for the stream's answer."""
+        self.call(self.js.purge_stream(self.layout.stream, subject=self.layout.subject(p), seq=seq + 1))
 
     def partition_info(self, p: int) -> tuple[int, int | None]:
         """(the partition's last stream sequence, or 0; the owner's consumer's pending count:
@@ -376,6 +390,38 @@ class JetStreamIO:
                 then()
             return
         log.warning("a publish to %s was not acknowledged for %g s; given up", subject, give_up_s)
+
+    def publish_core(self, subject: str, payload: bytes) -> None:
+        """A plain NATS publish (no stream), in the background: an answer to a waiting requester."""
+        self.submit(self.nc.publish(subject, payload))
+
+    def scatter(self, messages: list[tuple[str, bytes, dict[str, str]]], reply_header: str, timeout_s: float) -> list[bytes]:
+        """Publish ``messages`` into the stream, each carrying a fresh inbox in ``reply_header``,
+        and collect the answers sent to that inbox: one per message, or what came within
+        ``timeout_s``."""
+        return self.call(self._scatter(messages, reply_header, timeout_s), timeout_s + 30)
+
+    async def _scatter(self, messages: list[tuple[str, bytes, dict[str, str]]], reply_header: str, timeout_s: float) -> list[bytes]:
+        inbox = self.nc.new_inbox()
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        async def on_answer(msg: Any) -> None:
+            got.append(msg.data)
+            if len(got) >= len(messages):
+                done.set()
+
+        sub = await self.nc.subscribe(inbox, cb=on_answer)
+        try:
+            for subject, payload, headers in messages:
+                await self.js.publish(subject, payload, headers={**headers, reply_header: inbox})
+            try:
+                await asyncio.wait_for(done.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            return list(got)
+        finally:
+            await sub.unsubscribe()
 
     def wait_published(self, timeout_s: float = 60.0) -> None:
         concurrent.futures.wait(self._later, timeout_s)

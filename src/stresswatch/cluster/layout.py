@@ -16,6 +16,15 @@ if TYPE_CHECKING:
     from ..config import ClusterSettings
 
 USER_HEADER = "Sw-User"
+# What a partition's message is (absent: an ingest batch). Workers' acks, users' check-ins and
+# erasures travel in the partition of the user they concern, so they are applied in order with
+# that user's batches by the partition's owner and replayed from its snapshot on a takeover.
+KIND_HEADER = "Sw-Kind"
+KIND_INGEST, KIND_ACK, KIND_CHECKIN, KIND_ERASE = "ingest", "ack", "checkin", "erase"
+# A worker's list request goes to every partition; each owner answers its part on the NATS
+# subject in this header, and the bridge merges the parts into the worker's one reply.
+KIND_LIST = "list"
+REPLY_HEADER = "Sw-Reply"
 MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream's own de-duplication within its duplicate window
 
 _FNV_OFFSET = 0x811C9DC5
@@ -74,6 +83,11 @@ class Layout:
         return f"{self.name}_sent"
 
     @property
+    def alerts(self) -> str:
+        """Alert index: alert id -> the partition holding it (where a worker's ack goes)."""
+        return f"{self.name}_alerts"
+
+    @property
     def state(self) -> str:
         """The layout and each partition's last snapshot (for status)."""
         return f"{self.name}_state"
@@ -114,4 +128,7 @@ class Layout:
         return f"{alert_id}.{worker}.{notice}"
 
 
-__all__ = ["Layout", "MSG_ID_HEADER", "USER_HEADER", "fnv1a_32", "partition_of"]
+__all__ = [
+    "KIND_ACK", "KIND_CHECKIN", "KIND_ERASE", "KIND_HEADER", "KIND_INGEST", "KIND_LIST", "Layout", "REPLY_HEADER", "MSG_ID_HEADER", "USER_HEADER",
+    "fnv1a_32", "partition_of",
+]  # fmt: skip
