@@ -48,9 +48,11 @@ def test_bridge_acknowledges_a_batch_only_after_jetstream_stored_it(mosquitto, t
         parts = frame.with_columns((pl.col("time").dt.epoch("s") // 60).alias("m")).partition_by("m", maintain_order=True)
         batches = [IngestBatch.from_frame(p.drop("m"), user=user, stream_id="s1", seq=i, source="synthetic").encode() for i, p in enumerate(parts[:3])]
         first = companion.publish(TOPICS.ingest(user), batches[0], qos=1)
-        assert wait_for(first.is_published, 10)
+        assert wait_for(first.is_published, 10)  # Mosquitto's PUBACK to the companion (on receipt)
         assert bridge.jsio is not None
-        assert bridge.jsio.partition_info(partition_of(user, 4))[0] == 1
+        # the bridge forwards on its own time after that: wait for the stream, not the PUBACK
+        assert wait_for(lambda: bridge.jsio.partition_info(partition_of(user, 4))[0] == 1, 10)
+        assert bridge.forwarded == 1
 
         node.kill()  # JetStream away: the bridge must not acknowledge to Mosquitto
         companion.publish(TOPICS.ingest(user), batches[1], qos=1)
