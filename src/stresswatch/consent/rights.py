@@ -21,12 +21,14 @@ payloads; see docs/CONSENT.md.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from importlib.metadata import entry_points
 from typing import IO, Any
 
+import numpy as np
 import polars as pl
 
 from ..alerts.outbox import Outbox
@@ -166,9 +168,16 @@ def erase_stores(
     removed["samples"] = store.erase(user) if store is not None else 0
     blob = outbox.load_detector()
     removed["detector_state"] = 0
-    if blob:
+    if blob:  # an earlier version's single-blob snapshot
         detector = Detector.from_bytes(blob, detector_settings)
         if user in detector.users:
             outbox.save_detector(detector.forget(user).to_bytes(), now)
             removed["detector_state"] = 1
+    for chunk, seq in outbox.detector_chunks():  # a chunk is read whole only if it names the user
+        data = outbox.load_detector_chunk(chunk)
+        if data is None or user not in np.load(io.BytesIO(data), allow_pickle=False)["users"].tolist():
+            continue
+        rest = Detector.from_bytes(data, detector_settings).forget(user)
+        outbox.save_detector_chunks([(chunk, rest.to_bytes() if rest.users else None, seq)], now)  # it still holds up to seq
+        removed["detector_state"] = 1
     return removed

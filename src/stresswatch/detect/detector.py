@@ -635,6 +635,16 @@ class Detector:
         touched = np.unique(self._slot[self._dirty] // size).tolist()
         return sorted(set(touched) | {v // size for v in self._vacated})
 
+    def mark_chunks_dirty(self, chunks: list[int], size: int) -> None:
+        """Save these chunks again (their last save failed)."""
+        if chunks:
+            self._dirty |= np.isin(self._slot // size, chunks)
+            self._vacated |= {c * size for c in chunks}  # a chunk now empty is saved (removed) too
+
+    def mark_all_dirty(self) -> None:
+        """Save every user at the next save (state read from an earlier version's snapshot)."""
+        self._dirty[:] = True
+
     def chunk_slots(self, size: int) -> list[int]:
         """Every chunk that holds a user now."""
         return np.unique(self._slot // size).tolist()
