@@ -497,4 +497,9 @@ class StatePersister:
             c.then()
 
 
-__all__ = ["CHUNK_USERS", "Restored", "SampleWriter", "StatePersister"]
+def stored_detector(outbox: Outbox, settings: DetectorSettings | None = None) -> Detector:
+    """The detector as the state folder holds it (what the engine restores before replaying)."""
+    return StatePersister(outbox.path, outbox, None).restore(settings).detector
+
+
+__all__ = ["CHUNK_USERS", "Restored", "SampleWriter", "StatePersister", "stored_detector"]

@@ -200,7 +200,10 @@ class Engine:
         self.ledger = ConsentLedger(self.db_path)
         self.outbox = Outbox(self.db_path)
         self.consent = ConsentCache(self.ledger)
-        self.persister = StatePersister(self.db_path, self.outbox, self.store, today=lambda: self.clock().date(), call_soon=self.call_soon)
+        self.persister = StatePersister(
+            self.db_path, self.outbox, self.store, today=lambda: self.clock().date(), call_soon=self.call_soon,
+            chunk_users=self.settings.engine.state_chunk_users,
+        )  # fmt: skip
         restored = self.persister.restore(self.settings.detector)  # chunks of users, each at its ingest-log position
         detector = restored.detector
         m = self.settings.mqtt
