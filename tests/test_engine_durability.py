@@ -12,7 +12,7 @@ import polars as pl
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from stresswatch.alerts import MqttTransport
-from stresswatch.alerts.outbox import Outbox
+from stresswatch.engine.snapshot_files import SnapshotChunks
 from stresswatch.config import DetectorSettings
 from stresswatch.detect import Detector
 from stresswatch.ingest import IngestBatch
@@ -80,8 +80,7 @@ def run_with_kill(mosquitto, tmp_path, kill_after_s: float, *, persist_s: float 
         time.sleep(kill_after_s)
         proc.kill()  # SIGKILL: no shutdown code runs (by default no snapshot was taken yet: persist_s = 60)
         proc.wait(10)
-        with Outbox(db) as ob:
-            at_kill = ob.detector_chunks()
+        at_kill = SnapshotChunks.of_state_dir(state).positions()
         feeder.join(60)
         proc = spawn_engine(config)
         assert wait_for(lambda: engine_online(mosquitto.port), 30)

@@ -14,7 +14,7 @@ import polars as pl
 from stresswatch.alerts.outbox import Outbox
 from stresswatch.config import DetectorSettings
 from stresswatch.detect import Detector
-from stresswatch.engine.persist import CHUNK_USERS, SampleWriter, StatePersister
+from stresswatch.engine.persist import CHUNK_USERS, SampleWriter, StatePersister, stored_detector
 from stresswatch.model import SAMPLES_SCHEMA
 from stresswatch.store import SampleStore
 
@@ -56,10 +56,6 @@ def detector_of(users: int, minutes: int = 3, start: datetime = T0) -> Detector:
     return d
 
 
-def stored_detector(outbox: Outbox) -> Detector:
-    return StatePersister(outbox.path, outbox, None).restore(SMALL).detector
-
-
 def test_rows_that_cannot_be_written_stay_pending_and_no_snapshot_claims_them(tmp_path: Path):
     state = tmp_path / "state"
     store = SampleStore(state)
@@ -73,13 +69,13 @@ def test_rows_that_cannot_be_written_stay_pending_and_no_snapshot_claims_them(tm
     blocker.parent.mkdir(parents=True)
     blocker.write_text("in the way")
     persister.save(lambda: d, lambda: 7, NOW, wait=True, then=lambda: truncated.append(7))
-    assert outbox.detector_chunks() == [] and outbox.detector_save() is None and truncated == []
+    assert persister.files.positions() == [] and outbox.detector_save() is None and truncated == []
     assert persister.samples is not None and persister.samples.pending_rows == 60
     blocker.unlink()  # space again: the next save writes the rows, then the chunks not stored
     persister.save(lambda: d, lambda: 9, NOW, wait=True, then=lambda: truncated.append(9))
-    assert outbox.detector_chunks() == [(0, 9), (1, 9), (2, 9)] and outbox.detector_save() == (9, 4) and truncated == [9]
+    assert persister.files.positions() == [(0, 9), (1, 9), (2, 9)] and outbox.detector_save() == (9, 4) and truncated == [9]
     assert store.read("u00003").height == 3
-    assert stored_detector(outbox).to_bytes() == d.to_bytes()
+    assert stored_detector(outbox, SMALL).to_bytes() == d.to_bytes()
     persister.close()
     outbox.close()
 
@@ -132,10 +128,10 @@ def test_a_save_turn_copies_at_most_the_chunk_bound_and_only_what_changed(tmp_pa
     persister.save(lambda: d, lambda: 6, NOW)
     persister.join()
     assert not turns and not persister.saving
-    assert copied == [5] and dict(outbox.detector_chunks())[3] == 6 and dict(outbox.detector_chunks())[0] == 5
+    assert copied == [5] and dict(persister.files.positions())[3] == 6 and dict(persister.files.positions())[0] == 5
     assert outbox.detector_save() == (6, 5)
     persister.close()
-    assert stored_detector(outbox).to_bytes() == d.to_bytes()
+    assert stored_detector(outbox, SMALL).to_bytes() == d.to_bytes()
     outbox.close()
 
 
@@ -150,7 +146,7 @@ def test_an_earlier_single_blob_snapshot_loads_and_the_first_complete_save_repla
     assert restored.detector.dirty_chunks(4) == [0, 1, 2]  # every user: the blob goes once they are all in chunks
     persister.save(lambda: restored.detector, lambda: 50, NOW, wait=True)
     assert outbox.load_detector() is None and outbox.detector_save() == (50, 4)
-    assert stored_detector(outbox).to_bytes() == d.to_bytes()
+    assert stored_detector(outbox, SMALL).to_bytes() == d.to_bytes()
     persister.close()
     outbox.close()
 
@@ -162,3 +158,21 @@ def test_an_erased_users_pending_rows_are_dropped(tmp_path: Path):
     writer.drop_user("u00001", settle=True)
     assert writer.close()
     assert store.users() == ["u00000", "u00002"]
+
+
+def test_erasure_rewrites_the_chunk_that_holds_the_user_at_the_position_it_holds(tmp_path: Path):
+    from stresswatch.consent.ledger import ConsentLedger
+    from stresswatch.consent.rights import erase_stores
+
+    outbox = Outbox(tmp_path / "stresswatch.sqlite")
+    persister = StatePersister(outbox.path, outbox, None, chunk_users=2)
+    d = detector_of(5)
+    persister.save(lambda: d, lambda: 12, NOW, wait=True)
+    with ConsentLedger(outbox.path) as ledger:
+        removed = erase_stores("u00002", ledger=ledger, outbox=outbox, store=None, now=NOW, detector_settings=SMALL)
+    assert removed["detector_state"] == 1
+    assert persister.files.positions() == [(0, 12), (1, 12), (2, 12)]
+    assert persister.files.users(1) == ["u00003"]
+    assert stored_detector(outbox, SMALL).to_bytes() == d.forget("u00002").to_bytes()
+    persister.close()
+    outbox.close()

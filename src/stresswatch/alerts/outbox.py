@@ -5,9 +5,8 @@
   the broker's PUBACK, then *delivered*; a pending row survives engine and broker restarts
   and is published again with the same ``alert_id`` (at-least-once; clients drop duplicates);
 * ``alert_events``: every lifecycle change (who, what, when), for export and audit;
-* ``detector_chunks``: the detector's state in chunks of users (``Detector.chunk_state``),
-  each with the ingest-log position it holds, and ``detector_save``: the start of the last
-  save that stored every chunk it had to (docs/STORAGE.md);
+* ``detector_save``: the start of the last detector save that stored every chunk of users it
+  had to (the chunks are files beside this database; docs/STORAGE.md);
 * ``detector_state``: the single-blob snapshot of earlier versions (``Detector.to_bytes()``),
   read at start and removed by the first complete chunked save.
 
@@ -83,12 +82,6 @@ CREATE TABLE IF NOT EXISTS detector_state (
     saved_at   TEXT NOT NULL,
     blob       BLOB NOT NULL,
     ingest_seq INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS detector_chunks (
-    chunk      INTEGER PRIMARY KEY,
-    saved_at   TEXT NOT NULL,
-    blob       BLOB NOT NULL,
-    ingest_seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS detector_save (
     id            INTEGER PRIMARY KEY CHECK (id = 1),
@@ -382,21 +375,8 @@ class Outbox:
         r = self._db.execute("SELECT ingest_seq FROM detector_state WHERE id = 1").fetchone()
         return int(r[0]) if r else 0
 
-    def save_detector_chunks(self, chunks: list[tuple[int, bytes | memoryview | None, int]], now: datetime) -> None:
-        """Replace each ``(chunk, blob, ingest_seq)`` in one transaction (blob None: the
-        chunk holds nobody any more, its row goes)."""
-        with self.transaction():
-            for chunk, blob, seq in chunks:
-                if blob is None:
-                    self._db.execute("DELETE FROM detector_chunks WHERE chunk = ?", (chunk,))
-                else:
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO detector_chunks (chunk, saved_at, blob, ingest_seq) VALUES (?, ?, ?, ?)",
-                        (chunk, _iso(now), blob, seq),
-                    )
-
     def complete_detector_save(self, complete_seq: int, chunk_users: int, now: datetime, *, drop_single_blob: bool = False) -> None:
-        """Every chunk dirty at ``complete_seq`` is stored: a restart replays from there."""
+        """Every detector chunk dirty at ``complete_seq`` is stored: a restart replays from there."""
         with self.transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO detector_save (id, saved_at, complete_seq, chunk_users) VALUES (1, ?, ?, ?)",
@@ -409,14 +389,6 @@ class Outbox:
         """``(complete_seq, chunk_users)`` of the last complete chunked save (None: none yet)."""
         r = self._db.execute("SELECT complete_seq, chunk_users FROM detector_save WHERE id = 1").fetchone()
         return (int(r[0]), int(r[1])) if r else None
-
-    def detector_chunks(self) -> list[tuple[int, int]]:
-        """``(chunk, ingest_seq)`` of every stored chunk, in order."""
-        return [(int(c), int(q)) for c, q in self._db.execute("SELECT chunk, ingest_seq FROM detector_chunks ORDER BY chunk")]
-
-    def load_detector_chunk(self, chunk: int) -> bytes | None:
-        r = self._db.execute("SELECT blob FROM detector_chunks WHERE chunk = ?", (chunk,)).fetchone()
-        return bytes(r[0]) if r else None
 
     # -- erasure -----------------------------------------------------------------------
     def erase(self, user: str, now: datetime) -> int:

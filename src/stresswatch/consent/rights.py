@@ -21,14 +21,12 @@ payloads; see docs/CONSENT.md.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from importlib.metadata import entry_points
 from typing import IO, Any
 
-import numpy as np
 import polars as pl
 
 from ..alerts.outbox import Outbox
@@ -173,11 +171,14 @@ def erase_stores(
         if user in detector.users:
             outbox.save_detector(detector.forget(user).to_bytes(), now)
             removed["detector_state"] = 1
-    for chunk, seq in outbox.detector_chunks():  # a chunk is read whole only if it names the user
-        data = outbox.load_detector_chunk(chunk)
-        if data is None or user not in np.load(io.BytesIO(data), allow_pickle=False)["users"].tolist():
+    from ..engine.snapshot_files import SnapshotChunks  # the engine's side of the state folder
+
+    files = SnapshotChunks.of_state_dir(outbox.path.parent)
+    for chunk in files.chunks():  # a chunk is read whole only if it names the user
+        if user not in files.users(chunk):
             continue
-        rest = Detector.from_bytes(data, detector_settings).forget(user)
-        outbox.save_detector_chunks([(chunk, rest.to_bytes() if rest.users else None, seq)], now)  # it still holds up to seq
+        state, seq = files.read(chunk)
+        rest = Detector.from_chunk_states([state], detector_settings).forget(user)
+        files.write(chunk, rest.state_arrays() if rest.users else None, seq)  # it still holds up to seq
         removed["detector_state"] = 1
     return removed

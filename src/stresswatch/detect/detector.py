@@ -574,7 +574,7 @@ class Detector:
         n = len(self._users)
         hi = n if hi is None else hi
         whole = (lo, hi) == (0, n)
-        names = list(self._users) if whole else list(self._users)[lo:hi]
+        names = list(self._users) if whole else self._names.slice(lo, hi - lo).to_list()
         kl, kh = lo << 32, hi << 32
 
         def part(key: np.ndarray) -> slice:

@@ -20,7 +20,6 @@ One save at a time, in order; erasure and shutdown wait for it (:meth:`StatePers
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import queue
 import threading
@@ -36,9 +35,9 @@ import polars as pl
 from ..alerts.outbox import Outbox
 from ..config import DetectorSettings
 from ..detect import Detector
-from ..detect.detector import serialise_state
 from ..errors import StresswatchError
 from ..store import SampleStore
+from .snapshot_files import SnapshotChunks
 
 log = logging.getLogger("stresswatch.engine")
 _NO_LOCK = contextlib.nullcontext()
@@ -257,7 +256,8 @@ class StatePersister:
         turn_budget_s: float = TURN_BUDGET_S,
         queued_chunks: int = QUEUED_CHUNKS,
     ) -> None:
-        """``outbox``: the engine thread's connection (read at :meth:`restore`).
+        """``outbox``: the engine thread's connection (read at :meth:`restore`); the chunk
+        files live beside its database (:class:`.snapshot_files.SnapshotChunks`).
         ``call_soon``: runs a job on the engine thread after what is queued (without one,
         every save copies all its chunks at once, as with ``wait``)."""
         self.db_path = db_path
@@ -268,6 +268,7 @@ class StatePersister:
         self.turn_budget_s = turn_budget_s
         self.queued_chunks = max(1, queued_chunks)
         self._call_soon = call_soon
+        self.files = SnapshotChunks.of_state_dir(db_path.parent)
         self._detector: Callable[[], Detector] | None = None
         self._seq: Callable[[], int] = lambda: 0
         self._cycle: _Cycle | None = None
@@ -291,11 +292,9 @@ class StatePersister:
         if save is not None:
             self.chunk_users = save[1]  # chunk numbers mean slots / this size: fixed by the store
         states: dict[int, tuple[dict[str, np.ndarray], int]] = {}
-        for chunk, seq in self.outbox.detector_chunks():
-            blob = self.outbox.load_detector_chunk(chunk)
-            if blob is not None:
-                z = np.load(io.BytesIO(blob), allow_pickle=False)
-                states[chunk] = ({k: z[k] for k in z.files}, seq)
+        self.files.clean()
+        for chunk in self.files.chunks():
+            states[chunk] = self.files.read(chunk)
         blob = self.outbox.load_detector()
         replay_after = save[0] if save is not None else 0
         if blob:
@@ -464,14 +463,15 @@ class StatePersister:
         chunks = [chunk for chunk, _, _ in batch]
         ok = False
         try:
-            rows = [(chunk, serialise_state(state).getbuffer() if state is not None else None, seq) for chunk, state, seq in batch]
-            del batch[:]  # the copies go as soon as they are serialised
             if self.samples is not None and not self.samples.sync():
                 log.warning("detector state not saved: samples it covers are not stored yet (tried again at the next save)")
             else:
-                outbox.save_detector_chunks(rows, c.now)
+                while batch:
+                    chunk, state, seq = batch.pop(0)  # each copy goes once it is written
+                    self.files.write(chunk, state, seq)
+                    del state
+                    self.chunks_written += 1
                 ok = True
-                self.chunks_written += len(rows)
         except StresswatchError as exc:  # the next save tries again; the engine keeps running
             log.warning("saving detector state: %s", exc)
         finally:
