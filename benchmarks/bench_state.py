@@ -244,6 +244,8 @@ def engine_child(settings_path: str, state: str, url: str, phase: str = "seeded"
         res["chunked_save_s"] = round(time.perf_counter() - t, 2)
         res["chunked_save_longest_turn_ms"] = round(p.longest_turn_s * 1000, 1)
         res["chunked_save_turns"] = p.turns
+        res["chunked_save_turns_s"] = round(p.turns_s, 2)  # engine thread, all turns
+        res["chunked_save_write_s"] = round(p.write_s, 2)  # snapshot thread: serialise, write, fsync
         res["chunked_save_peak_extra_mb"] = round((_status_kb("VmHWM") - before_kb) / 1024, 1)
         files = [p.files.path(c) for c in p.files.chunks()]
         res["chunks"] = len(files)
@@ -268,6 +270,8 @@ def engine_child(settings_path: str, state: str, url: str, phase: str = "seeded"
         det.mark_all_dirty()
         t = time.perf_counter()
         eng.request_stop()
+        eng.persist(wait=True)  # what shutdown does first (after closing ingest): every chunk
+        res["stop_final_save_s"] = round(time.perf_counter() - t, 2)
         eng.shutdown()
         res["stop_with_final_save_s"] = round(time.perf_counter() - t, 2)
     print(json.dumps(res))

@@ -723,7 +723,7 @@ class Detector:
             out[k] = (np.concatenate(cols[k]) if cols[k] else np.zeros(0, dtype)).astype(dtype, copy=False)[None, ...]
         for k, v in {**lens, **mins}.items():
             out[k] = np.array(v, np.int64)[None, ...]
-        return cls._from_arrays(out, settings)
+        return cls._from_arrays(out, settings, fresh=True)
 
     def to_bytes(self) -> bytes:
         """Serialise all state (engine restart) as one .npz: per-user arrays and the buffers."""
@@ -738,7 +738,7 @@ class Detector:
     @classmethod
     def from_bytes(cls, data: bytes, settings: DetectorSettings | None = None) -> Detector:
         z = np.load(io.BytesIO(data), allow_pickle=False)
-        return cls._from_arrays({k: z[k] for k in z.files}, settings)
+        return cls._from_arrays({k: z[k] for k in z.files}, settings, fresh=True)
 
     def forget(self, user: str) -> Detector:
         """A detector without ``user``'s state (baseline, episode, buffered beats): erasure."""
@@ -756,17 +756,22 @@ class Detector:
         return d
 
     @classmethod
-    def _from_arrays(cls, z: dict[str, np.ndarray], settings: DetectorSettings | None) -> Detector:
+    def _from_arrays(cls, z: dict[str, np.ndarray], settings: DetectorSettings | None, *, fresh: bool = False) -> Detector:
+        """``fresh``: the arrays of ``z`` are the caller's own new ones, used without a copy."""
+
+        def own(a: np.ndarray) -> np.ndarray:
+            return a if fresh else a.copy()
+
         if "format" not in z or int(z["format"]) != STATE_FORMAT:
             _incompatible()
         d = cls(settings)
         d._users = {str(x): i for i, x in enumerate(z["users"].tolist())}
         d._names = pl.Series("user", list(d._users), pl.String)
-        d._watermark_ns = z["watermark"].copy()
-        d._closed_w = z["closed"].copy()
-        d._decided_m = z["decided"].copy()
-        d._motion_until_ns = z["motion_until"].copy()
-        d._has_motion = z["has_motion"].copy() if "has_motion" in z else np.zeros(len(d._users), bool)
+        d._watermark_ns = own(z["watermark"])
+        d._closed_w = own(z["closed"])
+        d._decided_m = own(z["decided"])
+        d._motion_until_ns = own(z["motion_until"])
+        d._has_motion = own(z["has_motion"]) if "has_motion" in z else np.zeros(len(d._users), bool)
         d._tz_names = [str(x) for x in z["tz_names"].tolist()] if "tz_names" in z else ["UTC"]
         d._tz = z["tz"].astype(np.int16) if "tz" in z else np.zeros(len(d._users), np.int16)
         d._tz_wanted = {name: d._tz_names[int(k)] for name, k in zip(d._users, d._tz) if k}
@@ -774,15 +779,15 @@ class Detector:
         slot = z["slot"].astype(np.int64) if "slot" in z else np.zeros(0, np.int64)
         if len(slot) != len(d._users) or (len(slot) > 1 and not np.all(np.diff(slot) > 0)):
             slot = np.arange(len(d._users), dtype=np.int64)  # saved before slots (or tiled): numbered afresh
-        d._slot = slot.copy()
+        d._slot = own(slot)
         d._next_slot = int(slot[-1]) + 1 if len(slot) else 0
         d._dirty = np.zeros(len(d._users), bool)
-        d.carry = BeatCarry(*(z[f"carry_{f.name}"].copy() for f in fields(BeatCarry)))
-        own = np.arange(len(d._users), dtype=np.int64) << 32  # carried keys name their user: re-point them
+        d.carry = BeatCarry(*(own(z[f"carry_{f.name}"]) for f in fields(BeatCarry)))
+        mine = np.arange(len(d._users), dtype=np.int64) << 32  # carried keys name their user: re-point them
         for k in (d.carry.ir_key, d.carry.kept_key):
-            k[:] = np.where(k == NO_WINDOW, NO_WINDOW, own | (k & LOW32))
-        d.baselines = Baselines(*(z[f"bl_{f.name}"].copy() for f in fields(Baselines)))
-        d.episodes = EpisodeState(*(z[f"ep_{f.name}"].copy() for f in fields(EpisodeState)))
+            k[:] = np.where(k == NO_WINDOW, NO_WINDOW, mine | (k & LOW32))
+        d.baselines = Baselines(*(own(z[f"bl_{f.name}"]) for f in fields(Baselines)))
+        d.episodes = EpisodeState(*(own(z[f"ep_{f.name}"]) for f in fields(EpisodeState)))
         if z["row_users"].shape[0] == 0:  # the only user was removed with every (1, k) array
             return d
         row = {k: v[0] for k, v in z.items() if v.ndim >= 1 and k not in d._PER_USER and k.startswith(("row_", "chunk_", "pchunk_", "b_", "o_", "p_"))}
@@ -793,9 +798,9 @@ class Detector:
             new_u = remap[key >> 32] if len(key) else np.zeros(0, np.int64)
             return (new_u << 32) | (key & LOW32), new_u >= 0
 
-        beats = Beats(*(row[f"b_{f.name}"].copy() for f in fields(Beats)))
-        others = Others(*(row[f"o_{f.name}"].copy() for f in fields(Others)))
-        parts = Partials(*(row[f"p_{f.name}"].copy() for f in fields(Partials)))
+        beats = Beats(*(own(row[f"b_{f.name}"]) for f in fields(Beats)))
+        others = Others(*(own(row[f"o_{f.name}"]) for f in fields(Others)))
+        parts = Partials(*(own(row[f"p_{f.name}"]) for f in fields(Partials)))
         beats.key, ok_b = rekey(beats.key)
         others.key, ok_o = rekey(others.key)
         parts.key, ok_p = rekey(parts.key)

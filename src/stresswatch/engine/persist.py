@@ -224,9 +224,9 @@ class StatePersister:
     at most :data:`QUEUED_CHUNKS` waiting to be written, so neither the engine thread's
     stall nor the memory a save holds grows with the number of users. Each copied chunk
     carries the ingest position of its copy (the engine flushes its buffer before every
-    job, so the detector then holds every record up to it). The snapshot thread serialises
-    the chunks, waits until the samples handed over before them are durable, and replaces
-    them in one transaction. When every chunk of the cycle is stored it records
+    job, so the detector then holds every record up to it). The snapshot thread waits until
+    the samples handed over before them are durable, then replaces each chunk's file (state
+    and position in one atomic rename, :mod:`.snapshot_files`). When every chunk of the cycle is stored it records
     ``start_seq`` as the *complete* position, and ``then`` (the ingest log's truncation)
     runs. A chunk not stored (samples or SQLite failing) is dirty again for the next cycle,
     which does not start before the snapshot thread has finished this one's writes.
@@ -281,6 +281,8 @@ class StatePersister:
         self._thread: threading.Thread | None = None
         # for operators and the benchmark
         self.turns = 0
+        self.turns_s = 0.0  # engine-thread time in turns, all saves
+        self.write_s = 0.0  # snapshot-thread time writing chunks, all saves
         self.longest_turn_s = 0.0
         self.chunks_written = 0
         self.cycles_completed = 0
@@ -380,6 +382,7 @@ class StatePersister:
             batch.append((chunk, d.chunk_state(chunk, self.chunk_users), seq))
         spent = time.monotonic() - t
         self.turns += 1
+        self.turns_s += spent
         self.longest_turn_s = max(self.longest_turn_s, spent)
         if batch:
             with self._lock:
@@ -466,11 +469,13 @@ class StatePersister:
             if self.samples is not None and not self.samples.sync():
                 log.warning("detector state not saved: samples it covers are not stored yet (tried again at the next save)")
             else:
+                t = time.monotonic()
                 while batch:
                     chunk, state, seq = batch.pop(0)  # each copy goes once it is written
                     self.files.write(chunk, state, seq)
                     del state
                     self.chunks_written += 1
+                self.write_s += time.monotonic() - t
                 ok = True
         except StresswatchError as exc:  # the next save tries again; the engine keeps running
             log.warning("saving detector state: %s", exc)

@@ -10,7 +10,6 @@ of every user who streamed.
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
@@ -63,10 +62,9 @@ class SnapshotChunks:
     def read(self, chunk: int) -> tuple[State, int]:
         """The chunk's state and the ingest seq it holds."""
         try:
-            data = self.path(chunk).read_bytes()
-            z = np.load(io.BytesIO(data), allow_pickle=False)
-            state = {k: z[k] for k in z.files if k != "ingest_seq"}
-            return state, int(z["ingest_seq"]) if "ingest_seq" in z.files else 0
+            with np.load(self.path(chunk), allow_pickle=False) as z:
+                state = {k: z[k] for k in z.files if k != "ingest_seq"}
+                return state, int(z["ingest_seq"]) if "ingest_seq" in z.files else 0
         except (OSError, ValueError, KeyError) as exc:
             raise StorageError(f"cannot read detector state chunk {chunk}: {exc}", path=str(self.path(chunk))) from exc
 
