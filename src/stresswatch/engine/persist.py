@@ -226,10 +226,11 @@ class StatePersister:
     carries the ingest position of its copy (the engine flushes its buffer before every
     job, so the detector then holds every record up to it). The snapshot thread waits until
     the samples handed over before them are durable, then replaces each chunk's file (state
-    and position in one atomic rename, :mod:`.snapshot_files`). When every chunk of the cycle is stored it records
-    ``start_seq`` as the *complete* position, and ``then`` (the ingest log's truncation)
-    runs. A chunk not stored (samples or SQLite failing) is dirty again for the next cycle,
-    which does not start before the snapshot thread has finished this one's writes.
+    and position in one atomic rename, :mod:`.snapshot_files`). When every chunk of the
+    cycle is stored it records ``start_seq`` as the *complete* position, and ``then`` (the
+    ingest log's truncation) runs. A chunk not stored (samples or the file write failing) is
+    dirty again for the next cycle, which does not start before the snapshot thread has
+    finished this one's writes.
 
     Restart (:meth:`restore`): every chunk is loaded; the log is replayed from the complete
     position, and a restored user's records up to their chunk's own position are refused
