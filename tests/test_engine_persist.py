@@ -10,10 +10,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from stresswatch.alerts.outbox import Outbox
 from stresswatch.config import DetectorSettings
 from stresswatch.detect import Detector
+from stresswatch.errors import StorageError
 from stresswatch.engine.persist import CHUNK_USERS, SampleWriter, StatePersister, stored_detector
 from stresswatch.model import SAMPLES_SCHEMA
 from stresswatch.store import SampleStore
@@ -175,4 +177,16 @@ def test_erasure_rewrites_the_chunk_that_holds_the_user_at_the_position_it_holds
     assert persister.files.users(1) == ["u00003"]
     assert stored_detector(outbox, SMALL).to_bytes() == d.forget("u00002").to_bytes()
     persister.close()
+    outbox.close()
+
+
+def test_a_chunk_file_that_cannot_be_read_stops_the_start_with_a_storage_error(tmp_path: Path):
+    outbox = Outbox(tmp_path / "stresswatch.sqlite")
+    persister = StatePersister(outbox.path, outbox, None, chunk_users=2)
+    d = detector_of(3)
+    persister.save(lambda: d, lambda: 4, NOW, wait=True)
+    persister.close()
+    persister.files.path(1).write_bytes(b"not a chunk")
+    with pytest.raises(StorageError, match="chunk 1"):
+        StatePersister(outbox.path, outbox, None).restore(SMALL)
     outbox.close()
