@@ -6,12 +6,12 @@ Layout: ``SWCHUNK1``, the length of a JSON header (u64 little-endian), the heade
 (``ingest_seq`` and, per array, name, dtype, shape and offset), then each array's bytes at a
 64-byte aligned offset. A start maps the file and takes each array as a view of it: no
 archive to unpack and no checksum pass (the file is written whole under a temporary name,
-fsynced and renamed, so a crash leaves the old file or the new one). The .npz of the
-single-blob snapshot cost a restart at 100,000 users several seconds in zip reads and CRCs.
+fsynced and renamed, so a crash leaves the old file or the new one). Reading .npz chunks
+(zip members, CRCs) cost a restart at 100,000 users several seconds more.
 
-Files, not SQLite blobs: a 37 MB blob took 0.65-1.2 s to write into the WAL-mode database
-against 0.12-0.19 s for the file with its fsync on this machine, and a save writes the state
-of every user who streamed.
+Files, not SQLite blobs: at 100,000 users the state took 1.5-3.1 s to write as chunk files
+against 10.7-11.4 s as one blob in the WAL-mode database (benchmarks/RESULTS.md), and a
+save writes the state of every user who streamed.
 """
 
 from __future__ import annotations
