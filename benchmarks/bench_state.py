@@ -16,10 +16,12 @@ engine start and memory with N seeded users.
     The real ``Engine.start()`` plus the start-up jobs queued by then (status announce, outbox
     pump) in a process of its own, against a fresh Mosquitto on a free loopback port, with N
     users seeded as the load harness seeds them (consenting, calibrated detector state tiled
-    from a real detector); then the engine's RSS above the bare interpreter (per user), the
-    detector's share, and what a state save costs the engine thread (copying the arrays)
-    against serialising them there (the previous version). Run it with
-    ``PYTHONPATH=<old checkout>/src`` for the reference.
+    from a real detector, as a single-blob snapshot); then the engine's RSS above the bare
+    interpreter (per user), the detector's share, an incremental save of every user through
+    the engine's own save turns (longest engine-thread turn, time, RSS it adds) against the
+    previous version's full save in the same process (the copy on the engine thread,
+    serialising, one blob), and the stop with its final save. A second process then restarts
+    from the chunks that stop saved: start and live time, RSS (line ``"phase": "chunks"``).
 
 Every figure is printed with the machine's load average; product defaults throughout.
 """
@@ -158,13 +160,14 @@ def bench_start(a: argparse.Namespace) -> None:
             ob.save_detector(detector_blob(template, templates, plan, det), now)
             ob.close()
             (work / "settings.json").write_text(settings.model_dump_json())
-            # the engine in a process of its own, so that its memory is its own
-            out = subprocess.run([sys.executable, __file__, "_engine", str(work / "settings.json"), str(state), url], capture_output=True, text=True, check=False)
-            if out.returncode:
-                print(f"engine failed: {out.stderr[-2000:]}")
-                continue
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            print(json.dumps({"users": n, **res, "load": [round(x, 2) for x in os.getloadavg()]}))
+            # the engine in a process of its own, so that its memory is its own; then a restart
+            for phase in ("seeded", "chunks"):
+                out = subprocess.run([sys.executable, __file__, "_engine", str(work / "settings.json"), str(state), url, phase], capture_output=True, text=True, check=False)
+                if out.returncode:
+                    print(f"engine failed: {out.stderr[-2000:]}")
+                    break
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                print(json.dumps({"users": n, **res, "load": [round(x, 2) for x in os.getloadavg()]}))
         finally:
             broker.terminate()
             broker.wait(10)
@@ -179,9 +182,29 @@ def _status_kb(field: str) -> float:
     return float("nan")
 
 
-def engine_child(settings_path: str, state: str, url: str) -> None:
-    """Start the engine (as ``stresswatch engine`` does), run its start-up jobs, report."""
+def _reset_peak() -> None:
+    """Start a new RSS high-water mark (VmHWM) from here (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _drain(eng: object, until: object) -> None:
+    """Run the engine's queued jobs (save turns among them) until ``until()``."""
+    while not until():  # type: ignore[operator]
+        eng._run_queued(until_stopped=False)  # type: ignore[attr-defined]
+        time.sleep(0.001)
+
+
+def engine_child(settings_path: str, state: str, url: str, phase: str = "seeded") -> None:
+    """Start the engine (as ``stresswatch engine`` does), run its start-up jobs, report.
+
+    ``seeded``: from the state as seeded (a single-blob snapshot, as earlier versions saved
+    it); then one save of every user in chunks through the engine's own turns (the longest
+    engine-thread turn, the save's time and the RSS it adds), the previous version's full
+    save in the same process (copy on the engine thread, serialise, one blob) for
+    comparison, and the stop's final save. ``chunks``: a restart from what that stop saved."""
     from stresswatch.config import Settings
+    from stresswatch.detect.detector import serialise_state
     from stresswatch.engine import Engine
 
     settings = Settings.model_validate(json.loads(Path(settings_path).read_text()))
@@ -203,24 +226,57 @@ def engine_child(settings_path: str, state: str, url: str) -> None:
     announced = time.perf_counter() - t
     n = len(eng.pipeline.detector.users)
     rss_kb = _status_kb("VmRSS") - base_kb
+    peak_start_kb = _status_kb("VmHWM") - base_kb
     det = eng.pipeline.detector
-    t = time.perf_counter()
-    if hasattr(det, "state_arrays"):
-        arrays = det.state_arrays()  # what the engine thread does at a save
-        held = time.perf_counter() - t
-        del arrays
-    else:
-        held = float("nan")
-    t = time.perf_counter()
-    blob = det.to_bytes()  # the previous version did this on the engine thread
-    serialise = time.perf_counter() - t
-    peak_kb = _status_kb("VmHWM") - base_kb
-    print(json.dumps({"start_s": round(started, 2), "live_s": round(live, 2), "all_statuses_s": round(announced, 2), "engine_rss_mb": round(rss_kb / 1024, 1),
-                      "rss_kb_per_user": round(rss_kb / n, 2), "peak_rss_kb_per_user": round(peak_kb / n, 2),
-                      "detector_state_b_per_user": det.state_bytes_per_user(), "save_copy_s": round(held, 2),
-                      "save_serialise_s": round(serialise, 2), "snapshot_mb": round(len(blob) / 2**20, 1)}))  # fmt: skip
-    del blob
-    os._exit(0)  # the broker connection is not needed any more; skip a slow graceful stop
+    res: dict[str, object] = {
+        "phase": phase, "start_s": round(started, 2), "live_s": round(live, 2), "all_statuses_s": round(announced, 2),
+        "engine_rss_mb": round(rss_kb / 1024, 1), "rss_kb_per_user": round(rss_kb / n, 2),
+        "start_peak_rss_kb_per_user": round(peak_start_kb / n, 2), "detector_state_b_per_user": det.state_bytes_per_user(),
+    }  # fmt: skip
+    if phase == "seeded":
+        p = eng.persister
+        det.mark_all_dirty()  # every user saved (each streams once a minute at full load)
+        _reset_peak()
+        before_kb = _status_kb("VmRSS")
+        t = time.perf_counter()
+        eng.persist()  # a scheduled save: turns queued on the engine thread, written on the snapshot thread
+        _drain(eng, lambda: not p.saving)
+        res["chunked_save_s"] = round(time.perf_counter() - t, 2)
+        res["chunked_save_longest_turn_ms"] = round(p.longest_turn_s * 1000, 1)
+        res["chunked_save_turns"] = p.turns
+        res["chunked_save_turns_s"] = round(p.turns_s, 2)  # engine thread, all turns
+        res["chunked_save_write_s"] = round(p.write_s, 2)  # snapshot thread: serialise, write, fsync
+        res["chunked_save_peak_extra_mb"] = round((_status_kb("VmHWM") - before_kb) / 1024, 1)
+        files = [p.files.path(c) for c in p.files.chunks()]
+        res["chunks"] = len(files)
+        res["chunks_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)
+        # the previous version's save, same process, same state: the copy held the engine thread
+        _reset_peak()
+        before_kb = _status_kb("VmRSS")
+        t = time.perf_counter()
+        arrays = det.state_arrays()
+        res["full_save_copy_s"] = round(time.perf_counter() - t, 2)
+        blob = serialise_state(arrays).getbuffer()
+        from stresswatch.alerts.outbox import Outbox
+
+        with Outbox(Path(state) / "full-blob-reference.sqlite") as ob:
+            ob.save_detector(blob, datetime.now(timezone.utc), ingest_seq=0)
+        res["full_save_s"] = round(time.perf_counter() - t, 2)
+        res["full_save_peak_extra_mb"] = round((_status_kb("VmHWM") - before_kb) / 1024, 1)
+        res["snapshot_mb"] = round(len(blob) / 2**20, 1)
+        del arrays, blob
+        (Path(state) / "full-blob-reference.sqlite").unlink()
+        # stop: a final save of what changed (every user again: all stream), then the rest of shutdown
+        det.mark_all_dirty()
+        t = time.perf_counter()
+        eng.request_stop()
+        eng.persist(wait=True)  # what shutdown does first (after closing ingest): every chunk
+        res["stop_final_save_s"] = round(time.perf_counter() - t, 2)
+        eng.shutdown()
+        res["stop_with_final_save_s"] = round(time.perf_counter() - t, 2)
+    print(json.dumps(res))
+    sys.stdout.flush()
+    os._exit(0)  # skip the interpreter's slow teardown of a large heap
 
 
 def bench_tables(a: argparse.Namespace) -> None:
@@ -282,7 +338,7 @@ def main() -> None:
     st = sub.add_parser("start")
     st.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000])
     if len(sys.argv) > 1 and sys.argv[1] == "_engine":
-        engine_child(*sys.argv[2:5])
+        engine_child(*sys.argv[2:6])
         return
     t = sub.add_parser("tables")
     t.add_argument("--users", type=int, default=100_000)

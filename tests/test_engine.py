@@ -274,9 +274,9 @@ def test_expired_consent_stops_processing_and_forgets_the_user(mosquitto, tmp_pa
         # after expiry: status off, no more processing, detector state gone from the saved blob
         assert wait_for(lambda: json.loads(retained(mosquitto.port, TOPICS.status("alice"), timeout=0.5) or b"{}").get("status") == "off", 20)
         with Outbox(state / "stresswatch.sqlite") as ob:
-            from stresswatch.detect import Detector
+            from stresswatch.engine.persist import stored_detector
 
-            assert wait_for(lambda: "alice" not in Detector.from_bytes(ob.load_detector()).users, 10)
+            assert wait_for(lambda: "alice" not in stored_detector(ob).users, 10)
         before = eng.dropped_batches
         publish_stream(url, rr_stream("alice", start_s + 1800, 1, seed=6))  # still in the past: the future is refused
         assert wait_for(lambda: eng.dropped_batches > before, timeout=15.0)

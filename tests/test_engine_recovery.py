@@ -80,10 +80,11 @@ def test_broker_stopped_or_killed_mid_stream(mosquitto, tmp_path, rr_stream, how
         sam.close()
 
 
-def write_config(path, url, state_dir, *, client_id: str = "engine-under-test", persist_s: float | None = 0.5) -> None:
-    """``persist_s`` None: the product's default."""
+def write_config(path, url, state_dir, *, client_id: str = "engine-under-test", persist_s: float | None = 0.5, chunk_users: int | None = None) -> None:
+    """``persist_s``, ``chunk_users`` None: the product's default."""
     det = "\n".join(f"{k} = {v}" for k, v in FAST_DETECTOR.items())
     persist = f"persist_s = {persist_s}\n" if persist_s is not None else ""
+    persist += f"state_chunk_users = {chunk_users}\n" if chunk_users is not None else ""
     path.write_text(
         f'[mqtt]\nurl = "{url}"\nclient_id = "{client_id}"\n'
         f'[store]\nstate_dir = "{state_dir}"\n'

@@ -11,7 +11,7 @@ import time
 from stresswatch.alerts import WorkerClient
 from stresswatch.alerts.lifecycle import Outcome
 from stresswatch.alerts.outbox import Outbox
-from stresswatch.detect import Detector
+from stresswatch.engine.persist import stored_detector
 from stresswatch.store import SampleStore
 
 from test_engine import TOPICS, publish_stream, retained, settings_for, start_engine, wait_for
@@ -88,7 +88,7 @@ def test_export_then_erase_everywhere(mosquitto, tmp_path, rr_stream):
     assert rows(db, "SELECT COUNT(*) FROM deliveries WHERE alert_id IN (%s)" % ",".join("?" * len(alice_alerts)), *alice_alerts) == [(0,)]
     assert SampleStore(state).users() == ["bob"]
     with Outbox(db) as ob:
-        assert Detector.from_bytes(ob.load_detector()).users == ["bob"]
+        assert stored_detector(ob).users == ["bob"]
     # what is kept is a tombstone without identity
     tombs = rows(db, "SELECT * FROM erasure_tombstones")
     assert tombs and "alice" not in repr(tombs)

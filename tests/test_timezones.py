@@ -22,7 +22,7 @@ from stresswatch.alerts.transport import MqttTransport
 from stresswatch.clock import is_zone
 from stresswatch.config import DetectorSettings, EngineSettings, MqttSettings, Settings, StoreSettings, load_settings
 from stresswatch.consent import ConsentLedger
-from stresswatch.detect import Detector
+from stresswatch.engine.persist import stored_detector
 from stresswatch.engine import Engine
 from stresswatch.errors import ConfigError, ConsentError, ParseError, WireError
 from stresswatch.ingest import IngestBatch
@@ -209,7 +209,7 @@ def test_engine_scores_a_person_in_their_consents_zone_and_refuses_a_bad_zone(mo
     with ConsentLedger(state / "stresswatch.sqlite") as ledger:
         assert ledger.events("mallory") == []  # the refused message stored nothing
     with Outbox(state / "stresswatch.sqlite") as outbox:
-        saved = Detector.from_bytes(outbox.load_detector(), detector)
+        saved = stored_detector(outbox, detector)
     open_window = saved.flush().windows.filter(pl.col("user") == "kenji")
     assert open_window.height == 1
     start = open_window.item(0, "window_start")

@@ -232,6 +232,7 @@ class EngineSettings(_Section):
     tick_s: float = Field(default=5.0, gt=0, description="detector advance() and scheduler cadence")
     grace_s: int = Field(default=60, ge=0, description="a window closes this long after its end without new data")
     persist_s: float = Field(default=60.0, gt=0, description="save detector state and buffered samples this often")
+    state_chunk_users: int = Field(default=4096, ge=1, le=1_000_000, description="users per detector snapshot chunk (a save copies only chunks that changed; fixed by a state folder's first save)")
     keep_samples: bool = Field(default=True, description="store consenting users' samples (export, research)")
     ingest_max_age_days: float = Field(default=400.0, gt=0, le=73_000, description="refuse ingest samples older than this (docs/INGEST.md)")
     ingest_max_future_s: float = Field(default=600.0, ge=0, le=86_400, description="refuse ingest samples further ahead of the engine's clock")

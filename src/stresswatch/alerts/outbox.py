@@ -5,7 +5,10 @@
   the broker's PUBACK, then *delivered*; a pending row survives engine and broker restarts
   and is published again with the same ``alert_id`` (at-least-once; clients drop duplicates);
 * ``alert_events``: every lifecycle change (who, what, when), for export and audit;
-* ``detector_state``: the detector's serialised state (``Detector.to_bytes()``).
+* ``detector_save``: the start of the last detector save that stored every chunk of users it
+  had to (the chunks are files beside this database; docs/STORAGE.md);
+* ``detector_state``: the single-blob snapshot of earlier versions (``Detector.to_bytes()``),
+  read at start and removed by the first complete chunked save.
 
 Each change is one transaction, so a crash leaves either the old or the new row.
 """
@@ -79,6 +82,12 @@ CREATE TABLE IF NOT EXISTS detector_state (
     saved_at   TEXT NOT NULL,
     blob       BLOB NOT NULL,
     ingest_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS detector_save (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    saved_at      TEXT NOT NULL,
+    complete_seq  INTEGER NOT NULL,
+    chunk_users   INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS erasure_tombstones (
     at           TEXT NOT NULL,
@@ -365,6 +374,21 @@ class Outbox:
         """The last ingest-log sequence number the saved detector state contains (0: none)."""
         r = self._db.execute("SELECT ingest_seq FROM detector_state WHERE id = 1").fetchone()
         return int(r[0]) if r else 0
+
+    def complete_detector_save(self, complete_seq: int, chunk_users: int, now: datetime, *, drop_single_blob: bool = False) -> None:
+        """Every detector chunk dirty at ``complete_seq`` is stored: a restart replays from there."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO detector_save (id, saved_at, complete_seq, chunk_users) VALUES (1, ?, ?, ?)",
+                (_iso(now), complete_seq, chunk_users),
+            )
+            if drop_single_blob:
+                self._db.execute("DELETE FROM detector_state")
+
+    def detector_save(self) -> tuple[int, int] | None:
+        """``(complete_seq, chunk_users)`` of the last complete chunked save (None: none yet)."""
+        r = self._db.execute("SELECT complete_seq, chunk_users FROM detector_save WHERE id = 1").fetchone()
+        return (int(r[0]), int(r[1])) if r else None
 
     # -- erasure -----------------------------------------------------------------------
     def erase(self, user: str, now: datetime) -> int:

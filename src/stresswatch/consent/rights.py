@@ -166,9 +166,19 @@ def erase_stores(
     removed["samples"] = store.erase(user) if store is not None else 0
     blob = outbox.load_detector()
     removed["detector_state"] = 0
-    if blob:
+    if blob:  # an earlier version's single-blob snapshot
         detector = Detector.from_bytes(blob, detector_settings)
         if user in detector.users:
             outbox.save_detector(detector.forget(user).to_bytes(), now)
             removed["detector_state"] = 1
+    from ..engine.snapshot_files import SnapshotChunks  # the engine's side of the state folder
+
+    files = SnapshotChunks.of_state_dir(outbox.path.parent)
+    for chunk in files.chunks():  # a chunk is read whole only if it names the user
+        if user not in files.users(chunk):
+            continue
+        state, seq = files.read(chunk)
+        rest = Detector.from_chunk_states([state], detector_settings).forget(user)
+        files.write(chunk, rest.state_arrays() if rest.users else None, seq)  # it still holds up to seq
+        removed["detector_state"] = 1
     return removed

@@ -27,7 +27,7 @@ way; split across modules, each would reach into the others' arrays.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
@@ -151,6 +151,13 @@ class Detector:
         self._closed_w = np.zeros(0, np.int64)  # minute blocks with index below this are reduced
         self._motion_until_ns = np.zeros(0, np.int64)
         self._has_motion = np.zeros(0, bool)  # the person's source has reported steps or motion
+        # Incremental snapshots (:meth:`chunk_state`): a stable storage slot per user (increasing
+        # with the user number, never reused), a dirty bit per user set whenever the detector
+        # changes that user's state, and the slots of forgotten users not yet saved without them.
+        self._slot = np.zeros(0, np.int64)
+        self._next_slot = 0
+        self._dirty = np.zeros(0, bool)
+        self._vacated: set[int] = set()
         self.carry = BeatCarry.empty()
         self.baselines = Baselines.empty(s.baseline_slots, s.baseline_windows)
         self.episodes = EpisodeState.empty()
@@ -169,6 +176,9 @@ class Detector:
         self._decided_m = np.concatenate([self._decided_m, np.full(extra, NEVER)])
         self._motion_until_ns = np.concatenate([self._motion_until_ns, np.full(extra, NEVER)])
         self._has_motion = np.concatenate([self._has_motion, np.zeros(extra, bool)])
+        self._slot = np.concatenate([self._slot, np.arange(self._next_slot, self._next_slot + extra, dtype=np.int64)])
+        self._next_slot += extra
+        self._dirty = np.concatenate([self._dirty, np.ones(extra, bool)])
         new = list(self._users)[old:]
         zones = [self._tz_names.index(self._tz_wanted.get(x, "UTC")) for x in new]
         self._tz = np.concatenate([self._tz, np.array(zones, np.int16)])
@@ -207,6 +217,7 @@ class Detector:
         # each user's newest sample is the last of its run (rows sorted by user, time)
         ends = np.append(np.flatnonzero(uk[1:] != uk[:-1]), len(uk) - 1)
         np.maximum.at(self._watermark_ns, uk[ends], cols.t[ends])
+        self._dirty[uk[ends]] = True
         # a user's earliest row is its first (sorted): only if that one is late can any be
         firsts = np.append(0, ends[:-1] + 1)
         if np.any((cols.block[firsts] & LOW32) < self._closed_w[uk[firsts]]):
@@ -263,6 +274,7 @@ class Detector:
                 p = _reduce_pieces(done_b, done_o, s)
                 if len(p.key):
                     np.maximum.at(self._closed_w, p.key >> 32, (p.key & LOW32) + 1)
+                    self._dirty[p.key >> 32] = True
                     self._pchunks.append(_PChunk(p, 0))
         if not self._pchunks:
             return DetectorOutput(_empty_windows())
@@ -299,6 +311,7 @@ class Detector:
         f = combine(p.take(rows), s, np.repeat(cand, n))
         cu = cand >> 32
         np.maximum.at(self._decided_m, cu, cand & LOW32)
+        self._dirty[cu] = True  # baselines, episodes and buffered minutes of these users change
         pu = key >> 32
         keep = (key & LOW32) >= self._decided_m[pu] - (per - 2)
         self._pchunks = [_PChunk(p.take(np.flatnonzero(keep)), 0)] if keep.any() else []
@@ -527,8 +540,9 @@ class Detector:
             self._tz_names.append(tz)
         self._tz_wanted[user] = tz
         i = self._users.get(user)
-        if i is not None:
+        if i is not None and self._tz[i] != self._tz_names.index(tz):
             self._tz[i] = self._tz_names.index(tz)
+            self._dirty[i] = True
 
     def _utc_offsets_s(self, u: np.ndarray, start_ns: np.ndarray) -> np.ndarray:
         """Seconds to add to UTC for each window's local time in its user's zone."""
@@ -548,39 +562,166 @@ class Detector:
     # per-user state; buffered rows and chunk bounds are stored as (1, k) arrays and refer to
     # users by name (``row_users``), so dropping one user's row from every per-user array
     # (as :meth:`forget` does, and as the engine's erasure did before it existed) stays valid.
-    _PER_USER = ("users", "watermark", "closed", "decided", "motion_until", "tz", "has_motion")
+    _PER_USER = ("users", "watermark", "closed", "decided", "motion_until", "tz", "has_motion", "slot")
 
-    def _arrays(self) -> dict[str, np.ndarray]:
-        beats = Beats.concat([c.beats for c in self._chunks]) if self._chunks else Beats.empty()
-        others = Others.concat([c.others for c in self._chunks]) if self._chunks else Others.empty()
-        parts = Partials.concat([c.partials for c in self._pchunks]) if self._pchunks else Partials.empty()
+    def _arrays(self, lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
+        """The state of users ``lo .. hi - 1`` (all by default) in the saved layout; views
+        where it can (:meth:`state_arrays` and :meth:`chunk_state` copy). A part's buffered
+        rows are the contiguous key range of its users in each piece (pieces are sorted by
+        key), re-keyed from its first user."""
+        n = len(self._users)
+        hi = n if hi is None else hi
+        whole = (lo, hi) == (0, n)
+        names = list(self._users) if whole else self._names.slice(lo, hi - lo).to_list()
+        kl, kh = lo << 32, hi << 32
+
+        def part(key: np.ndarray) -> slice:
+            return slice(None) if whole else slice(*np.searchsorted(key, [kl, kh]).tolist())
+
+        pieces = [(c.beats.take(part(c.beats.key)), c.others.take(part(c.others.key)), c.min_w) for c in self._chunks]
+        if not whole:
+            pieces = [(b, o, m) for b, o, m in pieces if len(b.key) or len(o.key)]
+        ppieces = [(c.partials.take(part(c.partials.key)), c.min_w) for c in self._pchunks]
+        beats = Beats.concat([b for b, _, _ in pieces]) if pieces else Beats.empty()
+        others = Others.concat([o for _, o, _ in pieces]) if pieces else Others.empty()
+        parts = Partials.concat([p for p, _ in ppieces]) if ppieces else Partials.empty()
+        if lo:  # keys name users by their number in this part
+            beats, others, parts = (_rekeyed(x, -lo) for x in (beats, others, parts))  # type: ignore[assignment]
         rows = {
-            "row_users": np.array(list(self._users), dtype=str),
-            "chunk_min_w": np.array([c.min_w for c in self._chunks], np.int64),
-            "chunk_len_b": np.array([len(c.beats.key) for c in self._chunks], np.int64),
-            "chunk_len_o": np.array([len(c.others.key) for c in self._chunks], np.int64),
-            "pchunk_min_w": np.array([c.min_w for c in self._pchunks], np.int64),
-            "pchunk_len": np.array([len(c.partials.key) for c in self._pchunks], np.int64),
+            "row_users": np.array(names, dtype=str),
+            "chunk_min_w": np.array([m for _, _, m in pieces], np.int64),
+            "chunk_len_b": np.array([len(b.key) for b, _, _ in pieces], np.int64),
+            "chunk_len_o": np.array([len(o.key) for _, o, _ in pieces], np.int64),
+            "pchunk_min_w": np.array([m for _, m in ppieces], np.int64),
+            "pchunk_len": np.array([len(p.key) for p, _ in ppieces], np.int64),
             **{f"b_{f.name}": getattr(beats, f.name) for f in fields(beats)},
             **{f"o_{f.name}": getattr(others, f.name) for f in fields(others)},
             **{f"p_{f.name}": getattr(parts, f.name) for f in fields(parts)},
         }
+        u = slice(lo, hi)
         return {
             "format": np.array(STATE_FORMAT),  # 0-d: never mistaken for a per-user array
-            "users": np.array(list(self._users), dtype=str),
-            "watermark": self._watermark_ns,
-            "closed": self._closed_w,
-            "decided": self._decided_m,
-            "motion_until": self._motion_until_ns,
-            "tz": self._tz,
-            "has_motion": self._has_motion,
+            "users": np.array(names, dtype=str),
+            "watermark": self._watermark_ns[u],
+            "closed": self._closed_w[u],
+            "decided": self._decided_m[u],
+            "motion_until": self._motion_until_ns[u],
+            "tz": self._tz[u],
+            "has_motion": self._has_motion[u],
+            "slot": self._slot[u],
             "tz_names": np.array(self._tz_names, dtype=str),
             "late": np.array([self.late_samples]),
-            **{f"carry_{f.name}": getattr(self.carry, f.name) for f in fields(self.carry)},
-            **{f"bl_{f.name}": getattr(self.baselines, f.name) for f in fields(self.baselines)},
-            **{f"ep_{f.name}": getattr(self.episodes, f.name) for f in fields(self.episodes)},
+            **{f"carry_{f.name}": getattr(self.carry, f.name)[u] for f in fields(self.carry)},
+            **{f"bl_{f.name}": getattr(self.baselines, f.name)[u] for f in fields(self.baselines)},
+            **{f"ep_{f.name}": getattr(self.episodes, f.name)[u] for f in fields(self.episodes)},
             **{k: v[None, ...] for k, v in rows.items()},
         }
+
+    # -- incremental snapshots -------------------------------------------------------------
+    # Users are saved in chunks of ``size`` storage slots (chunk = slot // size). A user's
+    # slot is given when the detector first sees them, increases with the user number and is
+    # never reused, so a chunk's users are a contiguous run of user numbers (their buffered
+    # rows a contiguous key range) and stay in that chunk across :meth:`forget`, which only
+    # vacates a slot. Users are independent: a chunk's state, taken at one point of the ingest
+    # log, is complete for its users. What is not per user: ``tz_names`` (only grows; each
+    # chunk carries the whole list, its users' ``tz`` index into it), ``late_samples`` (a
+    # counter for operators; restored as the largest a chunk carries), the user numbering
+    # (rebuilt from the slots at load) and the next slot (one past the largest restored).
+    def dirty_chunks(self, size: int) -> list[int]:
+        """Chunks with a user whose state changed (or who was forgotten) since their last
+        :meth:`chunk_state`, in order."""
+        touched = np.unique(self._slot[self._dirty] // size).tolist()
+        return sorted(set(touched) | {v // size for v in self._vacated})
+
+    def mark_chunks_dirty(self, chunks: list[int], size: int) -> None:
+        """Save these chunks again (their last save failed)."""
+        if chunks:
+            self._dirty |= np.isin(self._slot // size, chunks)
+            self._vacated |= {c * size for c in chunks}  # a chunk now empty is saved (removed) too
+
+    def mark_all_dirty(self) -> None:
+        """Save every user at the next save (state read from an earlier version's snapshot)."""
+        self._dirty[:] = True
+
+    def chunk_slots(self, size: int) -> list[int]:
+        """Every chunk that holds a user now."""
+        return np.unique(self._slot // size).tolist()
+
+    def chunk_of(self, user: str, size: int) -> int | None:
+        i = self._users.get(user)
+        return None if i is None else int(self._slot[i]) // size
+
+    def chunk_state(self, chunk: int, size: int) -> dict[str, np.ndarray] | None:
+        """A copy of the state of the users in ``chunk`` (slots ``chunk * size ..``), in the
+        layout :meth:`from_chunk_states` (or :meth:`from_bytes` of it alone) reads, and marks
+        them clean; None if the chunk holds nobody now. Copies only those users' rows."""
+        lo, hi = np.searchsorted(self._slot, [chunk * size, (chunk + 1) * size]).tolist()
+        self._dirty[lo:hi] = False
+        self._vacated = {v for v in self._vacated if v // size != chunk}
+        if hi == lo:
+            return None
+        return {k: v.copy() for k, v in self._arrays(lo, hi).items()}
+
+    @classmethod
+    def from_chunk_states(cls, states: list[Mapping[str, np.ndarray]], settings: DetectorSettings | None = None) -> Detector:
+        """One detector from the states of disjoint chunks (:meth:`chunk_state`, any order).
+        Every user comes back clean (not dirty), with its slot."""
+        for z in states:
+            if "format" not in z or int(z["format"]) != STATE_FORMAT:
+                _incompatible()
+        states = sorted(states, key=lambda z: int(z["slot"][0]) if len(z["slot"]) else -1)
+        if not states:
+            return cls(settings)
+        tz_names: list[str] = ["UTC"]
+        for z in states:
+            tz_names += [str(x) for x in z["tz_names"].tolist() if str(x) not in tz_names]
+        per_user = [k for k in states[0] if k in cls._PER_USER or k.split("_", 1)[0] in ("carry", "bl", "ep")]
+        out: dict[str, np.ndarray] = {"format": np.array(STATE_FORMAT), "tz_names": np.array(tz_names, dtype=str)}
+        out["late"] = np.array([max(int(z["late"][0]) for z in states)])
+        for k in per_user:
+            if k == "tz":
+                codes = [np.array([tz_names.index(str(x)) for x in z["tz_names"].tolist()], np.int16)[z["tz"]] for z in states]
+                out[k] = np.concatenate(codes).astype(np.int16)
+            else:
+                out[k] = np.concatenate([z[k] for z in states])
+        # buffered rows: piece j of the result is piece j of every chunk, users in order, so
+        # each user's rows keep their pieces and order (and each piece stays sorted by key)
+        offset = np.cumsum([0] + [len(z["users"]) for z in states[:-1]])
+        groups = {"b": "chunk_len_b", "o": "chunk_len_o", "p": "pchunk_len"}
+        row_keys = [k for k in states[0] if k.startswith(("b_", "o_", "p_"))]
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in row_keys}
+        lens: dict[str, list[int]] = {g: [] for g in groups.values()}
+        mins: dict[str, list[int]] = {"chunk_min_w": [], "pchunk_min_w": []}
+        for lens_key, min_key, prefixes in (("chunk_len_b", "chunk_min_w", ("b", "o")), ("pchunk_len", "pchunk_min_w", ("p",))):
+            depth = max(len(z[min_key][0]) for z in states)
+            bounds = {}
+            for zi, z in enumerate(states):
+                for pre in prefixes:
+                    lk = groups[pre]
+                    bounds[zi, pre] = np.concatenate([[0], np.cumsum(z[lk][0])])
+            for j in range(depth):
+                m = [int(z[min_key][0][j]) for z in states if j < len(z[min_key][0])]
+                mins[min_key].append(min(m))
+                for pre in prefixes:
+                    total = 0
+                    for zi, z in enumerate(states):
+                        if j >= len(z[min_key][0]):
+                            continue
+                        b = bounds[zi, pre]
+                        sl = slice(int(b[j]), int(b[j + 1]))
+                        total += sl.stop - sl.start
+                        for k in row_keys:
+                            if k.startswith(pre + "_"):
+                                v = z[k][0][sl]
+                                cols[k].append(v + (int(offset[zi]) << 32) if k.endswith("_key") else v)
+                    lens[groups[pre]].append(total)
+        out["row_users"] = np.concatenate([z["users"] for z in states])[None, ...]
+        for k in row_keys:
+            dtype = states[0][k].dtype
+            out[k] = (np.concatenate(cols[k]) if cols[k] else np.zeros(0, dtype)).astype(dtype, copy=False)[None, ...]
+        for k, v in {**lens, **mins}.items():
+            out[k] = np.array(v, np.int64)[None, ...]
+        return cls._from_arrays(out, settings, fresh=True)
 
     def to_bytes(self) -> bytes:
         """Serialise all state (engine restart) as one .npz: per-user arrays and the buffers."""
@@ -595,7 +736,7 @@ class Detector:
     @classmethod
     def from_bytes(cls, data: bytes, settings: DetectorSettings | None = None) -> Detector:
         z = np.load(io.BytesIO(data), allow_pickle=False)
-        return cls._from_arrays({k: z[k] for k in z.files}, settings)
+        return cls._from_arrays({k: z[k] for k in z.files}, settings, fresh=True)
 
     def forget(self, user: str) -> Detector:
         """A detector without ``user``'s state (baseline, episode, buffered beats): erasure."""
@@ -606,33 +747,45 @@ class Detector:
         per_user = [k for k in z if k in self._PER_USER or k.split("_", 1)[0] in ("carry", "bl", "ep")]
         for k in per_user:
             z[k] = np.delete(z[k], i, axis=0)
-        return self._from_arrays(z, self.settings)
+        d = self._from_arrays(z, self.settings)
+        d._dirty = np.delete(self._dirty, i)
+        d._vacated = self._vacated | {int(self._slot[i])}
+        d._next_slot = self._next_slot
+        return d
 
     @classmethod
-    def _from_arrays(cls, z: dict[str, np.ndarray], settings: DetectorSettings | None) -> Detector:
+    def _from_arrays(cls, z: dict[str, np.ndarray], settings: DetectorSettings | None, *, fresh: bool = False) -> Detector:
+        """``fresh``: the arrays of ``z`` are the caller's own new ones, used without a copy."""
+
+        def own(a: np.ndarray) -> np.ndarray:
+            return a if fresh else a.copy()
+
         if "format" not in z or int(z["format"]) != STATE_FORMAT:
-            raise StorageError(
-                "detector state was saved by an incompatible version; remove it to recalibrate from new data",
-                path="detector state",
-            )
+            _incompatible()
         d = cls(settings)
         d._users = {str(x): i for i, x in enumerate(z["users"].tolist())}
         d._names = pl.Series("user", list(d._users), pl.String)
-        d._watermark_ns = z["watermark"].copy()
-        d._closed_w = z["closed"].copy()
-        d._decided_m = z["decided"].copy()
-        d._motion_until_ns = z["motion_until"].copy()
-        d._has_motion = z["has_motion"].copy() if "has_motion" in z else np.zeros(len(d._users), bool)
+        d._watermark_ns = own(z["watermark"])
+        d._closed_w = own(z["closed"])
+        d._decided_m = own(z["decided"])
+        d._motion_until_ns = own(z["motion_until"])
+        d._has_motion = own(z["has_motion"]) if "has_motion" in z else np.zeros(len(d._users), bool)
         d._tz_names = [str(x) for x in z["tz_names"].tolist()] if "tz_names" in z else ["UTC"]
         d._tz = z["tz"].astype(np.int16) if "tz" in z else np.zeros(len(d._users), np.int16)
         d._tz_wanted = {name: d._tz_names[int(k)] for name, k in zip(d._users, d._tz) if k}
         d.late_samples = int(z["late"][0])
-        d.carry = BeatCarry(*(z[f"carry_{f.name}"].copy() for f in fields(BeatCarry)))
-        own = np.arange(len(d._users), dtype=np.int64) << 32  # carried keys name their user: re-point them
+        slot = z["slot"].astype(np.int64) if "slot" in z else np.zeros(0, np.int64)
+        if len(slot) != len(d._users) or (len(slot) > 1 and not np.all(np.diff(slot) > 0)):
+            slot = np.arange(len(d._users), dtype=np.int64)  # saved before slots (or tiled): numbered afresh
+        d._slot = own(slot)
+        d._next_slot = int(slot[-1]) + 1 if len(slot) else 0
+        d._dirty = np.zeros(len(d._users), bool)
+        d.carry = BeatCarry(*(own(z[f"carry_{f.name}"]) for f in fields(BeatCarry)))
+        mine = np.arange(len(d._users), dtype=np.int64) << 32  # carried keys name their user: re-point them
         for k in (d.carry.ir_key, d.carry.kept_key):
-            k[:] = np.where(k == NO_WINDOW, NO_WINDOW, own | (k & LOW32))
-        d.baselines = Baselines(*(z[f"bl_{f.name}"].copy() for f in fields(Baselines)))
-        d.episodes = EpisodeState(*(z[f"ep_{f.name}"].copy() for f in fields(EpisodeState)))
+            k[:] = np.where(k == NO_WINDOW, NO_WINDOW, mine | (k & LOW32))
+        d.baselines = Baselines(*(own(z[f"bl_{f.name}"]) for f in fields(Baselines)))
+        d.episodes = EpisodeState(*(own(z[f"ep_{f.name}"]) for f in fields(EpisodeState)))
         if z["row_users"].shape[0] == 0:  # the only user was removed with every (1, k) array
             return d
         row = {k: v[0] for k, v in z.items() if v.ndim >= 1 and k not in d._PER_USER and k.startswith(("row_", "chunk_", "pchunk_", "b_", "o_", "p_"))}
@@ -643,9 +796,9 @@ class Detector:
             new_u = remap[key >> 32] if len(key) else np.zeros(0, np.int64)
             return (new_u << 32) | (key & LOW32), new_u >= 0
 
-        beats = Beats(*(row[f"b_{f.name}"].copy() for f in fields(Beats)))
-        others = Others(*(row[f"o_{f.name}"].copy() for f in fields(Others)))
-        parts = Partials(*(row[f"p_{f.name}"].copy() for f in fields(Partials)))
+        beats = Beats(*(own(row[f"b_{f.name}"]) for f in fields(Beats)))
+        others = Others(*(own(row[f"o_{f.name}"]) for f in fields(Others)))
+        parts = Partials(*(own(row[f"p_{f.name}"]) for f in fields(Partials)))
         beats.key, ok_b = rekey(beats.key)
         others.key, ok_o = rekey(others.key)
         parts.key, ok_p = rekey(parts.key)
@@ -664,6 +817,18 @@ class Detector:
             if len(p.key):
                 d._pchunks.append(_PChunk(p, int(m)))
         return d
+
+
+def _incompatible() -> None:
+    raise StorageError(
+        "detector state was saved by an incompatible version; remove it to recalibrate from new data",
+        path="detector state",
+    )
+
+
+def _rekeyed(x, shift_users: int):  # type: ignore[no-untyped-def]
+    """``x`` (Beats, Others or Partials) with its keys' user numbers moved by ``shift_users``."""
+    return replace(x, key=x.key + (shift_users << 32))
 
 
 def serialise_state(arrays: Mapping[str, np.ndarray]) -> io.BytesIO:

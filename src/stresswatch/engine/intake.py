@@ -37,9 +37,10 @@ class Intake:
         self.receiver: IngestReceiver | None = None
         self._kept: list[IngestBatch] = []
 
-    def recover(self, after_seq: int, apply: Deliver) -> int:
+    def recover(self, after_seq: int, apply: Deliver, *, held: Callable[[str, int], bool] | None = None) -> int:
         """Hand every logged batch after ``after_seq`` to ``apply`` (on the caller's thread),
-        in order; returns how many. Records that no longer decode are skipped and counted."""
+        in order, except those ``held(user, seq)`` says the restored state already holds;
+        returns how many. Records that no longer decode are skipped and counted."""
         dedup = Deduplicator()
         skipped = replayed = 0
         for rec in self.log.recover(0):
@@ -52,7 +53,7 @@ class Intake:
                 continue
             dedup.first_time(batch)
             self._kept.append(batch)
-            if rec.seq > after_seq:
+            if rec.seq > after_seq and not (held is not None and held(batch.user, rec.seq)):
                 apply(batch, rec.seq)
                 replayed += 1
         if skipped:

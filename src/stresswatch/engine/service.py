@@ -33,7 +33,6 @@ from ..clock import Clock, utc_now
 from ..config import Settings
 from ..consent.ledger import ConsentLedger
 from ..consent.state import ConsentState
-from ..detect import Detector
 from ..errors import StresswatchError
 from ..ingest import IngestBatch
 from ..pipeline import Pipeline
@@ -201,9 +200,12 @@ class Engine:
         self.ledger = ConsentLedger(self.db_path)
         self.outbox = Outbox(self.db_path)
         self.consent = ConsentCache(self.ledger)
-        self.persister = StatePersister(self.db_path, self.outbox, self.store, today=lambda: self.clock().date())
-        blob = self.outbox.load_detector()
-        detector = Detector.from_bytes(blob, self.settings.detector) if blob else Detector(self.settings.detector)
+        self.persister = StatePersister(
+            self.db_path, self.outbox, self.store, today=lambda: self.clock().date(), call_soon=self.call_soon,
+            chunk_users=self.settings.engine.state_chunk_users,
+        )  # fmt: skip
+        restored = self.persister.restore(self.settings.detector)  # chunks of users, each at its ingest-log position
+        detector = restored.detector
         m = self.settings.mqtt
         # Refuse an open broker off loopback before connecting (pure check, broker.py).
         check_broker_security(self.url, m.username, conf=self.broker_conf)
@@ -239,7 +241,10 @@ class Engine:
         self.intake = Intake(
             self.state_dir / "ingest-log", self.topics, lambda b, seq: self._queue.put(_BatchJob(self, b, seq, time.monotonic()))
         )
-        self.intake.recover(self.outbox.ingest_seq(), self._on_batch)
+        self.intake.recover(restored.replay_after, self._on_batch, held=restored.holds)
+        self.applied_seq = max(self.applied_seq, restored.last_seq)
+        self._truncate_seq = restored.replay_after
+        del restored
         self.flush()
         self.intake.connect(
             self.ingest_url, m, self.protocol, clock=self.clock, window=self.settings.engine.time_window(), rejections=self.rejections,
@@ -363,19 +368,21 @@ class Engine:
         users = self.pipeline.detector.users
         for user in [u for u, ok in zip(users, self.consent.processing_users(users, now).tolist()) if not ok]:
             self.forget(user)
-        seq, drop_through, intake = self.applied_seq, self._truncate_seq, self.intake
-        self._truncate_seq = seq
-        assert self.intake is not None
-        self.intake.log.rotate()
+        if self.persister.saving and not wait:
+            return  # the save under way goes on; what changed since is saved by the next
+        seq, intake = self.applied_seq, self.intake
+        assert intake is not None
+        intake.log.rotate()
         # The log keeps the segments of one more interval than the snapshot needs: a batch
         # whose PUBACK was lost in a crash is redelivered, and is recognised by them.
         observe = self.metrics.state_save.observe
 
-        def saved() -> None:
+        def saved() -> None:  # on the snapshot thread, once every chunk of this save is stored
             observe(time.monotonic() - started)
+            drop_through, self._truncate_seq = self._truncate_seq, seq
             intake.log.truncate_through(drop_through)
 
-        self.persister.save(self.pipeline.detector.state_arrays(), now, wait=wait, ingest_seq=seq, then=saved)
+        self.persister.save(lambda: self.pipeline.detector, lambda: self.applied_seq, now, wait=wait, then=saved)
 
     def flush(self) -> None:
         """Give every pending batch to the detector, as one frame. A fault is isolated to the
@@ -515,14 +522,12 @@ class Engine:
         self.consent.drop(user)
         removed = erase_user(
             user,
-            self.pipeline.detector,
             persister=self.persister,
             ledger=self.ledger,
             outbox=self.outbox,
             store=self.store,
             detector_settings=self.settings.detector,
             now=self.clock(),
-            ingest_seq=self.applied_seq,
         )
         if self.intake is not None:
             self.intake.log.erase(user)  # the raw batches kept for a restart go too
