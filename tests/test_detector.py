@@ -289,6 +289,90 @@ def test_streaming_with_restart_equals_batch_on_mixed_sources(name, plan):
     assert sorted(alerts, key=lambda a: a.alert_id) == sorted(want_alerts, key=lambda a: a.alert_id)
 
 
+# Users who stop (w after 77.5 minutes) or pause (b for 15 minutes) while others send: ticks then
+# finish their windows without any new data of theirs.
+_CUT = datetime(2026, 3, 2, 1, 17, 30, tzinfo=timezone.utc)  # inside a 5-min window
+_PAUSE = (datetime(2026, 3, 2, 0, 40, tzinfo=timezone.utc), datetime(2026, 3, 2, 0, 55, tzinfo=timezone.utc))
+LIVE = MIX.filter(~((pl.col("user") == "w") & (pl.col("time") >= _CUT)) & ~((pl.col("user") == "b") & pl.col("time").is_between(*_PAUSE)))
+LIVE_BATCH = {name: batch_pass(LIVE, s) for name, s in SETTINGS.items()}
+
+
+@st.composite
+def live_feeds(draw):
+    """A live engine's calls: per-user chunks interleaved, ticks (``advance``) between them at
+    times no later than what is still to come allows, a restart."""
+    per_user = []
+    for user in sorted(set(LIVE["user"])):
+        part = LIVE.filter(pl.col("user") == user)
+        cuts = sorted(draw(st.lists(st.integers(0, part.height), max_size=8)))
+        bounds = [0, *cuts, part.height]
+        per_user.append([part[lo:hi] for lo, hi in zip(bounds, bounds[1:]) if hi > lo])
+    order = draw(st.permutations([i for i, chunks in enumerate(per_user) for _ in chunks]))
+    pos = [0] * len(per_user)
+    chunks = []
+    for i in order:
+        chunks.append(per_user[i][pos[i]])
+        pos[i] += 1
+    restart_at = draw(st.integers(0, len(chunks)))
+    ticks = draw(st.lists(st.booleans(), min_size=len(chunks), max_size=len(chunks)))
+    back_s = draw(st.lists(st.integers(0, 400), min_size=len(chunks), max_size=len(chunks)))
+    return chunks, restart_at, ticks, back_s
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(live_feeds())
+@pytest.mark.parametrize("max_pieces", [1, 256])
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_live_ticks_between_batches_equal_batch(name, max_pieces, monkeypatch, plan):
+    """The detector examines only the users whose batches arrived (or whose limit a tick
+    passed) and keeps the others' reduced minutes where they are: with ticks in between, any
+    chunking and a restart, windows and alerts are still those of one batch pass."""
+    import stresswatch.detect.detector as detector_module
+
+    monkeypatch.setattr(detector_module, "MAX_PCHUNKS", max_pieces)
+    s = SETTINGS[name]
+    chunks, restart_at, ticks, back_s = plan
+    grace_s = 60
+    d = Detector(s)
+    windows, alerts = [], []
+    for i, c in enumerate(chunks):
+        if i == restart_at:
+            d = Detector.from_bytes(d.to_bytes(), s)
+        outs = [d.update(c)]
+        later = chunks[i + 1 :]
+        if ticks[i] and later:
+            # a tick may finish only minutes that no batch still to come has samples in
+            next_ns = min(int(x["time"].min().timestamp() * 1e9) for x in later)
+            outs.append(d.advance(next_ns + grace_s * 1_000_000_000 - back_s[i] * 1_000_000_000, grace_s=grace_s))
+        for out in outs:
+            windows.append(out.windows)
+            alerts += out.alerts
+    out = d.flush()
+    windows.append(out.windows)
+    alerts += out.alerts
+    assert d.late_samples == 0
+    got = pl.concat(windows).sort("user", "window_start")
+    want_windows, want_alerts = LIVE_BATCH[name]
+    assert got.equals(want_windows)
+    assert sorted(alerts, key=lambda a: a.alert_id) == sorted(want_alerts, key=lambda a: a.alert_id)
+
+
+@pytest.mark.parametrize("tick_at", [datetime(2026, 3, 2, 1, 19, 10, tzinfo=timezone.utc), datetime(2026, 3, 2, 1, 40, tzinfo=timezone.utc)])
+def test_a_stopped_users_last_window_is_decided_by_later_ticks_without_new_data(tick_at):
+    """w stops at 01:17:30, inside a 5-min window: a tick after 01:19 reduces w's last
+    minute; the window ending 01:20 is then decided by later calls although w sends nothing."""
+    s = SETTINGS["5-min windows every minute"]
+    d = Detector(s)
+    w, others = LIVE.filter(pl.col("user") == "w"), LIVE.filter(pl.col("user") != "w")
+    outs = [d.update(w), d.update(others.filter(pl.col("time") < tick_at))]
+    outs.append(d.advance(int(tick_at.timestamp() * 1e9), grace_s=60))
+    outs.append(d.update(others.filter(pl.col("time") >= tick_at)))
+    outs.append(d.flush())
+    got = pl.concat([o.windows for o in outs]).sort("user", "window_start")
+    assert got.filter(pl.col("user") == "w")["window_end"].max() == datetime(2026, 3, 2, 1, 20, tzinfo=timezone.utc)
+    assert got.equals(LIVE_BATCH["5-min windows every minute"][0])
+
+
 def test_mixed_sources_hr_only_windows_and_exercise_suppression():
     w = MIX_WINDOWS.filter(pl.col("user") == "w")
     assert set(w["signal"]) == {"hr_only"}

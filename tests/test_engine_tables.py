@@ -97,3 +97,29 @@ def test_a_bulk_read_in_progress_never_overwrites_a_newer_entry(tmp_path: Path):
     assert cache.load(stale) == ["bob", "cy", "dee"]  # ann's stale grant is not applied
     cache.end_load()
     assert not cache.may_process("ann", now) and cache.may_process("bob", now)
+
+
+def test_the_sweeps_bulk_read_equals_one_read_per_user(tmp_path: Path, monkeypatch):
+    """The sweep reads its slice of the ledger in queries of several users: every user's
+    history, in chunks (two users a query here), is what one read per user gives, including a
+    user with none; a revocation written by another process is seen by the next sweep."""
+    import stresswatch.consent.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "IN_CHUNK", 2)
+    path = tmp_path / "ledger.sqlite"
+    ledger = ledger_with(path)
+    users = ["eve", "dee", "ann", "cy", "bob"]
+    got = ledger.events_of(users)
+    assert list(got) == users
+    assert {u: got[u] for u in users} == {u: ledger.events(u) for u in users}
+    cache = ConsentCache(ledger)
+    sent: list[tuple[str, bytes]] = []
+    status = StatusPublisher(Topics(), cache, lambda u: True, lambda t, b: sent.append((t, b)), sweep_size=10)
+    now = T0 + timedelta(minutes=5)
+    status.announce(cache.load(ledger.iter_states()), now)
+    assert status.known("ann") == "active"
+    with ConsentLedger(path) as other:  # another process's connection
+        other.append(ConsentEvent("ann", Action.REVOKE, now, "test"))
+    status.sweep(now)
+    assert status.known("ann") == "off" and not cache.may_process("ann", now)
+    assert [status.known(u) for u in ("bob", "cy", "dee")] == ["paused", "off", "active"]

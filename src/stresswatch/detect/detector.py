@@ -119,17 +119,47 @@ def _empty_windows() -> pl.DataFrame:
     return pl.DataFrame(schema=WINDOW_SCHEMA)
 
 
+def _user_firsts(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by key (user << 32 | minute): each user present and its first minute."""
+    if len(key) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    u = key >> 32
+    starts = np.flatnonzero(np.append(True, u[1:] != u[:-1]))
+    return u[starts], key[starts] & LOW32
+
+
 @dataclass
 class _Chunk:
     beats: Beats
     others: Others
     min_w: int  # smallest minute index in the chunk (skip it cheaply while nothing can finish)
+    # Per user in the chunk, its first minute: a chunk has rows to reduce exactly when some
+    # user's limit is past its first minute, so a flush tests ~users, not every buffered row.
+    users_b: np.ndarray = field(init=False, repr=False)
+    first_b: np.ndarray = field(init=False, repr=False)
+    users_o: np.ndarray = field(init=False, repr=False)
+    first_o: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.users_b, self.first_b = _user_firsts(self.beats.key)
+        self.users_o, self.first_o = _user_firsts(self.others.key)
+
+    def finishes(self, limit_m: np.ndarray) -> bool:
+        """Some row's minute is below its user's ``limit_m``."""
+        return bool(np.any(limit_m[self.users_b] > self.first_b) or np.any(limit_m[self.users_o] > self.first_o))
 
 
 @dataclass
 class _PChunk:
     partials: Partials  # reduced minutes not yet decided, or still inside a later trailing window
     min_w: int  # unused (kept in the saved layout)
+    users: np.ndarray = field(init=False, repr=False)  # the users with rows here, sorted
+
+    def __post_init__(self) -> None:
+        self.users = _user_firsts(self.partials.key)[0]
+
+
+MAX_PCHUNKS = 256  # pieces of reduced minutes before they are merged into one (bounds the per-call scan)
 
 
 class Detector:
@@ -148,6 +178,10 @@ class Detector:
         self._pchunks: list[_PChunk] = []  # reduced minute blocks of windows not yet finished
         self._watermark_ns = np.zeros(0, np.int64)
         self._decided_m = np.zeros(0, np.int64)  # last minute whose trailing window was decided
+        # Not state (not saved): per user, the highest limit its reduced minutes were examined
+        # against. Users whose limit has not passed it and who got no new minutes cannot have a
+        # trailing window to decide, so a flush looks only at the users in its batches.
+        self._scanned_m = np.zeros(0, np.int64)
         self._closed_w = np.zeros(0, np.int64)  # minute blocks with index below this are reduced
         self._motion_until_ns = np.zeros(0, np.int64)
         self._has_motion = np.zeros(0, bool)  # the person's source has reported steps or motion
@@ -249,13 +283,14 @@ class Detector:
         """Reduce buffered minute blocks with index < ``limit_m[user]``, then decide the
         trailing windows ending at those minutes (a window is finished with its last minute)."""
         s = self.settings
+        new_users = np.zeros(0, np.int64)
         if self._chunks:
             top = int(limit_m.max()) if len(limit_m) else NEVER
             done_b: list[Beats] = []
             done_o: list[Others] = []
             keep: list[_Chunk] = []
             for c in self._chunks:
-                if c.min_w >= top:
+                if c.min_w >= top or not c.finishes(limit_m):
                     keep.append(c)
                     continue
                 fb = (c.beats.key & LOW32) < limit_m[c.beats.key >> 32]
@@ -276,14 +311,15 @@ class Detector:
                     np.maximum.at(self._closed_w, p.key >> 32, (p.key & LOW32) + 1)
                     self._dirty[p.key >> 32] = True
                     self._pchunks.append(_PChunk(p, 0))
+                    new_users = p.key >> 32
         if not self._pchunks:
             return DetectorOutput(_empty_windows())
-        f = self._trailing(limit_m)
+        f = self._trailing(limit_m, new_users)
         if f is None:
             return DetectorOutput(_empty_windows())
         return self._decide(f)
 
-    def _trailing(self, limit_m: np.ndarray) -> dict[str, np.ndarray] | None:
+    def _trailing(self, limit_m: np.ndarray, new_users: np.ndarray) -> dict[str, np.ndarray] | None:
         """Features of the trailing window (``window_s``) ending at every finished minute
         with data in it, not decided before; keeps the minutes later ones still need.
 
@@ -292,7 +328,30 @@ class Detector:
         exactly the aligned window's minutes, so it *is* that window."""
         s = self.settings
         per = s.window_s // 60
-        done = [c.partials for c in self._pchunks]
+        n_users = len(self._decided_m)
+        if len(self._scanned_m) < n_users:
+            self._scanned_m = np.concatenate([self._scanned_m, np.full(n_users - len(self._scanned_m), NEVER)])
+        # Only users whose limit passed what their minutes were examined against, or with
+        # new minutes, can have a window to decide (every candidate below the limit of the
+        # last examination was decided then; decided minutes only grow). Their rows are taken
+        # out of the pieces and examined; everyone else's stay where they are, untouched.
+        touched = limit_m > self._scanned_m
+        touched[new_users] = True
+        np.maximum(self._scanned_m, limit_m, out=self._scanned_m)
+        done: list[Partials] = []
+        rest: list[_PChunk] = []
+        for c in self._pchunks:
+            hit = touched[c.users]
+            if not hit.any():
+                rest.append(c)
+            elif hit.all():
+                done.append(c.partials)
+            else:
+                rows = touched[c.partials.key >> 32]
+                done.append(c.partials.take(np.flatnonzero(rows)))
+                rest.append(_PChunk(c.partials.take(np.flatnonzero(~rows)), 0))
+        if not done:
+            return None
         p = Partials.concat(done)
         if len(done) > 1:
             p = p.take(merge_order([x.key >> 32 for x in done]))
@@ -301,7 +360,7 @@ class Detector:
         cu, cm = cand >> 32, cand & LOW32
         cand = np.unique(cand[(cm > self._decided_m[cu]) & (cm < limit_m[cu])])
         if len(cand) == 0:
-            self._pchunks = [_PChunk(p, 0)]
+            self._pchunks = self._pieces(rest, p)
             return None
         lo = np.searchsorted(key, cand - (per - 1), side="left")
         hi = np.searchsorted(key, cand, side="right")
@@ -314,8 +373,18 @@ class Detector:
         self._dirty[cu] = True  # baselines, episodes and buffered minutes of these users change
         pu = key >> 32
         keep = (key & LOW32) >= self._decided_m[pu] - (per - 2)
-        self._pchunks = [_PChunk(p.take(np.flatnonzero(keep)), 0)] if keep.any() else []
+        self._pchunks = self._pieces(rest, p.take(np.flatnonzero(keep)))
         return f
+
+    @staticmethod
+    def _pieces(rest: list[_PChunk], p: Partials) -> list[_PChunk]:
+        """``rest`` then ``p`` (each user's rows stay in minute order across pieces), merged
+        into one piece once there are more than :data:`MAX_PCHUNKS`."""
+        out = rest + [_PChunk(p, 0)] if len(p.key) else rest
+        if len(out) > MAX_PCHUNKS:
+            parts = [c.partials for c in out]
+            out = [_PChunk(Partials.concat(parts).take(merge_order([x.key >> 32 for x in parts])), 0)]
+        return out
 
     def _decide(self, f: dict[str, np.ndarray]) -> DetectorOutput:
         """Score, movement, evidence and episodes for the trailing windows ``f`` (one per

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from ..consent.ledger import ConsentLedger
-from ..consent.state import ConsentState, Status
+from ..consent.state import ConsentEvent, ConsentState, Status, fold
 from .user_index import Column, UserIndex
 
 _UNKNOWN = 0  # not read from the ledger yet (or dropped)
@@ -77,11 +77,16 @@ class ConsentCache:
         skip = self._loading or ()
         return [self.users.names[self._keep(st)] for st in states if st.user not in skip]
 
-    def refresh(self, user: str) -> ConsentState:
-        """Read the ledger now; returns the full state (with history) and caches it."""
-        st = self._ledger.state(user)
+    def refresh(self, user: str, events: list[ConsentEvent] | None = None) -> ConsentState:
+        """Read the ledger now (or fold ``events``, the user's history just read with
+        :meth:`histories`); returns the full state (with history) and caches it."""
+        st = self._ledger.state(user) if events is None else fold(user, events)
         self._fresh(st)
         return st
+
+    def histories(self, users: list[str]) -> dict[str, list[ConsentEvent]]:
+        """The ledger's events of ``users``, read in bulk (give each to :meth:`refresh`)."""
+        return self._ledger.events_of(users)
 
     def _cached(self, user: str) -> int:
         i = self.users.get(user)

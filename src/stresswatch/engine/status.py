@@ -16,7 +16,7 @@ from datetime import datetime
 import numpy as np
 
 from ..alerts.topics import Topics
-from ..consent.state import ConsentState, Status
+from ..consent.state import ConsentEvent, ConsentState, Status
 from .consent_cache import ConsentCache
 from .quarantine import Quarantine
 from .user_index import Column
@@ -104,12 +104,17 @@ class StatusPublisher:
             start = self._sweep_at % len(published)
             published = np.roll(published, -start)[: self.sweep_size]
             self._sweep_at = start + self.sweep_size
-        for user in [self._users.names[i] for i in published.tolist()]:  # one ledger read each: it refreshes the consent cache and the status
-            self._guarded(user, now, force=False)
+        users = [self._users.names[i] for i in published.tolist()]
+        try:  # one ledger read for the slice (a read per user was most of a tick): it refreshes the consent cache and the status
+            history: dict[str, list[ConsentEvent]] | None = self._consent.histories(users)
+        except Exception:  # noqa: BLE001 - read user by user instead, so a fault is one user's
+            history = None
+        for user in users:
+            self._guarded(user, now, force=False, events=None if history is None else history[user])
 
-    def _guarded(self, user: str, now: datetime, *, force: bool, cached: bool = False) -> None:
+    def _guarded(self, user: str, now: datetime, *, force: bool, cached: bool = False, events: list[ConsentEvent] | None = None) -> None:
         try:
-            self.update(user, now, force=force, state=None if cached else self._consent.refresh(user), cached=cached)
+            self.update(user, now, force=force, state=None if cached else self._consent.refresh(user, events), cached=cached)
         except Exception as exc:  # noqa: BLE001 - one user's stored consent must not stop the others
             if self._quarantine.add(user, "reading consent", exc):
                 self.update(user, now)
