@@ -137,9 +137,9 @@ class JetStreamIO:
     async def _ensure(self, retention_s: float) -> None:
         api = self._nats.js.api
         L = self.layout
-        for name, root in ((L.stream, L.subject_root), (L.windows_stream, L.windows_root)):
+        for name, subjects in ((L.stream, L.ingest_subjects), (L.windows_stream, f"{L.windows_root}.*")):
             cfg = api.StreamConfig(
-                name=name, subjects=[f"{root}.*"], retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
+                name=name, subjects=[subjects], retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
                 num_replicas=L.replicas, max_age=retention_s, duplicate_window=120.0, discard=api.DiscardPolicy.OLD,
             )  # fmt: skip
             await self._add_or_find_stream(cfg)
@@ -313,7 +313,8 @@ class JetStreamIO:
         out: dict[int, Fetched] = {}
         for p, msgs in await asyncio.gather(*(one(p, s) for p, s in subs.items())):
             if msgs:
-                items = [Pulled(m.metadata.sequence.stream, (m.headers or {}).get(USER_HEADER, ""), m.data) for m in msgs]
+                user_of = self.layout.user_of  # NATS's MQTT listener: no header; the user is the subject's last token
+                items = [Pulled(m.metadata.sequence.stream, (m.headers or {}).get(USER_HEADER) or user_of(m.subject), m.data) for m in msgs]
                 out[p] = Fetched(items, msgs[-1])
         return out
 

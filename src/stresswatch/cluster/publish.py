@@ -5,7 +5,7 @@ JetStream directly."""
 from __future__ import annotations
 
 from .jetstream import JetStreamIO
-from .layout import MSG_ID_HEADER, USER_HEADER, Layout, partition_of
+from .layout import MSG_ID_HEADER, USER_HEADER, Layout
 
 
 def ingest_headers(user: str, stream_id: str, seq: int) -> dict[str, str]:
@@ -17,7 +17,7 @@ def ingest_headers(user: str, stream_id: str, seq: int) -> dict[str, str]:
 def publish_ingest(jsio: JetStreamIO, layout: Layout, user: str, payload: bytes, *, stream_id: str, seq: int) -> int:
     """Publish one ingest batch and wait for JetStream's acknowledgement (stored on a quorum
     of replicas); returns its stream sequence."""
-    return jsio.publish(layout.subject(partition_of(user, layout.partitions)), payload, ingest_headers(user, stream_id, seq))
+    return jsio.publish(layout.ingest_subject(user), payload, ingest_headers(user, stream_id, seq))
 
 
 def put_consent(jsio: JetStreamIO, layout: Layout, user: str, message: bytes | None) -> int:
