@@ -105,3 +105,70 @@ def test_companions_on_the_nats_mqtt_listener_reach_a_worker_through_the_cluster
             engine.kill()
         jsio.close()
         nats.stop()
+
+
+def _client(port: int, cid: str, user: str | None = None, password: str | None = None, proto: int = 4):  # type: ignore[no-untyped-def]
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5 if proto == 5 else mqtt.MQTTv311)
+    if user is not None:
+        c.username_pw_set(user, password)
+    got: list[tuple[str, bytes, bool]] = []
+    refused: list[str] = []
+    c.on_message = lambda _c, _u, m: got.append((m.topic, m.payload, bool(m.retain)))
+    c.on_connect = lambda _c, _u, _f, rc, _p=None: refused.append(str(rc)) if rc != 0 else None
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    wait_for(lambda: c.is_connected() or bool(refused), 10)
+    return c, got, refused
+
+
+def test_what_the_nats_mqtt_listener_keeps_and_loses_of_mqtt(tmp_path):
+    """The feature table of docs/CLUSTER.md, on nats-server itself: MQTT 5 refused at CONNECT
+    (so no message expiry, reason codes, session expiry, user properties), QoS 2 publish
+    refused, retained kept, per-user permissions enforced but acknowledged silently."""
+    from stresswatch.broker import free_port
+
+    from nats_cluster import NatsNode
+
+    port, mport = free_port(), free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f'server_name: feat\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: "{tmp_path / "store"}"\n}}\nmqtt {{\n  listen: 127.0.0.1:{mport}\n}}\n'
+        "authorization {\n  users = [\n"
+        '    {user: alice, password: pa, permissions: {publish: {allow: ["stresswatch.v1.ingest.alice"]}, subscribe: {allow: ["stresswatch.v1.ingested.alice"]}}}\n'
+        "    {user: eng, password: pe}\n  ]\n}\n"
+    )
+    node = NatsNode("feat", port, 0, conf, mqtt_port=mport)
+    node.start()
+    clients = []
+    try:
+        v5, _, refused = _client(mport, "v5", "eng", "pe", proto=5)
+        clients.append(v5)
+        assert not v5.is_connected() and refused  # MQTT 5: "unsupported protocol version"
+        eng, got, _ = _client(mport, "eng", "eng", "pe")
+        alice, _, _ = _client(mport, "alice", "alice", "pa")
+        clients += [eng, alice]
+        eng.subscribe("stresswatch/v1/ingest/+", qos=1)
+        time.sleep(0.5)
+        denied = alice.publish("stresswatch/v1/ingest/bob", b"as-bob", qos=1)  # not her topic
+        ok = alice.publish("stresswatch/v1/ingest/alice", b"as-alice", qos=1)
+        assert wait_for(lambda: ok.is_published() and denied.is_published(), 10)  # both PUBACKed: no reason code in 3.1.1
+        assert wait_for(lambda: len(got) >= 1, 10)
+        time.sleep(0.5)
+        assert [g[:2] for g in got] == [("stresswatch/v1/ingest/alice", b"as-alice")]  # the denied one went nowhere
+        assert alice.is_connected()
+        assert wait_for(eng.publish("stresswatch/v1/consent/carol", b"retained", qos=1, retain=True).is_published, 10)
+        late, got_late, _ = _client(mport, "late", "eng", "pe")
+        clients.append(late)
+        late.subscribe("stresswatch/v1/consent/+", qos=1)
+        assert wait_for(lambda: ("stresswatch/v1/consent/carol", b"retained", True) in got_late, 10)  # retained: kept
+        q2, _, _ = _client(mport, "q2", "eng", "pe")
+        clients.append(q2)
+        q2.publish("stresswatch/v1/ingest/x", b"q2", qos=2)
+        assert wait_for(lambda: not q2.is_connected(), 10)  # "publish QoS=2 not supported": disconnected
+    finally:
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
+        node.stop()
