@@ -126,7 +126,8 @@ def _client(port: int, cid: str, user: str | None = None, password: str | None =
 def test_what_the_nats_mqtt_listener_keeps_and_loses_of_mqtt(tmp_path):
     """The feature table of docs/CLUSTER.md, on nats-server itself: MQTT 5 refused at CONNECT
     (so no message expiry, reason codes, session expiry, user properties), QoS 2 publish
-    refused, retained kept, per-user permissions enforced but acknowledged silently."""
+    refused, a topic with a dot refused, retained kept, per-user permissions enforced but
+    acknowledged silently."""
     from stresswatch.broker import free_port
 
     from nats_cluster import NatsNode
@@ -167,6 +168,10 @@ def test_what_the_nats_mqtt_listener_keeps_and_loses_of_mqtt(tmp_path):
         clients.append(q2)
         q2.publish("stresswatch/v1/ingest/x", b"q2", qos=2)
         assert wait_for(lambda: not q2.is_connected(), 10)  # "publish QoS=2 not supported": disconnected
+        dotted, _, _ = _client(mport, "dotted", "eng", "pe")
+        clients.append(dotted)
+        dotted.publish("stresswatch/v1/ingest/a.b", b"x", qos=1)  # a user id with a dot: valid for us
+        assert wait_for(lambda: not dotted.is_connected(), 10)  # "characters ' ' and '.' not supported": disconnected
     finally:
         for c in clients:
             c.loop_stop()
