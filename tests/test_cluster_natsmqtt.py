@@ -177,3 +177,42 @@ def test_what_the_nats_mqtt_listener_keeps_and_loses_of_mqtt(tmp_path):
             c.loop_stop()
             c.disconnect()
         node.stop()
+
+
+def test_cluster_nats_conf_writes_a_node_that_partitions_mqtt_ingest(tmp_path, capsys):
+    """`stresswatch cluster nats-conf`'s output runs as is: a batch a companion publishes on the
+    node's MQTT listener lands in the stream on its user's partition, with the user as the last
+    token; without companions = "nats-mqtt" the command refuses (the engines would not read it)."""
+    from stresswatch.broker import free_port
+    from stresswatch.cli import main
+
+    from nats_cluster import NatsNode
+
+    plain = tmp_path / "plain.toml"
+    plain.write_text("")
+    assert main(["--config", str(plain), "cluster", "nats-conf", "--server-name", "x", "--store", str(tmp_path / "s0")]) != 0
+    capsys.readouterr()
+    cfg = tmp_path / "sw.toml"
+    cfg.write_text('[cluster]\nname = "cn"\npartitions = 8\nreplicas = 1\ncompanions = "nats-mqtt"\n')
+    port, mport = free_port(), free_port()
+    args = ["--server-name", "cn1", "--listen", f"127.0.0.1:{port}", "--mqtt", f"127.0.0.1:{mport}", "--store", str(tmp_path / "store")]
+    assert main(["--config", str(cfg), "cluster", "nats-conf", *args]) == 0
+    conf = tmp_path / "nats.conf"
+    conf.write_text(capsys.readouterr().out)
+    node = NatsNode("cn1", port, 0, conf, mqtt_port=mport)
+    node.start()
+    layout = Layout(partitions=8, replicas=1, name="cn", user_token=True)
+    from stresswatch.cluster.jetstream import open_ready
+
+    jsio = open_ready([node.url], layout, name="test-cn", retention_s=3600)
+    companion = MqttTransport(f"mqtt://127.0.0.1:{mport}", client_id="companion-cn", protocol="3.1.1")
+    try:
+        assert wait_for(companion.publish(TOPICS.ingest("zoe"), b"batch", qos=1).is_published, 10)
+        p = partition_of("zoe", 8)
+        assert wait_for(lambda: jsio.partition_info(p)[0] == 1, 10)
+        msg = jsio.call(jsio.js.get_last_msg(layout.stream, layout.subject(p)))
+        assert (msg.subject, bytes(msg.data)) == (f"cn.ingest.{p}.zoe", b"batch")
+    finally:
+        companion.close()
+        jsio.close()
+        node.stop()
