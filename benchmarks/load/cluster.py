@@ -199,6 +199,8 @@ def run_one(
             # measured from the moment the K engines share the partitions (every owner's consumer
             # open), over what is still pending then: one engine's start-up and the lease
             # hand-over (one partition per renewal round) are not counted against K engines
+            # every owner's consumer open (a partition without one counts as 10**9 pending)
+            assert wait(lambda: pending(jsio, layout) < 10**9, 120, 0.1), "a partition's consumer was not opened"
             cpu0, me0, t0 = cpu_s(ps), psutil.Process().cpu_times(), time.monotonic()
             msgs = pending(jsio, layout)
             startup_s = t0 - t_start
