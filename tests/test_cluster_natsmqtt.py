@@ -47,11 +47,15 @@ def test_mappings_put_ingest_on_the_users_partition_and_consent_in_the_bucket():
         mqtt_mappings(Layout(), "stresswatch/v1")  # the bridge's layout has no user token
 
 
-def test_companions_on_the_nats_mqtt_listener_reach_a_worker_through_the_cluster_engine(tmp_path):
+@pytest.mark.parametrize("alerts_on", ["nats-mqtt", "mosquitto"])
+def test_companions_on_the_nats_mqtt_listener_reach_a_worker_through_the_cluster_engine(tmp_path, request, alerts_on):
+    """Workers on the same listener (MQTT 3.1.1), or on Mosquitto (MQTT 5: alert expiry,
+    reason codes) while companions publish to NATS's listener."""
     name = "m" + uuid.uuid4().hex[:6]
     layout = Layout(partitions=PARTITIONS, replicas=1, name=name, user_token=True)
     nats = start_cluster(tmp_path / "nats", 1, mqtt_layout=layout)
-    mqtt_url = f"mqtt://127.0.0.1:{nats.nodes[0].mqtt_port}"
+    companions_url = f"mqtt://127.0.0.1:{nats.nodes[0].mqtt_port}"
+    mqtt_url = companions_url if alerts_on == "nats-mqtt" else request.getfixturevalue("mosquitto").url
     jsio = connect_layout(nats, layout)
     config = tmp_path / "sw.toml"
     det = "\n".join(f"{k} = {v}" for k, v in FAST_DETECTOR.items())
@@ -65,8 +69,8 @@ def test_companions_on_the_nats_mqtt_listener_reach_a_worker_through_the_cluster
         [sys.executable, "-m", "stresswatch.cli", "engine", "--config", str(config), "--cluster", nats.url, "--engine-id", "e1", "--publish-windows"],
         stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
-    counter = AlertCounter(mqtt_url)  # the worker's side: NATS's MQTT listener, MQTT 3.1.1, QoS 1
-    companion = MqttTransport(mqtt_url, client_id=f"companion-{name}", protocol="3.1.1")
+    counter = AlertCounter(mqtt_url)  # the worker's side, QoS 1
+    companion = MqttTransport(companions_url, client_id=f"companion-{name}", protocol="3.1.1")
     try:
         users = [f"n{name[1:4]}{i}" for i in range(3)]
         for u in users:  # consent over MQTT: mapped into the consent bucket the engine watches
