@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pytest
+from hypothesis import given, strategies as st
 
 from stresswatch.alerts import MqttTransport, Topics
 from stresswatch.cluster.layout import Layout, partition_of
@@ -45,6 +46,17 @@ def test_mappings_put_ingest_on_the_users_partition_and_consent_in_the_bucket():
         topic_subject("stresswatch/v1/ingest/a.b")  # nats-server 2.9 refuses a topic with a dot
     with pytest.raises(ValueError):
         mqtt_mappings(Layout(), "stresswatch/v1")  # the bridge's layout has no user token
+
+
+@given(user=st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", fullmatch=True), partitions=st.integers(1, 1024))
+def test_the_engine_reads_back_the_user_the_mapping_put_in_the_subject(user, partitions):
+    """Ids without a dot (the only ones NATS's MQTT listener carries): the user token of the
+    subject a companion's batch lands on is the user, on the user's partition."""
+    layout = Layout(partitions=partitions, name="sw", user_token=True)
+    subject = layout.ingest_subject(user)
+    assert layout.user_of(subject) == user
+    assert subject.split(".")[2] == str(partition_of(user, partitions))
+    assert Layout(partitions=partitions).user_of(Layout(partitions=partitions).ingest_subject(user)) == ""
 
 
 @pytest.mark.parametrize("alerts_on", ["nats-mqtt", "mosquitto"])
