@@ -313,8 +313,10 @@ class JetStreamIO:
         out: dict[int, Fetched] = {}
         for p, msgs in await asyncio.gather(*(one(p, s) for p, s in subs.items())):
             if msgs:
-                user_of = self.layout.user_of  # NATS's MQTT listener: no header; the user is the subject's last token
-                items = [Pulled(m.metadata.sequence.stream, (m.headers or {}).get(USER_HEADER) or user_of(m.subject), m.data) for m in msgs]
+                # NATS's MQTT listener: the server's mapping put the topic's user in the subject,
+                # which no client can change (an MQTT 3.1.1 client cannot set headers either)
+                user_of = self.layout.user_of
+                items = [Pulled(m.metadata.sequence.stream, user_of(m.subject) or (m.headers or {}).get(USER_HEADER, ""), m.data) for m in msgs]
                 out[p] = Fetched(items, msgs[-1])
         return out
 
