@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stresswatch.broker import free_port
+from stresswatch.cluster.layout import Layout
+from stresswatch.cluster.natsconf import NodeConf, node_conf as product_node_conf
 
 from conftest import wait_listening
 
@@ -24,6 +26,7 @@ class NatsNode:
     cluster_port: int
     conf: Path
     proc: subprocess.Popen[bytes] | None = None
+    mqtt_port: int = 0  # NATS's own MQTT listener (0: none)
 
     @property
     def url(self) -> str:
@@ -83,9 +86,13 @@ cluster {{
 """
 
 
-def start_cluster(root: Path, n: int = 3) -> NatsCluster:
+def start_cluster(root: Path, n: int = 3, *, mqtt_layout: Layout | None = None) -> NatsCluster:
+    """``n`` nodes (1: a single server, no routes); with ``mqtt_layout`` each node also has
+    NATS's MQTT listener and the product's subject mappings (``cluster.natsconf``)."""
     if NATS_SERVER is None:
         raise RuntimeError("nats-server is not installed: the cluster tests need it (apt-get install nats-server)")
+    if mqtt_layout is not None or n == 1:
+        return _start_product_conf(root, n, mqtt_layout)
     ports = [(free_port(), free_port()) for _ in range(n)]
     cluster = NatsCluster()
     for i, (port, cport) in enumerate(ports):
@@ -94,6 +101,22 @@ def start_cluster(root: Path, n: int = 3) -> NatsCluster:
         conf = d / "nats.conf"
         conf.write_text(node_conf(f"n{i + 1}", port, cport, [c for _, c in ports], d / "store"))
         cluster.nodes.append(NatsNode(f"n{i + 1}", port, cport, conf))
+    for node in cluster.nodes:
+        node.start()
+    return cluster
+
+
+def _start_product_conf(root: Path, n: int, mqtt_layout: Layout | None) -> NatsCluster:
+    ports = [(free_port(), free_port(), free_port() if mqtt_layout is not None else 0) for _ in range(n)]
+    routes = tuple(f"127.0.0.1:{c}" for _, c, _ in ports) if n > 1 else ()
+    cluster = NatsCluster()
+    for i, (port, cport, mport) in enumerate(ports):
+        d = root / f"n{i + 1}"
+        d.mkdir(parents=True)
+        conf = d / "nats.conf"
+        node = NodeConf(f"n{i + 1}", f"127.0.0.1:{port}", f"127.0.0.1:{mport}" if mport else None, d / "store", f"127.0.0.1:{cport}", routes, "swtest")
+        conf.write_text(product_node_conf(node, mqtt_layout or Layout(user_token=True)))
+        cluster.nodes.append(NatsNode(f"n{i + 1}", port, cport, conf, mqtt_port=mport))
     for node in cluster.nodes:
         node.start()
     return cluster

@@ -55,7 +55,11 @@ def nats3(tmp_path_factory) -> NatsCluster:
 def connect(cluster: NatsCluster, name: str) -> tuple[JetStreamIO, Layout]:
     """A client and the cluster's objects under a fresh namespace (once JetStream has a leader)."""
     layout = Layout(partitions=PARTITIONS, replicas=3, name=name)
-    return open_ready(cluster.urls, layout, name=f"test-{name}", retention_s=3600), layout
+    return connect_layout(cluster, layout), layout
+
+
+def connect_layout(cluster: NatsCluster, layout: Layout) -> JetStreamIO:
+    return open_ready(cluster.urls, layout, name=f"test-{layout.name}", retention_s=3600)
 
 
 def write_config(path: Path, mqtt_url: str, name: str, *, ttl_s: float = 4.0, snapshot_s: float = 2.0) -> None:

@@ -262,6 +262,11 @@ class ClusterSettings(_Section):
     snapshot_s: float = Field(default=60.0, gt=0, description="save each owned partition's state (detector, outbox, sequence) this often")
     fetch_batch: int = Field(default=1000, ge=1, le=100_000, description="ingest messages pulled per call per partition")
     retention_days: float = Field(default=7.0, gt=0, description="ingest kept at most this long (also trimmed behind each snapshot)")
+    companions: Literal["bridge", "nats-mqtt"] = Field(
+        default="bridge",
+        description="how companions' batches enter the stream: `stresswatch cluster bridge` from Mosquitto (MQTT 5), or NATS's own MQTT listener "
+        "(MQTT 3.1.1; `stresswatch cluster nats-conf`); docs/CLUSTER.md",
+    )
 
 
 def _check_groups(groups: dict[str, list[str]]) -> dict[str, list[str]]:

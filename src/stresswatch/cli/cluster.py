@@ -17,6 +17,7 @@ Examples:
   stresswatch cluster status --cluster nats://n1:4222,nats://n2:4222,nats://n3:4222
   stresswatch cluster status --cluster nats://127.0.0.1:4222 --json
   stresswatch cluster bridge --cluster nats://n1:4222,nats://n2:4222 --broker mqtt://mq:1883
+  stresswatch cluster nats-conf --server-name n1 --listen 0.0.0.0:4222 --mqtt 0.0.0.0:1883 --store /var/lib/nats
 """
 
 servers_option = click.option("--cluster", "servers", metavar="URLS", required=True, help="nats://host:port[,...] of the cluster's NATS servers.")
@@ -92,6 +93,29 @@ def bridge(app: AppContext, servers: str, broker: str | None) -> None:
     finally:
         b.close()
     console_err.print(f"bridge stopped: {b.forwarded} batches and {b.consents} consent messages forwarded")
+
+
+@cluster.command("nats-conf", epilog=EPILOG)
+@click.option("--server-name", required=True, help="This node's unique name.")
+@click.option("--listen", default="0.0.0.0:4222", show_default=True, help="host:port for NATS clients (the engines).")
+@click.option("--mqtt", "mqtt_listen", default="0.0.0.0:1883", show_default=True, help="host:port of NATS's MQTT listener (companions, workers); 'none' for no listener.")
+@click.option("--store", type=click.Path(), required=True, help="JetStream's store directory.")
+@click.option("--cluster-listen", help="host:port for routes between the nodes (omit for a single node).")
+@click.option("--route", "routes", multiple=True, help="host:port of every node's route listener, this one included (repeat).")
+@pass_app
+def nats_conf(app: AppContext, server_name: str, listen: str, mqtt_listen: str, store: str, cluster_listen: str | None, routes: tuple[str, ...]) -> None:
+    """Print a nats-server configuration with the subject mappings that put batches published
+    on NATS's own MQTT listener into the cluster's partitions (cluster.companions = "nats-mqtt")."""
+    from pathlib import Path
+
+    from ..cluster.layout import Layout
+    from ..cluster.natsconf import NodeConf, node_conf
+
+    c = app.settings.cluster
+    if c.companions != "nats-mqtt" and mqtt_listen != "none":
+        raise click.UsageError('the MQTT listener path needs cluster.companions = "nats-mqtt" in the configuration (engines read the user from the subject)')
+    node = NodeConf(server_name, listen, None if mqtt_listen == "none" else mqtt_listen, Path(store), cluster_listen, tuple(routes))
+    click.echo(node_conf(node, Layout.of(c), app.settings.mqtt.prefix), nl=False)
 
 
 def split_servers(servers: str) -> list[str]:

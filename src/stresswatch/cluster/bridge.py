@@ -78,6 +78,8 @@ class Bridge:
         self._consent_client: mqtt.Client | None = None
 
     def start(self) -> Bridge:
+        if self.layout.user_token:
+            raise ClusterError('cluster.companions = "nats-mqtt": companions publish on NATS\'s MQTT listener; no bridge runs')
         c, m = self.settings.cluster, self.settings.mqtt
         self.jsio = open_ready(self.servers, self.layout, name="stresswatch-bridge", retention_s=c.retention_days * 86_400)
         self.receiver = IngestReceiver(
@@ -187,7 +189,7 @@ class Bridge:
     def _on_batch(self, batch: IngestBatch, rx: Received) -> None:
         """paho's thread: publish into the user's partition; PUBACK once JetStream has it."""
         assert self.jsio is not None
-        subject = self.layout.subject(partition_of(batch.user, self.layout.partitions))
+        subject = self.layout.ingest_subject(batch.user)
         self.jsio.publish_later(subject, rx.payload, ingest_headers(batch.user, batch.stream_id, batch.seq), then=functools.partial(self._forwarded, rx), give_up_s=None)
 
     def _forwarded(self, rx: Received) -> None:

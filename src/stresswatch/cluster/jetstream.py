@@ -140,9 +140,9 @@ class JetStreamIO:
     async def _ensure(self, retention_s: float) -> None:
         api = self._nats.js.api
         L = self.layout
-        for name, root in ((L.stream, L.subject_root), (L.windows_stream, L.windows_root)):
+        for name, subjects in ((L.stream, L.ingest_subjects), (L.windows_stream, f"{L.windows_root}.*")):
             cfg = api.StreamConfig(
-                name=name, subjects=[f"{root}.*"], retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
+                name=name, subjects=[subjects], retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
                 num_replicas=L.replicas, max_age=retention_s, duplicate_window=120.0, discard=api.DiscardPolicy.OLD,
             )  # fmt: skip
             await self._add_or_find_stream(cfg)
@@ -316,9 +316,12 @@ class JetStreamIO:
         out: dict[int, Fetched] = {}
         for p, msgs in await asyncio.gather(*(one(p, s) for p, s in subs.items())):
             if msgs:
+                # NATS's MQTT listener: the server's mapping put the topic's user in the subject,
+                # which no client can change (an MQTT 3.1.1 client cannot set headers either)
+                user_of = self.layout.user_of
                 items = [
                     Pulled(
-                        m.metadata.sequence.stream, (m.headers or {}).get(USER_HEADER, ""), m.data,
+                        m.metadata.sequence.stream, user_of(m.subject) or (m.headers or {}).get(USER_HEADER, ""), m.data,
                         (m.headers or {}).get(KIND_HEADER, KIND_INGEST), (m.headers or {}).get(REPLY_HEADER, ""),
                     )  # fmt: skip
                     for m in msgs

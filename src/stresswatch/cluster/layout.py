@@ -50,6 +50,7 @@ class Layout:
     partitions: int = 16
     replicas: int = 3
     name: str = "sw"  # one cluster's namespace on a NATS system (lower case letters, digits)
+    user_token: bool = False  # subjects <name>.ingest.<p>.<user> (NATS's MQTT listener, mapped by the server)
 
     @property
     def stream(self) -> str:
@@ -99,10 +100,25 @@ class Layout:
 
     @classmethod
     def of(cls, settings: ClusterSettings) -> Layout:
-        return cls(partitions=settings.partitions, replicas=settings.replicas, name=settings.name)
+        return cls(partitions=settings.partitions, replicas=settings.replicas, name=settings.name, user_token=settings.companions == "nats-mqtt")
+
+    @property
+    def ingest_subjects(self) -> str:
+        """What the ingest stream captures."""
+        return f"{self.subject_root}.*.*" if self.user_token else f"{self.subject_root}.*"
 
     def subject(self, p: int) -> str:
-        return f"{self.subject_root}.{p}"
+        """Partition ``p``'s ingest: a consumer's filter, a purge's subject."""
+        return f"{self.subject_root}.{p}.*" if self.user_token else f"{self.subject_root}.{p}"
+
+    def ingest_subject(self, user: str) -> str:
+        """Where a publisher puts ``user``'s batch (with the user header, :mod:`.publish`)."""
+        p = partition_of(user, self.partitions)
+        return f"{self.subject_root}.{p}.{user}" if self.user_token else f"{self.subject_root}.{p}"
+
+    def user_of(self, subject: str) -> str:
+        """The user token of an ingest subject (``user_token`` layouts), else empty."""
+        return subject.rsplit(".", 1)[1] if self.user_token and subject.count(".") == self.subject_root.count(".") + 2 else ""
 
     def windows_subject(self, p: int) -> str:
         return f"{self.windows_root}.{p}"

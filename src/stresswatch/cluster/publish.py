@@ -63,7 +63,7 @@ def publish_erase(jsio: JetStreamIO, layout: Layout, user: str) -> int:
 def publish_ingest(jsio: JetStreamIO, layout: Layout, user: str, payload: bytes, *, stream_id: str, seq: int) -> int:
     """Publish one ingest batch and wait for JetStream's acknowledgement (stored on a quorum
     of replicas); returns its stream sequence."""
-    return jsio.publish(layout.subject(partition_of(user, layout.partitions)), payload, ingest_headers(user, stream_id, seq))
+    return jsio.publish(layout.ingest_subject(user), payload, ingest_headers(user, stream_id, seq))
 
 
 def put_consent(jsio: JetStreamIO, layout: Layout, user: str, message: bytes | None) -> int:
