@@ -117,6 +117,8 @@ def test_the_sender_cannot_encode_what_the_format_cannot_carry():
 @settings(max_examples=400, deadline=None)
 def test_arbitrary_bytes_raise_only_parse_error(data):
     for payload in (data, wire.MAGIC + data, wire.MAGIC + b"\x01" + data):
+        ident = wire.identity(payload)  # the restart's header-only read never raises
+        assert ident is None or (isinstance(ident[0], str) and isinstance(ident[1], str) and ident[2] >= 0)
         try:
             wire.decode(payload)
         except ParseError:
@@ -170,8 +172,10 @@ def test_round_trip_is_exact(b):
         with pytest.raises(ValueError):
             wire.encode(**b)
         return
-    out = wire.decode(wire.encode(**b))
+    payload = wire.encode(**b)
+    out = wire.decode(payload)
     assert (out.user, out.stream_id, out.seq, out.source) == (b["user"], b["stream_id"], b["seq"], b["source"])
+    assert wire.identity(payload) == (b["user"], b["stream_id"], b["seq"])  # the header alone says the same
     assert out.time_ns == b["time_ns"]
     assert out.metric_code == b["metric_code"]
     assert out.value == b["value"]

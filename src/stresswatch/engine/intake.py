@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from ..alerts.topics import Topics
 from ..broker import private_client_id
@@ -18,6 +19,7 @@ from ..clock import Clock
 from ..config import MqttSettings
 from ..errors import ParseError
 from ..ingest import Deduplicator, IngestBatch, IngestReceiver, Received
+from ..wire import binary
 from ..wire.limits import TimeWindow
 from ..wire.rejections import Rejections
 from .ingest_log import IngestLog, LogEntry
@@ -25,6 +27,14 @@ from .ingest_log import IngestLog, LogEntry
 log = logging.getLogger("stresswatch.engine")
 
 Deliver = Callable[[IngestBatch, int], None]  # (batch, its log sequence number)
+
+
+class _Logged(NamedTuple):
+    """A logged batch the restored state already holds: what de-duplication needs of it."""
+
+    user: str
+    stream_id: str
+    seq: int
 
 
 class Intake:
@@ -35,7 +45,7 @@ class Intake:
         self._deliver = deliver
         self.log = IngestLog(folder, self._durable)
         self.receiver: IngestReceiver | None = None
-        self._kept: list[IngestBatch] = []
+        self._kept: list[IngestBatch | _Logged] = []
 
     def recover(self, after_seq: int, apply: Deliver, *, held: Callable[[str, int], bool] | None = None) -> int:
         """Hand every logged batch after ``after_seq`` to ``apply`` (on the caller's thread),
@@ -44,6 +54,16 @@ class Intake:
         dedup = Deduplicator()
         skipped = replayed = 0
         for rec in self.log.recover(0):
+            covered = rec.seq <= after_seq
+            ident = binary.identity(rec.payload) if covered or held is not None else None
+            if ident is not None and (covered or (held is not None and held(ident[0], rec.seq))):
+                # The restored state holds it: only its identity is needed, to recognise a
+                # redelivery. Decoding every logged sample for that took ~30 s at 100,000 users.
+                batch = _Logged(*ident)
+                if not dedup.seen(batch):
+                    dedup.first_time(batch)
+                    self._kept.append(batch)
+                continue
             try:
                 batch = IngestBatch.decode(rec.payload, topic=self.topics.ingest(rec.user))
             except (ParseError, ValueError):

@@ -225,6 +225,23 @@ def decode(payload: bytes, *, source: str = "ingest") -> WireBatch:
     return WireBatch(user, stream_id, int(seq), src, t, codes, v)
 
 
+def identity(payload: bytes) -> tuple[str, str, int] | None:
+    """``(user, stream_id, seq)`` of a binary payload from its header alone, without decoding
+    the samples; None when the payload is not a well-formed binary batch (then decode it).
+    For payloads the engine already took in once (its ingest log at a restart)."""
+    if len(payload) < HEADER_BYTES:
+        return None
+    magic, version, _t, _e, _v, _x, seq, _n, lu, ls, _ls = _HEADER.unpack_from(payload)
+    if magic != MAGIC or version != VERSION or lu == 0 or ls == 0 or len(payload) < HEADER_BYTES + lu + ls:
+        return None
+    try:
+        user = bytes(payload[HEADER_BYTES : HEADER_BYTES + lu]).decode("utf-8")
+        stream_id = bytes(payload[HEADER_BYTES + lu : HEADER_BYTES + lu + ls]).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return user, stream_id, int(seq)
+
+
 def _column(typecode: str, buf: bytes, pos: int, n: int) -> list:
     """``n`` little-endian numbers of ``typecode`` (array module) from ``buf`` at ``pos``."""
     col = array(typecode)
