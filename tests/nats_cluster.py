@@ -86,6 +86,19 @@ cluster {{
 """
 
 
+def start_single(root: Path) -> NatsNode:
+    """One plain JetStream server (no routes, no MQTT listener, no mappings), started."""
+    if NATS_SERVER is None:
+        raise RuntimeError("nats-server is not installed: the cluster tests need it (apt-get install nats-server)")
+    root.mkdir(parents=True)
+    conf = root / "nats.conf"
+    port = free_port()
+    conf.write_text(f'server_name: solo\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: "{root / "store"}"\n}}\n')
+    node = NatsNode("solo", port, 0, conf)
+    node.start()
+    return node
+
+
 def start_cluster(root: Path, n: int = 3, *, mqtt_layout: Layout | None = None) -> NatsCluster:
     """``n`` nodes (1: a single server, no routes); with ``mqtt_layout`` each node also has
     NATS's MQTT listener and the product's subject mappings (``cluster.natsconf``)."""

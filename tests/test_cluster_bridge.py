@@ -12,7 +12,6 @@ import uuid
 import polars as pl
 
 from stresswatch.alerts import MqttTransport, Topics
-from stresswatch.broker import free_port
 from stresswatch.cluster.bridge import Bridge
 from stresswatch.cluster.layout import partition_of
 from stresswatch.config import ClusterSettings, MqttSettings, Settings
@@ -21,24 +20,13 @@ from stresswatch.ingest import IngestBatch
 from stresswatch.wire.consent import decode_consent, encode_consent
 
 from conftest import synthetic_rr, wait_for
-from nats_cluster import NatsNode
+from nats_cluster import start_single
 
 TOPICS = Topics()
 
 
-def single_node(tmp_path) -> NatsNode:
-    d = tmp_path / "nats"
-    d.mkdir()
-    conf = d / "nats.conf"
-    port = free_port()
-    conf.write_text(f'server_name: solo\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: "{d / "store"}"\n}}\n')
-    node = NatsNode("solo", port, 0, conf)
-    node.start()
-    return node
-
-
 def test_bridge_acknowledges_a_batch_only_after_jetstream_stored_it(mosquitto, tmp_path):
-    node = single_node(tmp_path)
+    node = start_single(tmp_path / "nats")
     settings = Settings(mqtt=MqttSettings(url=mosquitto.url, client_id="bridge-test"), cluster=ClusterSettings(name="br", partitions=4, replicas=1))
     bridge = Bridge(settings, mqtt_url=mosquitto.url, servers=[node.url]).start()
     companion = MqttTransport(mosquitto.url, client_id=f"companion-{uuid.uuid4().hex[:6]}")

@@ -34,7 +34,6 @@ from hypothesis import given, settings as hsettings, strategies as st
 from stresswatch.alerts import MqttTransport, Topics
 from stresswatch.alerts.lifecycle import AlertState
 from stresswatch.alerts.replies import AlertView, Reply, request
-from stresswatch.broker import free_port
 from stresswatch.cluster.bridge import Bridge
 from stresswatch.cluster.jetstream import JetStreamIO, open_ready
 from stresswatch.cluster.layout import USER_HEADER, Layout, partition_of
@@ -50,7 +49,7 @@ from stresswatch.wire.checkin import CheckinMessage
 from stresswatch.wire.consent import encode_consent
 
 from conftest import FAST_DETECTOR, synthetic_rr, wait_for
-from nats_cluster import NatsNode
+from nats_cluster import NatsNode, start_single
 from test_cluster import Engines, expected, feed, owners
 
 PARTITIONS = 4
@@ -59,13 +58,7 @@ TOPICS = Topics()
 
 @pytest.fixture
 def nats1(tmp_path):
-    d = tmp_path / "nats"
-    d.mkdir()
-    conf = d / "nats.conf"
-    port = free_port()
-    conf.write_text(f'server_name: solo\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: "{d / "store"}"\n}}\n')
-    node = NatsNode("solo", port, 0, conf)
-    node.start()
+    node = start_single(tmp_path / "nats")
     yield node
     node.stop()
 

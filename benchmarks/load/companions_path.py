@@ -93,16 +93,11 @@ def publish(ports: list[int], items: list[tuple[str, int, bytes]], prefix: str, 
     return took
 
 
-class Bridge:
-    """`stresswatch cluster bridge` as its own process (its CPU is measured apart)."""
+class _Process:
+    """A child process this benchmark started: SIGKILL, or SIGTERM with ``stop_wait_s`` to exit."""
 
-    def __init__(self, config: Path, cluster: NatsCluster, mqtt_url: str, log: Path) -> None:
-        self.args = [sys.executable, "-m", "stresswatch.cli", "--config", str(config), "cluster", "bridge", "--cluster", cluster.url, "--broker", mqtt_url]
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log.open("ab"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc: subprocess.Popen[bytes] | None = None
+    stop_wait_s = 10.0
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -113,12 +108,26 @@ class Bridge:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(30)
+                self.proc.wait(self.stop_wait_s)
             except subprocess.TimeoutExpired:
                 self.kill()
 
 
-class Mosquitto:
+class Bridge(_Process):
+    """`stresswatch cluster bridge` as its own process (its CPU is measured apart)."""
+
+    stop_wait_s = 30.0  # it drains its in-flight publishes to JetStream first
+
+    def __init__(self, config: Path, cluster: NatsCluster, mqtt_url: str, log: Path) -> None:
+        self.args = [sys.executable, "-m", "stresswatch.cli", "--config", str(config), "cluster", "bridge", "--cluster", cluster.url, "--broker", mqtt_url]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log.open("ab"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+class Mosquitto(_Process):
     def __init__(self, work: Path) -> None:
         self.port = free_port()
         (work / "mq").mkdir()
@@ -130,16 +139,6 @@ class Mosquitto:
     def start(self) -> None:
         self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 def measure(path: str, cluster: NatsCluster, jsio: JetStreamIO, stream: str, ports: list[int], pids: list[int], items: list[tuple[str, int, bytes]], prefix: str) -> dict[str, object]:
